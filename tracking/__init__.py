@@ -1,0 +1,1 @@
+"""MLflow: parent and child runs, sync from the run directory, compare, plots."""
