@@ -1,0 +1,407 @@
+"""The model registry: every network prunetune can search, built by one ``create_model(name)``.
+
+Like timm, the real models (CIFAR ResNets, VGG, MobileNetV2, torchvision's ImageNet nets) are
+registered beside tiny ones that exercise the same Torch-Pruning code paths (residual sums,
+depthwise convolutions, ``torch.cat``) in milliseconds, so tests run real code.
+
+Every model takes 1- or 3-channel input (any ``in_channels >= 1``); the CIFAR-style and tiny ones
+accept any spatial size from 8x8 up, because they end in a global average pool and their
+downsampling never shrinks a map below 1x1. Each one traces through Torch-Pruning's
+``DependencyGraph``: no lambdas or zero-padding shortcuts (He et al.'s "option A"), only modules.
+
+Depth pruning: ``droppable_blocks`` lists the residual blocks whose shortcut is the identity, so
+the block computes ``x + f(x)`` with the shape of ``x``; replacing one by ``nn.Identity()``
+(``drop_blocks``) keeps the network valid and removes ``f``.
+"""
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from pruning.errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+             groups: int = 1) -> list[nn.Module]:
+    """A bias-free ``kernel_size`` convolution with 'same' padding and its BatchNorm."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                     padding=kernel_size // 2, groups=groups, bias=False)
+    return [conv, nn.BatchNorm2d(out_channels)]
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016) basic block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``.
+
+    The shortcut is the identity when the shape is kept (stride 1, same channels); otherwise a
+    1x1 convolution + BatchNorm ("option B"), which Torch-Pruning can trace and prune, unlike the
+    zero-padding lambda of option A.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(in_channels, out_channels, 3, stride)
+        self.conv2, self.bn2 = _conv_bn(out_channels, out_channels, 3)
+        self.relu = nn.ReLU(inplace=True)
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
+
+    @property
+    def identity_shortcut(self) -> bool:
+        """True when the block maps x to x + f(x) with x's shape, so it can be dropped."""
+        return isinstance(self.shortcut, nn.Identity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block (Sandler et al. 2018): 1x1 expansion, 3x3 depthwise, 1x1 linear projection.
+
+    The expansion is left out when ``expand_ratio == 1`` (as in torchvision). The input is added
+    to the output (``use_res_connect``) when stride is 1 and the channels are kept.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int):
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers += [*_conv_bn(in_channels, hidden, 1), nn.ReLU6(inplace=True)]
+        layers += [*_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(inplace=True)]
+        layers += _conv_bn(hidden, out_channels, 1)
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and in_channels == out_channels
+
+    @property
+    def identity_shortcut(self) -> bool:
+        """True when the block maps x to x + f(x) with x's shape, so it can be dropped."""
+        return self.use_res_connect
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_res_connect else out
+
+
+def _init_weights(model: nn.Module) -> nn.Module:
+    """He (Kaiming) normal init for convolutions, BatchNorm at (1, 0); Linear keeps torch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, sec. 4.2): 3x3 stem, stages of basic blocks, global pool, fc.
+
+    ``blocks_per_stage[i]`` blocks of ``widths[i]`` channels; every stage after the first starts
+    with a stride-2 block. ResNet-(6n+2) is ``blocks_per_stage=(n, n, n), widths=(16, 32, 64)``.
+    """
+
+    def __init__(self, blocks_per_stage: tuple[int, ...], widths: tuple[int, ...],
+                 num_classes: int, in_channels: int):
+        super().__init__()
+        self.conv1, self.bn1 = _conv_bn(in_channels, widths[0], 3)
+        self.relu = nn.ReLU(inplace=True)
+        channels = widths[0]
+        for stage, (blocks, width) in enumerate(zip(blocks_per_stage, widths, strict=True)):
+            stride = 1 if stage == 0 else 2
+            layers = []
+            for i in range(blocks):
+                layers.append(BasicBlock(channels, width, stride if i == 0 else 1))
+                channels = width
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+        self.num_stages = len(widths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        for stage in range(self.num_stages):
+            x = getattr(self, f"layer{stage + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+VGG_CONFIGS = {
+    "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "D": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}
+
+
+class CifarVGG(nn.Module):
+    """VGG with BatchNorm (Simonyan & Zisserman 2015, configs A=11 and D=16 layers), CIFAR style.
+
+    Pools are ``MaxPool2d(2, ceil_mode=True)``, which keeps a 1x1 map at 1x1, so five pools work
+    from 8x8 input up; a global average pool and a single Linear(512, classes) finish it.
+    """
+
+    def __init__(self, config: tuple, num_classes: int, in_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                layers += [*_conv_bn(channels, item, 3), nn.ReLU(inplace=True)]
+                channels = item
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+# (expand_ratio, out_channels, blocks, stride) per stage; the CIFAR variant of kuangliu/pytorch-cifar
+# keeps stride 1 in the stem and the second stage, so 32x32 input ends at 4x4.
+MOBILENETV2_CIFAR_STAGES = (
+    (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class CifarMobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al. 2018) for small images: stride-1 stem, inverted residual stages,
+    a 1x1 convolution to ``last_channels``, global pool, Linear."""
+
+    def __init__(self, stages: tuple, stem_channels: int, last_channels: int, num_classes: int,
+                 in_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = [*_conv_bn(in_channels, stem_channels, 3), nn.ReLU6(inplace=True)]
+        channels = stem_channels
+        for expand_ratio, out_channels, blocks, stride in stages:
+            for i in range(blocks):
+                layers.append(InvertedResidual(channels, out_channels, stride if i == 0 else 1, expand_ratio))
+                channels = out_channels
+        layers += [*_conv_bn(channels, last_channels, 1), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(last_channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class PlainCNN(nn.Module):
+    """A stack of conv-BN-ReLU layers, a global pool and a Linear: the model with no coupling."""
+
+    def __init__(self, widths: tuple[int, ...], strides: tuple[int, ...], num_classes: int,
+                 in_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width, stride in zip(widths, strides, strict=True):
+            layers += [*_conv_bn(channels, width, 3, stride), nn.ReLU(inplace=True)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class ConcatNet(nn.Module):
+    """A stem feeding two branches whose outputs are joined by ``torch.cat`` along channels.
+
+    Tests Torch-Pruning's index mapping through concatenation: pruning a branch must prune the
+    matching input channels of the convolution after the join, at the branch's offset.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(in_channels, 8, 3), nn.ReLU(inplace=True))
+        self.branch_a = nn.Sequential(*_conv_bn(8, 8, 3), nn.ReLU(inplace=True))
+        self.branch_b = nn.Sequential(*_conv_bn(8, 12, 1), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(*_conv_bn(20, 16, 3, stride=2), nn.ReLU(inplace=True))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(16, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
+        return self.classifier(torch.flatten(self.avgpool(self.fuse(x)), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision models (ImageNet-size input; torchvision is imported only here)
+# --------------------------------------------------------------------------------------------
+
+
+def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision's ``name`` with random weights (never downloads); a new first convolution
+    of the same geometry takes ``in_channels`` when that is not 3."""
+    from pruning.torchvision_compat import import_torchvision
+
+    tv = import_torchvision()
+    model = getattr(tv.models, name)(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        parent, attr = (model, "conv1") if hasattr(model, "conv1") else (model.features[0], "0")
+        old = getattr(parent, attr)
+        new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                        bias=False)
+        nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        setattr(parent, attr, new)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+def _cifar_resnet(depth: int) -> Callable[[int, int], nn.Module]:
+    """Builder of ResNet-``depth`` for CIFAR: (depth - 2) / 6 basic blocks in each of 3 stages."""
+    n = (depth - 2) // 6
+
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        return CifarResNet((n, n, n), (16, 32, 64), num_classes, in_channels)
+
+    return build
+
+
+def _vgg(config: str) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        return CifarVGG(VGG_CONFIGS[config], num_classes, in_channels)
+
+    return build
+
+
+def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        return _torchvision_model(name, num_classes, in_channels)
+
+    return build
+
+
+def _mobilenetv2(num_classes: int, in_channels: int) -> nn.Module:
+    return CifarMobileNetV2(MOBILENETV2_CIFAR_STAGES, 32, 1280, num_classes, in_channels)
+
+
+def _small_cnn(num_classes: int, in_channels: int) -> nn.Module:
+    return PlainCNN((16, 32, 32, 64), (1, 2, 1, 2), num_classes, in_channels)
+
+
+def _tiny_resnet(num_classes: int, in_channels: int) -> nn.Module:
+    """Stage 1: two identity blocks of 8 channels (droppable); stage 2: one stride-2 block of 16."""
+    return CifarResNet((2, 1), (8, 16), num_classes, in_channels)
+
+
+def _tiny_mobilenet(num_classes: int, in_channels: int) -> nn.Module:
+    """An identity inverted residual (8->8), then a stride-2 one (8->16), then 1x1 to 32."""
+    return CifarMobileNetV2(((2, 8, 1, 1), (2, 16, 1, 2)), 8, 32, num_classes, in_channels)
+
+
+def _tiny_concat(num_classes: int, in_channels: int) -> nn.Module:
+    return ConcatNet(num_classes, in_channels)
+
+
+MODEL_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "resnet20": _cifar_resnet(20),
+    "resnet32": _cifar_resnet(32),
+    "resnet56": _cifar_resnet(56),
+    "resnet110": _cifar_resnet(110),
+    "vgg11": _vgg("A"),
+    "vgg16": _vgg("D"),
+    "mobilenetv2": _mobilenetv2,
+    "resnet18": _torchvision("resnet18"),
+    "resnet50": _torchvision("resnet50"),
+    "mobilenet_v2": _torchvision("mobilenet_v2"),
+    "small_cnn": _small_cnn,
+    "tiny_resnet": _tiny_resnet,
+    "tiny_mobilenet": _tiny_mobilenet,
+    "tiny_concat": _tiny_concat,
+}
+
+
+def model_names() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(MODEL_BUILDERS)
+
+
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """A freshly initialised ``name`` for ``num_classes`` classes and ``in_channels`` input planes."""
+    if name not in MODEL_BUILDERS:
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_names())}")
+    if num_classes < 2:
+        raise UserError(f"num_classes must be at least 2, got {num_classes}; set the dataset's class count")
+    if in_channels < 1:
+        raise UserError(f"in_channels must be at least 1, got {in_channels}; use 1 for grey, 3 for colour")
+    return MODEL_BUILDERS[name](num_classes, in_channels)
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The final Linear of ``model`` (the last one registered), which pruning must leave whole."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"{type(model).__name__} has no nn.Linear classifier; use a model from create_model")
+    return linears[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Depth pruning
+# --------------------------------------------------------------------------------------------
+
+
+def _is_droppable(module: nn.Module) -> bool:
+    """A residual block whose shortcut is the identity, ours or torchvision's.
+
+    torchvision's classes are recognised by module path and name, so torchvision is never
+    imported just to ask.
+    """
+    if isinstance(module, BasicBlock | InvertedResidual):
+        return module.identity_shortcut
+    kind = type(module)
+    if not kind.__module__.startswith("torchvision.models."):
+        return False
+    if kind.__name__ in ("BasicBlock", "Bottleneck"):
+        return module.downsample is None
+    if kind.__name__ == "InvertedResidual":
+        return bool(module.use_res_connect)
+    return False
+
+
+def droppable_blocks(model: nn.Module) -> list[str]:
+    """Qualified names (``named_modules`` order) of the blocks ``drop_blocks`` may replace."""
+    return [name for name, module in model.named_modules() if name and _is_droppable(module)]
+
+
+def drop_blocks(model: nn.Module, names: Iterable[str]) -> None:
+    """Replace each named residual block of ``model`` by ``nn.Identity()``, in place.
+
+    Only identity-shortcut blocks qualify: the block computes ``x + f(x)`` with ``x``'s shape, so
+    the identity is a valid shallower network (the block's ``f`` is removed).
+    """
+    names = list(dict.fromkeys(names))
+    droppable = droppable_blocks(model)
+    for name in names:
+        if name not in droppable:
+            raise UserError(f"cannot drop '{name}': not a droppable block of this model; "
+                            f"choose from: {', '.join(droppable) or '(none)'}")
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, nn.Identity())
