@@ -52,6 +52,14 @@ def trace_graph(model: nn.Module, input_shape: tuple[int, ...]):
         model.train(was_training)
 
 
+def tp_group(graph, root: nn.Module, idxs: list[int] | None = None):
+    """The Torch-Pruning group rooted at ``root``'s output channels ``idxs`` (all of them by default)."""
+    pruner = graph.get_pruner_of_module(root)
+    if idxs is None:
+        idxs = list(range(pruner.get_out_channels(root)))
+    return graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
+
+
 def trace_groups(model: nn.Module, graph, ignored: list[nn.Module]) -> list[TracedGroup]:
     """The groups of coupled output channels of ``model``, in module order."""
     names = {module: name for name, module in model.named_modules()}

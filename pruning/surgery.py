@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pruning.dependency import trace_graph, trace_groups
+from pruning.dependency import tp_group, trace_graph, trace_groups
 from pruning.errors import UserError
 from pruning.policy import Policy
 from pruning.space import SearchSpace
@@ -51,22 +52,14 @@ def prune(model: nn.Module, space: SearchSpace, policy: Policy, importance="l1",
     traced = {g.name: g for g in trace_groups(pruned, graph, ignored=[classifier_layer(pruned)])}
     to_cut = {name: g for name, g in traced.items() if name in planned and planned[name] < g.channels}
     if to_cut:
-        tp_groups = {name: _full_group(graph, g.root) for name, g in to_cut.items()}
+        tp_groups = {name: tp_group(graph, g.root) for name, g in to_cut.items()}
         scores = criterion(pruned, tp_groups, calib)
         for name, group in to_cut.items():
             order = torch.argsort(scores[name], descending=True, stable=True)
             drop = sorted(order[planned[name]:].tolist())
-            _full_group(graph, group.root, drop).prune()
+            tp_group(graph, group.root, drop).prune()
     check_pruned(pruned, space, policy)
     return pruned
-
-
-def _full_group(graph, root: nn.Module, idxs: list[int] | None = None):
-    """The Torch-Pruning group rooted at ``root``'s output channels ``idxs`` (all by default)."""
-    pruner = graph.get_pruner_of_module(root)
-    if idxs is None:
-        idxs = list(range(pruner.get_out_channels(root)))
-    return graph.get_pruning_group(root, pruner.prune_out_channels, idxs)
 
 
 def realized_channels(model: nn.Module, space: SearchSpace, policy: Policy) -> dict[str, int]:
@@ -135,7 +128,7 @@ def load_pruned(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module,
         extra = json.loads(payload.get("extra", "{}"))
     except FileNotFoundError:
         raise UserError(f"no pruned model at {path}; check the path") from None
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise UserError(f"cannot read pruned model {path} ({type(exc).__name__}); it is not a prunetune "
                         f"checkpoint or it is damaged: export it again") from None
     base = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
