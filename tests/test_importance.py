@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pruning.dependency import trace_graph, trace_groups, tp_group
+from pruning.dependency import tp_group, trace_graph, trace_groups
 from pruning.errors import UserError
 from pruning.importance import attention_scores, criterion_names, get_criterion
 from pruning.models import classifier_layer, create_model
