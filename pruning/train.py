@@ -1,0 +1,418 @@
+"""Training, evaluation, BatchNorm recalibration and the cached pretrained base model.
+
+Training is SGD with a learning-rate schedule that is a pure function of the position in the run
+(epoch and batch), and every epoch's shuffling, augmentation and dropout are seeded from
+``(seed, epoch)``. So the state to resume a run is just the model, the optimizer and the number of
+epochs done: a run interrupted after epoch k and resumed from its checkpoint trains exactly as one
+that was never interrupted. :class:`Trainer` runs epoch by epoch for callers that checkpoint;
+:func:`train` runs them all.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from pruning.data import Splits, make_loader
+from pruning.errors import UserError
+from pruning.models import create_model
+
+SCHEDULES = ("cosine", "step")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How to train: SGD hyperparameters and the learning-rate schedule.
+
+    ``cosine`` anneals the rate from ``lr`` towards 0 over the whole run, batch by batch; ``step``
+    multiplies it by 0.1 from 50% of the epochs and by 0.01 from 75%.
+    """
+
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"
+    nesterov: bool = True
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise UserError(f"recipe {name} must be an integer, got {getattr(self, name)!r}; fix it")
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
+                raise UserError(f"recipe {name} must be a number, got {getattr(self, name)!r}; fix it")
+            object.__setattr__(self, name, float(getattr(self, name)))  # 1 and 1.0 share one key()
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        problems = {
+            "epochs": self.epochs < 0,
+            "lr": not 0 < self.lr < math.inf,
+            "momentum": not 0 <= self.momentum < 1,
+            "weight_decay": not 0 <= self.weight_decay < math.inf,
+            "batch_size": self.batch_size < 1,
+            "label_smoothing": not 0 <= self.label_smoothing < 1,
+        }
+        rules = {
+            "epochs": ">= 0",
+            "lr": "> 0",
+            "momentum": "in [0, 1)",
+            "weight_decay": ">= 0",
+            "batch_size": ">= 1",
+            "label_smoothing": "in [0, 1)",
+        }
+        for name, bad in problems.items():
+            if bad:
+                raise UserError(f"recipe {name}={getattr(self, name)!r} is invalid; it must be {rules[name]}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule '{self.schedule}'; choose one of: {', '.join(SCHEDULES)}")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("nesterov needs momentum > 0; set a momentum or nesterov: false")
+
+    def key(self) -> str:
+        """A short hash of every field, stable across processes: names caches of what it trained."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def learning_rate(self, epoch: int, progress: float) -> float:
+        """The rate at ``progress`` in [0, 1) of the way through 0-based ``epoch``."""
+        if self.schedule == "cosine":
+            position = (epoch + progress) / max(self.epochs, 1)
+            return 0.5 * self.lr * (1.0 + math.cos(math.pi * position))
+        fraction = epoch / max(self.epochs, 1)
+        return self.lr * (0.1 ** ((fraction >= 0.5) + (fraction >= 0.75)))
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What one epoch did. ``epoch`` is its 0-based index, so ``epoch + 1`` epochs are done."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_accuracy: float
+    val_loss: float
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (torch's on every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffling, augmentation and dropout, derived from the run's seed."""
+    return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
+
+
+def _training_batches(n_samples: int, batch_size: int) -> tuple[bool, int]:
+    """Whether training drops the last partial batch, and the batches per epoch that follow.
+
+    The last partial batch is dropped (a batch of one breaks BatchNorm after pooling) unless it is
+    the only batch.
+    """
+    drop_last = n_samples > batch_size
+    batches = n_samples // batch_size if drop_last else math.ceil(n_samples / batch_size)
+    return drop_last, batches
+
+
+class Trainer:
+    """Trains ``model`` on ``splits`` with ``recipe`` one epoch at a time, resumably.
+
+    ``state_dict()`` after any epoch, loaded into a new Trainer (same model architecture, splits,
+    recipe and seed), continues exactly where the first left off.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        splits: Splits,
+        recipe: TrainRecipe,
+        *,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.model = model.to(device)
+        self.splits = splits
+        self.recipe = recipe
+        self.seed = seed
+        self.device = torch.device(device)
+        self.epochs_done = 0
+        self.optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
+            nesterov=recipe.nesterov,
+        )
+
+    def run_epoch(self, epoch: int) -> EpochReport:
+        """Train 0-based ``epoch``, then evaluate on the validation split.
+
+        Seeds torch's global generator for the epoch (dropout draws from it), so a resumed run
+        draws what an uninterrupted one would.
+        """
+        if not 0 <= epoch < self.recipe.epochs:
+            raise UserError(
+                f"epoch {epoch} is outside the recipe's {self.recipe.epochs} epochs; check start_epoch"
+            )
+        started = time.perf_counter()
+        drop_last, batches = _training_batches(len(self.splits.train), self.recipe.batch_size)
+        loader = make_loader(
+            self.splits.train,
+            self.recipe.batch_size,
+            shuffle=True,
+            seed=epoch_seed(self.seed, epoch),
+            augment=self.splits.info.augment,
+            drop_last=drop_last,
+        )
+        torch.manual_seed(epoch_seed(self.seed, epoch))  # dropout and any other global-RNG draw
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for index, (inputs, targets) in enumerate(loader):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.recipe.learning_rate(epoch, min(index / batches, 1.0))
+            loss, hits = self._step(inputs.to(self.device), targets.to(self.device))
+            loss_sum, correct, seen = loss_sum + loss * len(targets), correct + hits, seen + len(targets)
+        self.epochs_done = epoch + 1
+        val_accuracy, val_loss = evaluate(self.model, self.splits.val, device=self.device)
+        return EpochReport(
+            epoch=epoch,
+            train_loss=loss_sum / max(seen, 1),
+            train_accuracy=correct / max(seen, 1),
+            val_accuracy=val_accuracy,
+            val_loss=val_loss,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """One SGD step; returns the batch's mean loss and its number of correct predictions."""
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item(), int((logits.argmax(dim=1) == targets).sum())
+
+    def remaining_epochs(self) -> Iterator[EpochReport]:
+        """Run the epochs not yet done, yielding each report (checkpoint between them)."""
+        for epoch in range(self.epochs_done, self.recipe.epochs):
+            yield self.run_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """Model, optimizer and progress: all a resume needs (the schedule follows the epoch)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epochs_done": self.epochs_done,
+            "recipe_key": self.recipe.key(),
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` taken with the same recipe and seed."""
+        if state["recipe_key"] != self.recipe.key() or state["seed"] != self.seed:
+            raise UserError("the checkpoint was taken with another recipe or seed; resume with the same ones")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epochs_done = int(state["epochs_done"])
+
+
+def train(
+    model: nn.Module,
+    splits: Splits,
+    recipe: TrainRecipe,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    start_epoch: int = 0,
+    optimizer_state: dict | None = None,
+) -> list[EpochReport]:
+    """Train ``model`` in place for the recipe's epochs from ``start_epoch``; a report per epoch.
+
+    To resume after epoch k, pass the model with its weights from then, ``start_epoch=k`` and the
+    optimizer's state from then: the schedule and the batches continue as if never stopped.
+    """
+    if not 0 <= start_epoch <= recipe.epochs:
+        raise UserError(
+            f"start_epoch {start_epoch} is outside 0..{recipe.epochs}; resume from a matching checkpoint"
+        )
+    trainer = Trainer(model, splits, recipe, seed=seed, device=device)
+    trainer.epochs_done = start_epoch
+    if optimizer_state is not None:
+        trainer.optimizer.load_state_dict(optimizer_state)
+    reports = []
+    for report in trainer.remaining_epochs():
+        reports.append(report)
+        if on_epoch is not None:
+            on_epoch(report)
+    return reports
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> tuple[float, float]:
+    """Accuracy in [0, 1] and mean cross-entropy of ``model`` on ``dataset``, in eval mode.
+
+    The model's train/eval flags are restored afterwards.
+    """
+    if len(dataset) == 0:
+        raise UserError("cannot evaluate on an empty dataset; use a larger data_fraction or val_fraction")
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    try:
+        with torch.no_grad():
+            for inputs, targets in make_loader(dataset, batch_size, shuffle=False):
+                inputs, targets = inputs.to(device), targets.to(device)
+                logits = model(inputs)
+                loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+                correct += int((logits.argmax(dim=1) == targets).sum())
+                seen += len(targets)
+    finally:
+        for module, training in flags.items():
+            module.training = training
+    return correct / seen, loss_sum / seen
+
+
+def recalibrate_bn(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batches: int = 20,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    augment: str = "none",
+) -> None:
+    """Re-estimate every BatchNorm's running statistics from ``batches`` batches of ``dataset``.
+
+    Pruning changes what each BatchNorm sees, and its stale statistics alone can drop a pruned
+    model to chance. The statistics are reset and re-averaged cumulatively (momentum None) over
+    the batches, without gradients and with only the BatchNorms in train mode (dropout stays
+    off, as at test time); momentum and train/eval flags are restored afterwards.
+    """
+    if batches < 1:
+        raise UserError(f"recalibrating BatchNorm needs batches >= 1, got {batches}; pass e.g. 20")
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms:
+        return
+    flags = {module: module.training for module in model.modules()}
+    momenta = {norm: norm.momentum for norm in norms}
+    model.eval()
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        with torch.no_grad():
+            loader = make_loader(dataset, batch_size, shuffle=True, seed=seed, augment=augment)
+            for index, (inputs, _) in enumerate(loader):
+                if index == batches:
+                    break
+                model(inputs.to(device))
+    finally:
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        for module, training in flags.items():
+            module.training = training
+
+
+def pretrain_path(
+    model_name: str, dataset_key: str, recipe: TrainRecipe, seed: int, cache_dir: str | Path
+) -> Path:
+    """Where :func:`pretrain` caches ``model_name`` trained on ``dataset_key`` with ``recipe`` and ``seed``."""
+    return Path(cache_dir) / f"{model_name}-{dataset_key}-{recipe.key()}-s{seed}.pt"
+
+
+def _save_atomically(payload: dict, path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(path: Path, device: str | torch.device) -> tuple[nn.Module, dict]:
+    """The model and metrics of a :func:`pretrain` cache file; UserError if it cannot be used."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model = create_model(
+            payload["model_name"], num_classes=payload["num_classes"], in_channels=payload["in_channels"]
+        )
+        model.load_state_dict(payload["state_dict"])
+        metrics = dict(payload["metrics"])
+    except Exception as error:
+        raise UserError(
+            f"cached model {path} is unreadable ({type(error).__name__}); delete it to retrain"
+        ) from error
+    return model.to(device).eval(), metrics
+
+
+def pretrain(
+    model_name: str,
+    splits: Splits,
+    recipe: TrainRecipe,
+    *,
+    seed: int,
+    cache_dir: str | Path,
+    dataset_key: str,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> tuple[nn.Module, dict]:
+    """The base model trained with ``recipe`` and ``seed``, and its val/test metrics, cached on disk.
+
+    The cache file is named by model, dataset, recipe and seed, so a second call with the same
+    ones loads it and trains nothing. Returns the model in eval mode on ``device`` and
+    ``{"val_accuracy", "test_accuracy", "val_loss"}``.
+    """
+    path = pretrain_path(model_name, dataset_key, recipe, seed, cache_dir)
+    if path.exists():
+        return _load_cached(path, device)
+    info = splits.info
+    seed_everything(seed)  # the initial weights follow the seed too
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
+    train(model, splits, recipe, seed=seed, device=device, on_epoch=on_epoch)
+    val_accuracy, val_loss = evaluate(model, splits.val, device=device)
+    test_accuracy, _ = evaluate(model, splits.test, device=device)
+    metrics = {"val_accuracy": val_accuracy, "test_accuracy": test_accuracy, "val_loss": val_loss}
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    _save_atomically(
+        {
+            "model_name": model_name,
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "state_dict": state,
+            "metrics": metrics,
+            "recipe": asdict(recipe),
+        },
+        path,
+    )
+    return model.eval(), metrics
