@@ -1,0 +1,63 @@
+"""Figures logged with a search: accuracy against MACs ratio, the Pareto front highlighted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tracking.names import is_number
+from tracking.pareto import pareto_front
+
+
+def plot_pareto(
+    points: Sequence[Mapping[str, Any]],
+    out_png: Path,
+    *,
+    base: Mapping[str, Any] | None = None,
+    title: str = "",
+    x: str = "macs_ratio",
+    y: str = "val_accuracy",
+) -> Path:
+    """Scatter every trial's ``y`` against ``x``, draw the Pareto front as a step line, save a PNG.
+
+    ``base`` (the unpruned model's metrics, e.g. the summary's ``baseline``) is drawn as a star at
+    ``x`` = its own value, or 1.0 (the base's MACs ratio). Uses matplotlib's object API with the Agg
+    canvas: no pyplot, no global backend, safe in threads and without a display. Returns ``out_png``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    usable = [point for point in points if is_number(point.get(x)) and is_number(point.get(y))]
+    front = pareto_front(usable, x=x, y=y)
+    figure = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.scatter(
+        [p[x] for p in usable], [p[y] for p in usable], s=18, color="0.6", label=f"trials ({len(usable)})"
+    )
+    if front:
+        axes.step([p[x] for p in front], [p[y] for p in front], where="post", color="tab:red", linewidth=1)
+        axes.scatter(
+            [p[x] for p in front],
+            [p[y] for p in front],
+            s=30,
+            color="tab:red",
+            label=f"Pareto front ({len(front)})",
+            zorder=3,
+        )
+    if base is not None and is_number(base.get(y)):
+        base_x = base.get(x) if is_number(base.get(x)) else 1.0
+        axes.scatter([base_x], [base[y]], marker="*", s=160, color="tab:blue", label="base model", zorder=4)
+    if not usable:
+        axes.text(0.5, 0.5, "no finished trials", ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel(x.replace("_", " "))
+    axes.set_ylabel(y.replace("_", " "))
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, format="png")
+    return out_png
