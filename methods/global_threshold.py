@@ -1,0 +1,130 @@
+"""The global baseline: one importance threshold over every channel of every group (METHODS.md).
+
+As in Torch-Pruning's global pruning, each group's channel scores are divided by their mean, so
+groups of different scale compete on one axis. A threshold tau keeps, in group l, the fraction of
+its channels scoring above tau, but never less than ``floor`` (nor ``min_channels``):
+``r_l(tau) = max(floor, |{c : s_lc / mean(s_l) > tau}| / C_l)``. MACs fall as tau rises, so
+bisection over the observed scores finds the smallest tau whose estimated MACs ratio meets the
+target. The policy is snapped to whole channels, so it is exactly what surgery will cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from methods.fixed_policy import FixedPolicySearcher
+from methods.options import SearcherOptions, check_fraction
+from pruning.errors import UserError
+from pruning.policy import Policy
+from pruning.space import SearchSpace, policy_from_channels
+
+if TYPE_CHECKING:  # torch is imported where it is used, so listing the methods stays quick
+    import torch
+    from torch import nn
+
+DEFAULT_FLOOR = 0.1
+
+
+@dataclass(frozen=True)
+class GlobalOptions(SearcherOptions):
+    """``floor``: the smallest keep ratio of any group; ``criterion``: the importance to rank by."""
+
+    floor: float = DEFAULT_FLOOR
+    criterion: str = "l1"
+
+    def __post_init__(self) -> None:
+        from pruning.importance import criterion_names
+
+        super().__post_init__()
+        check_fraction(self.floor, "floor")
+        if self.criterion not in criterion_names():
+            raise UserError(f"unknown importance criterion '{self.criterion}'; choose one of: "
+                            f"{', '.join(criterion_names())}")
+
+
+def group_scores(model: nn.Module, space: SearchSpace, criterion: Callable,
+                 calib: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
+    """Channel scores of every group of ``space``, by ``criterion``, on the Torch-Pruning groups of ``model``."""
+    from pruning.dependency import tp_group, trace_graph, trace_groups
+    from pruning.models import classifier_layer
+
+    graph = trace_graph(model, space.input_shape)
+    traced = {g.name: g for g in trace_groups(model, graph, ignored=[classifier_layer(model)])}
+    shape = {name: g.channels for name, g in traced.items()}
+    if shape != {g.name: g.channels for g in space.groups}:
+        raise UserError(f"the model does not match the search space '{space.space_id}' (its groups differ); "
+                        f"build the space from this model")
+    scores = criterion(model, {g.name: tp_group(graph, traced[g.name].root) for g in space.groups}, calib)
+    return {g.name: scores[g.name].detach().float().flatten().cpu() for g in space.groups}
+
+
+def normalise_by_mean(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each group's scores divided by their mean (Torch-Pruning's ``normalizer="mean"``)."""
+    return {name: s / s.mean().clamp_min(1e-12) for name, s in scores.items()}
+
+
+def threshold_policy(space: SearchSpace, normalised: Mapping[str, torch.Tensor], threshold: float,
+                     floor: float) -> Policy:
+    """r_l = max(floor, fraction of group l's channels scoring above ``threshold``), in whole channels."""
+    kept = {}
+    for g in space.groups:
+        above = int((normalised[g.name] > threshold).sum())
+        kept[g.name] = g.kept_channels(max(floor, above / g.channels))
+    return policy_from_channels(space, kept)
+
+
+def threshold_policy_for_target(space: SearchSpace, scores: Mapping[str, torch.Tensor], macs_target: float,
+                                *, floor: float = DEFAULT_FLOOR) -> Policy:
+    """The global-threshold policy at the smallest threshold whose MACs ratio is <= ``macs_target``."""
+    import torch
+
+    target = check_fraction(macs_target, "macs_target")
+    floor = check_fraction(floor, "floor")
+    normalised = normalise_by_mean(scores)
+    thresholds = [-float("inf"), *torch.unique(torch.cat(list(normalised.values()))).tolist()]
+
+    def policy(index: int) -> Policy:
+        return threshold_policy(space, normalised, thresholds[index], floor)
+
+    highest = len(thresholds) - 1  # every group at its floor
+    if space.macs_ratio(policy(highest)) > target:
+        raise UserError(f"macs_target {target:g} is below {space.macs_ratio(policy(highest)):.4f}, what "
+                        f"{space.model_name} keeps with every group at the floor {floor:g}; raise the "
+                        f"target or lower the floor")
+    low, high = 0, highest  # invariant: thresholds[high] fits; everything below low does not
+    while low < high:
+        middle = (low + high) // 2
+        if space.macs_ratio(policy(middle)) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return policy(high)
+
+
+def global_threshold_policy(model: nn.Module, space: SearchSpace, criterion: Callable,
+                            calib: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, macs_target: float,
+                            *, floor: float = DEFAULT_FLOOR) -> Policy:
+    """Score ``model``'s channels with ``criterion`` and threshold them globally to meet ``macs_target``."""
+    return threshold_policy_for_target(space, group_scores(model, space, criterion, calib), macs_target,
+                                       floor=floor)
+
+
+def global_start_policy(model: nn.Module, space: SearchSpace, calib, *, macs_target: float,
+                        options: GlobalOptions) -> Policy:
+    """The start policy of the ``global`` searcher, from its options (criterion, floor)."""
+    from pruning.importance import get_criterion
+
+    return global_threshold_policy(model, space, get_criterion(options.criterion), calib, macs_target,
+                                   floor=options.floor)
+
+
+def make_global_searcher(space: SearchSpace, *, macs_target: float, seed: int, options: GlobalOptions,
+                         start_policy: Policy | None = None) -> FixedPolicySearcher:
+    """Proposes the precomputed ``start_policy`` (from ``global_start_policy``) once."""
+    if start_policy is None:
+        raise UserError("method 'global' needs its start policy; compute it with "
+                        "methods.registry.start_policy_for('global', model, space, ...)")
+    return FixedPolicySearcher("global", space, [start_policy], macs_target=macs_target,
+                               tolerance=options.tolerance)

@@ -1,0 +1,130 @@
+"""The random baseline: random policies that meet the MACs target (METHODS.md, Baselines).
+
+Each proposal draws u_l ~ U[floor, 1] per group, then rescales by one common multiplier a,
+``r_l = clip(a * u_l, floor, 1)``, with a found by bisection so that the estimated MACs ratio lands
+in [t - tolerance, t] (MACs rise with a). The policy is snapped to whole channels; a draw that
+cannot land in the band (the steps of MACs(a) jump over it) or repeats an earlier policy's
+``key()`` is rejected and drawn again. After ``max_tries`` rejections in a row the space is deemed
+exhausted: the searcher finishes early (or, before any proposal, raises a UserError).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from methods.options import SearcherOptions, check_fraction
+from methods.searcher import Proposal, Searcher, check_state
+from pruning.errors import UserError
+from pruning.policy import Policy
+from pruning.space import SearchSpace, policy_from_channels
+
+BISECTION_STEPS = 40
+
+
+@dataclass(frozen=True)
+class RandomOptions(SearcherOptions):
+    """``floor``: the smallest keep ratio drawn; ``max_tries``: rejections in a row before giving up."""
+
+    floor: float = 0.1
+    max_tries: int = 200
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction(self.floor, "floor")
+        if isinstance(self.max_tries, bool) or not isinstance(self.max_tries, int) or self.max_tries < 1:
+            raise UserError(f"max_tries must be a whole number of at least 1, got {self.max_tries!r}")
+
+
+def rescaled_policy(space: SearchSpace, draws: np.ndarray, macs_target: float, tolerance: float,
+                    floor: float) -> Policy | None:
+    """Scale ``draws`` (one per group) by a common multiplier into [t - tolerance, t]; None if impossible."""
+    names = space.group_names()
+
+    def snapped(multiplier: float) -> Policy:
+        ratios = {n: float(min(1.0, max(floor, multiplier * u))) for n, u in zip(names, draws, strict=True)}
+        return policy_from_channels(space, space.channels(Policy(ratios, (), space.space_id)))
+
+    low, high = 0.0, 1.0 / float(draws.min())  # snapped(low) fits (checked at construction); high keeps all
+    best = snapped(low)
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        candidate = snapped(middle)
+        ratio = space.macs_ratio(candidate)
+        if ratio <= macs_target:
+            low, best = middle, candidate
+            if ratio >= macs_target - tolerance:
+                break
+        else:
+            high = middle
+    return best if space.macs_ratio(best) >= macs_target - tolerance else None
+
+
+class RandomSearcher(Searcher):
+    """Proposes distinct random policies in the MACs band, forever (``TrialBudget`` bounds it)."""
+
+    def __init__(self, space: SearchSpace, *, macs_target: float, seed: int, options: RandomOptions) -> None:
+        self.space = space
+        self.macs_target = check_fraction(macs_target, "macs_target")
+        self.options = options
+        floor_ratio = space.macs_ratio(Policy.uniform(space, options.floor))
+        if floor_ratio > self.macs_target:
+            raise UserError(f"macs_target {self.macs_target:g} is below {floor_ratio:.4f}, what "
+                            f"{space.model_name} keeps with every group at the floor {options.floor:g}; "
+                            f"raise the target or lower the floor")
+        self._rng = np.random.default_rng(seed)
+        self._counter = 0
+        self._seen: set[str] = set()
+        self._pending: list[str] = []
+        self._exhausted = False
+
+    def ask(self) -> Proposal | None:
+        if self._exhausted:
+            return None
+        for _ in range(self.options.max_tries):
+            draws = self._rng.uniform(self.options.floor, 1.0, size=len(self.space.groups))
+            policy = rescaled_policy(self.space, draws, self.macs_target, self.options.tolerance,
+                                     self.options.floor)
+            if policy is None or policy.key() in self._seen:
+                continue
+            self._seen.add(policy.key())
+            proposal = Proposal(f"random-{self._counter}", policy,
+                                {"role": "random", "macs_ratio": round(self.space.macs_ratio(policy), 6)})
+            self._counter += 1
+            self._pending.append(proposal.proposal_id)
+            return proposal
+        self._exhausted = True
+        if self._counter == 0:
+            raise UserError(f"no random policy of {self.space.model_name} lands within "
+                            f"[{self.macs_target - self.options.tolerance:g}, {self.macs_target:g}] of the MACs "
+                            f"in {self.options.max_tries} draws; raise the tolerance")
+        return None
+
+    def tell(self, proposal_id: str, result: Mapping[str, float] | None) -> None:
+        if proposal_id not in self._pending:
+            raise KeyError(f"proposal '{proposal_id}' is not in flight (told twice, or never proposed)")
+        self._pending.remove(proposal_id)
+
+    @property
+    def finished(self) -> bool:
+        return self._exhausted and not self._pending
+
+    def state_dict(self) -> dict:
+        return {"kind": "random", "space_id": self.space.space_id, "rng": self._rng.bit_generator.state,
+                "counter": self._counter, "seen": sorted(self._seen), "pending": list(self._pending),
+                "exhausted": self._exhausted}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        check_state(state, "random", self.space.space_id)
+        self._rng.bit_generator.state = dict(state["rng"])
+        self._counter = int(state["counter"])
+        self._seen = set(state["seen"])
+        self._pending = [str(i) for i in state["pending"]]
+        self._exhausted = bool(state["exhausted"])
+
+
+def make_random_searcher(space: SearchSpace, *, macs_target: float, seed: int, options: RandomOptions,
+                         start_policy: Policy | None = None) -> RandomSearcher:
+    return RandomSearcher(space, macs_target=macs_target, seed=seed, options=options)

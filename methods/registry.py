@@ -1,0 +1,107 @@
+"""The method registry: every pruning method by name, its kind, and how to build it.
+
+Three kinds (DESIGN.md, concept 5): a ``searcher`` proposes whole policies (``make_searcher``
+builds it); ``optuna`` proposals come from Ray Tune's ``OptunaSearch`` in ``search/`` (no factory
+here); a ``learner`` learns a policy by training. Adding a method is one line in ``METHODS``.
+
+A method whose searcher starts from a policy computed on the trained model (``global``; later
+``arpruning``) has a ``start`` function; ``start_policy_for`` calls it, and ``make_searcher``
+refuses to build that method without the policy it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+from methods.global_threshold import GlobalOptions, global_start_policy, make_global_searcher
+from methods.limiters import ConcurrencyLimiter, TrialBudget
+from methods.options import SearcherOptions, check_fraction, parse_options
+from methods.random_search import RandomOptions, make_random_searcher
+from methods.searcher import Searcher
+from methods.uniform import make_uniform_searcher
+from pruning.errors import UserError
+from pruning.policy import Policy
+from pruning.space import SearchSpace
+
+NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its kind, a one-line summary, its factory and options type, its start."""
+
+    kind: Literal["searcher", "optuna", "learner"]
+    summary: str
+    factory: Callable[..., Any] | None = None
+    options: type = SearcherOptions
+    start: Callable[..., Policy] | None = None
+
+    @property
+    def needs_start_policy(self) -> bool:
+        return self.start is not None
+
+
+METHODS: dict[str, MethodSpec] = {
+    "uniform": MethodSpec("searcher", "every group keeps the same ratio, the largest meeting the target",
+                          make_uniform_searcher),
+    "global": MethodSpec("searcher", "one importance threshold over all channels, with a floor per group",
+                         make_global_searcher, GlobalOptions, global_start_policy),
+    "random": MethodSpec("searcher", "distinct random policies rescaled into the MACs band",
+                         make_random_searcher, RandomOptions),
+    "optuna": MethodSpec("optuna", "Ray Tune's OptunaSearch over one keep ratio per group (search/)"),
+}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The method registered as ``name``; an unknown name is a UserError listing the valid ones."""
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'; choose one of: {', '.join(method_names())}")
+    return METHODS[name]
+
+
+def searcher_spec(name: str) -> MethodSpec:
+    """``get_method(name)``, refusing methods that are not searchers."""
+    spec = get_method(name)
+    if spec.kind != "searcher":
+        searchers = [n for n in method_names() if METHODS[n].kind == "searcher"]
+        raise UserError(f"method '{name}' is a {spec.kind}, not a searcher; searchers are: "
+                        f"{', '.join(searchers)}")
+    return spec
+
+
+def start_policy_for(name: str, model, space: SearchSpace, *, macs_target: float, calib=None,
+                     options: Mapping[str, Any] = NO_OPTIONS) -> Policy | None:
+    """The start policy searcher ``name`` needs, computed on the trained ``model``; None if it needs none."""
+    spec = searcher_spec(name)
+    if spec.start is None:
+        return None
+    return spec.start(model, space, calib, macs_target=check_fraction(macs_target, "macs_target"),
+                      options=parse_options(spec.options, options, name))
+
+
+def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: int, budget: int,
+                  concurrency: int, options: Mapping[str, Any] = NO_OPTIONS,
+                  start_policy: Policy | None = None) -> Searcher:
+    """Build searcher ``name`` on ``space``, within ``budget`` proposals and ``concurrency`` in flight.
+
+    ``options`` are the method's own (see its options dataclass; ``tolerance`` for all). The result
+    is ``ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)``.
+    """
+    spec = searcher_spec(name)
+    parsed = parse_options(spec.options, options, name)
+    target = check_fraction(macs_target, "macs_target")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be a whole number of at least 0, got {seed!r}")
+    if spec.needs_start_policy and start_policy is None:
+        raise UserError(f"method '{name}' needs a start policy; compute it with start_policy_for('{name}', ...)")
+    if not spec.needs_start_policy and start_policy is not None:
+        raise UserError(f"method '{name}' takes no start policy; leave it out")
+    searcher = spec.factory(space, macs_target=target, seed=seed, options=parsed, start_policy=start_policy)
+    return ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)
