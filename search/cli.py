@@ -1,0 +1,70 @@
+"""The `prunetune` command line: one dispatcher, one module per subcommand.
+
+``COMMANDS`` lists the command modules (see ``search.commands``): each registers its parser with
+``add_parser(subparsers)`` and handles its arguments with ``run(args) -> int``. Adding a command is
+one module and one entry here.
+
+A user's mistake (``UserError``, or a bad argument) prints ``prunetune: error: <message>`` on one
+line to stderr and exits 2; Ctrl-C exits 130 with one line. Anything else is a bug and keeps its
+traceback. Nothing heavy is imported here, so ``prunetune --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pruning.errors import UserError
+from search.commands import prune_cmd, space_cmd
+
+PROG = "prunetune"
+COMMANDS = (space_cmd, prune_cmd)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UserErrors, so they print as one line like every other."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every command in ``COMMANDS`` registered."""
+    parser = OneLineErrorParser(
+        prog=PROG, description="Search layer-wise channel-pruning policies for CNNs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subparsers.required = True
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PROG)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv[1:]), run the command, return its exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except UserError as error:
+        message = " ".join(str(error).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""What several commands share: the model and data arguments, the device, the cache, the base model.
+
+Arguments are registered by small ``add_*`` functions, so every command spells an option the same
+way. The helpers turn parsed arguments into the pruning core's values: the dataset splits, the
+search space of a fresh model, and the trained base model, pretrained once and then loaded from
+the cache (keyed by model, data, recipe and seed). Progress goes to stderr, so stdout carries only
+a command's result. torch is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pruning.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pruning.data import DatasetInfo, Splits
+    from pruning.space import SearchSpace
+    from pruning.train import EpochReport, TrainRecipe
+
+CACHE_ENV = "PRUNETUNE_CACHE"
+DEFAULT_CACHE_DIR = "~/.cache/prunetune"
+DEFAULT_PRETRAIN_EPOCHS = 15
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types and arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def default_cache_dir() -> str:
+    """$PRUNETUNE_CACHE if set, else ~/.cache/prunetune."""
+    return os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+
+
+def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --dataset, --data-root and --image-size: what a model is built for."""
+    parser.add_argument("--model", required=True, metavar="NAME",
+                        help="model name (e.g. resnet20, small_cnn, tiny_resnet)")
+    parser.add_argument("--dataset", required=True, metavar="NAME",
+                        help="dataset name (e.g. digits, fashion-mnist, cifar10)")
+    parser.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
+    parser.add_argument("--image-size", type=positive_int, metavar="N",
+                        help="resize images to N x N pixels (default: the dataset's own size)")
+
+
+def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-fraction, --seed, --device, --cache-dir, --pretrain-epochs: how the base model is trained."""
+    parser.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
+                        help="train on this fraction of the training split (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the splits and training (default: 0)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where to train and measure (default: auto, a GPU where present)")
+    parser.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
+                        help=f"cache of trained base models (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--pretrain-epochs", type=non_negative_int, default=DEFAULT_PRETRAIN_EPOCHS,
+                        metavar="N", help=f"epochs to train the base model (default: {DEFAULT_PRETRAIN_EPOCHS})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that run before any data is loaded or anything is trained
+# ----------------------------------------------------------------------------------------------
+
+
+def check_model_name(name: str) -> None:
+    """UserError listing the registered models unless ``name`` is one."""
+    from pruning.models import model_names
+
+    if name not in model_names():
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_names())}")
+
+
+def check_cache_dir(path: str) -> Path:
+    """The cache folder, expanded; UserError if it exists as something other than a folder."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--cache-dir {path} is not a folder; pass a folder path (it is created if missing)")
+    return folder
+
+
+def check_output_file(path: str | None) -> Path | None:
+    """The file to write, if any; UserError if its folder is missing or it names a folder."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file path such as {out / 'pruned.pt'}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {path}: folder {out.parent} does not exist; create it first or write elsewhere")
+    return out
+
+
+def resolve_device(name: str) -> str:
+    """'cpu' or 'cuda' for --device; 'auto' picks a GPU where one is present."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available; use --device cpu or auto")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, space and the base model
+# ----------------------------------------------------------------------------------------------
+
+
+def load_splits(args: argparse.Namespace) -> Splits:
+    """The dataset's train/val/test splits for --dataset, --data-root, --image-size (and, where the
+    command has them, --seed and --data-fraction)."""
+    from pruning.data import load_dataset
+
+    return load_dataset(args.dataset, root=args.data_root, seed=getattr(args, "seed", 0),
+                        data_fraction=getattr(args, "data_fraction", 1.0), image_size=args.image_size)
+
+
+def input_shape(info: DatasetInfo) -> tuple[int, int, int]:
+    """(channels, height, width) of one image of the dataset."""
+    return (info.in_channels, info.image_size, info.image_size)
+
+
+def build_model_space(model_name: str, info: DatasetInfo) -> SearchSpace:
+    """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size."""
+    from pruning.dependency import build_space
+    from pruning.models import create_model
+
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
+    return build_space(model, model_name, input_shape(info))
+
+
+def dataset_key(args: argparse.Namespace, info: DatasetInfo) -> str:
+    """Names the training data in a cache file: dataset, image size, data fraction (and data root)."""
+    key = f"{info.name}-{info.image_size}px-f{args.data_fraction:g}"
+    if args.data_root is not None:
+        root = str(Path(args.data_root).expanduser().resolve())
+        key += "-" + hashlib.sha1(root.encode()).hexdigest()[:8]
+    return key
+
+
+def pretrain_recipe(args: argparse.Namespace) -> TrainRecipe:
+    """The base model's recipe: --pretrain-epochs of SGD with the default cosine schedule."""
+    from pruning.train import TrainRecipe
+
+    return TrainRecipe(epochs=args.pretrain_epochs)
+
+
+def pretrained_base(args: argparse.Namespace, splits: Splits, device: str) -> tuple[nn.Module, dict]:
+    """The trained base model and its {val_accuracy, test_accuracy, val_loss}: from the cache, or
+    trained now (progress on stderr) and cached. A corrupt cache file is a UserError naming it."""
+    from pruning.train import pretrain, pretrain_path
+
+    recipe = pretrain_recipe(args)
+    key = dataset_key(args, splits.info)
+    cache_dir = check_cache_dir(args.cache_dir)
+    path = pretrain_path(args.model, key, recipe, args.seed, cache_dir)
+    cached = path.exists()
+    if not cached:
+        progress(f"base model: training {args.model} on {splits.info.name} for {recipe.epochs} epochs "
+                 f"({len(splits.train)} images) on {device}; caching it as {path}")
+    model, metrics = pretrain(args.model, splits, recipe, seed=args.seed, cache_dir=cache_dir,
+                              dataset_key=key, device=device, on_epoch=epoch_printer("pretrain", recipe.epochs))
+    progress(f"base model{f' (loaded from {path})' if cached else ''}: val accuracy {metrics['val_accuracy']:.4f}, "
+             f"test accuracy {metrics['test_accuracy']:.4f}")
+    return model, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout is kept for the command's result)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def epoch_printer(stage: str, epochs: int):
+    """An ``on_epoch`` callback that prints one progress line per epoch."""
+
+    def report(epoch: EpochReport) -> None:
+        progress(f"{stage} epoch {epoch.epoch + 1}/{epochs}: loss {epoch.train_loss:.4f}, "
+                 f"train accuracy {epoch.train_accuracy:.4f}, val accuracy {epoch.val_accuracy:.4f} "
+                 f"({epoch.seconds:.1f} s)")
+
+    return report
+
+
+def human_count(count: float) -> str:
+    """A count in short units: 40812544 -> '40.8M', 1234 -> '1.2K', 999 -> '999'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return f"{count:g}"

@@ -1,0 +1,58 @@
+"""`prunetune space`: show the prunable groups of a model built for a dataset.
+
+The model is built untrained for the dataset's classes, channels and image size, and traced once
+(no training). The table lists each group's channels, the fewest it may keep and its share of the
+base MACs, then the droppable residual blocks and the base MACs and parameters. ``--json`` prints
+the space's JSON and nothing else: the file a policy is written against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from search.commands import common
+
+NAME = "space"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `space` and its arguments."""
+    parser = subparsers.add_parser(
+        NAME, help="show a model's prunable channel groups and base MACs",
+        description="Build MODEL for DATASET (untrained) and list its prunable channel groups, "
+                    "droppable blocks, base MACs and parameters.")
+    common.add_model_data_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the search space as JSON only")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the space and print it as a table, or as JSON with --json."""
+    common.check_model_name(args.model)
+    info = common.load_splits(args).info
+    space = common.build_model_space(args.model, info)
+    if args.json:
+        print(json.dumps(space.to_json(), indent=1))
+    else:
+        print(format_space(space, info.name))
+    return 0
+
+
+def format_space(space, dataset_name: str) -> str:
+    """The space as a text table: groups, droppable blocks, base MACs and parameters."""
+    shape = "x".join(str(size) for size in space.input_shape)
+    width = max([len("group")] + [len(g.name) for g in space.groups])
+    lines = [f"search space of {space.model_name} on {dataset_name} ({shape} input), id {space.space_id}",
+             "",
+             f"{'group':<{width}}  {'channels':>8}  {'min':>5}  {'MACs share':>10}"]
+    for g in space.groups:
+        lines.append(f"{g.name:<{width}}  {g.channels:>8}  {g.min_channels:>5}  {g.macs_share:>10.1%}")
+    lines += ["",
+              f"{len(space.groups)} groups, {sum(g.channels for g in space.groups)} channels; "
+              "a group's MACs share counts every layer its channels enter or leave",
+              "droppable blocks: " + (", ".join(space.droppable_blocks) or "none"),
+              f"base MACs:   {common.human_count(space.base_macs)} ({space.base_macs:,})",
+              f"base params: {common.human_count(space.base_params)} ({space.base_params:,})"]
+    return "\n".join(lines)
