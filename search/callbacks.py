@@ -1,0 +1,172 @@
+"""Ray Tune callbacks on the driver: the run directory's trial log, MLflow, and the progress line.
+
+``TrialRecorder`` appends each finished trial to ``trials.jsonl`` (once, whatever Ray replays on
+resume) and logs it as an MLflow child run. The run directory is the source of truth: if MLflow
+is unreachable mid-search the trial is still recorded, a warning says so, and ``prunetune sync``
+fills MLflow in later. Both callbacks hold only plain data, so Ray can pickle them with the tuner
+and ``prunetune resume`` gets them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from search.trial import COMPLETE_KEY
+from tracking.rundir import TRIALS_FILE, read_trials
+
+STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED = "finished", "stopped", "failed"
+RECORDED_METRICS = ("val_accuracy", "val_loss", "train_loss", "macs", "params", "latency_ms",
+                    "macs_ratio", "params_ratio", "latency_ratio", "epoch")
+SEARCHER_KEYS = ("policy", "proposal_id", "estimated_macs_ratio")
+
+
+def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
+    """One line of ``trials.jsonl`` for a Ray trial: identity, policy, metrics, history, node, time."""
+    result = trial.last_result or {}
+    config = trial.config or {}
+    metrics = {k: float(result[k]) for k in RECORDED_METRICS if isinstance(result.get(k), int | float)}
+    trial_params = {k: v for k, v in config.items() if k not in SEARCHER_KEYS and _scalar(v)}
+    return {
+        "trial_id": trial.trial_id,
+        "trial_key": f"{run_uid}:{trial.trial_id}",
+        "status": status,
+        "policy": config.get("policy"),
+        "params": {**params, **trial_params},
+        "metrics": metrics,
+        "test_accuracy": result.get("test_accuracy") if status == STATUS_FINISHED else None,
+        "history": result.get("history") or [],
+        "node": result.get("node", ""),
+        "seconds": float(result.get("trial_seconds") or result.get("time_total_s") or 0.0),
+        "checkpoint": trial.checkpoint.path if getattr(trial, "checkpoint", None) else None,
+    }
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
+
+
+class TrialRecorder(Callback):
+    """Appends finished, stopped and failed trials to ``trials.jsonl`` and logs them to MLflow."""
+
+    def __init__(self, run_dir: Path, run_uid: str, *, tracking_uri: str, experiment: str,
+                 parent_run_id: str | None, params: dict):
+        self.run_dir = Path(run_dir)
+        self.run_uid = run_uid
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.params = dict(params)
+        self._tracker = None
+        self._tracking_failed = False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tracker": None, "_tracking_failed": False}
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        done = bool((trial.last_result or {}).get(COMPLETE_KEY))
+        self.record(trial_record(self.run_uid, trial, STATUS_FINISHED if done else STATUS_STOPPED,
+                                 params=self.params))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.record(trial_record(self.run_uid, trial, STATUS_FAILED, params=self.params))
+
+    def recorded_keys(self) -> set[str]:
+        return {r["trial_key"] for r in read_trials(self.run_dir / TRIALS_FILE)}
+
+    def record(self, record: dict) -> None:
+        """Append ``record`` unless its trial is already there, then log it to MLflow."""
+        if record["trial_key"] in self.recorded_keys():
+            return
+        with open(self.run_dir / TRIALS_FILE, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        self.log_to_mlflow(record)
+
+    def log_to_mlflow(self, record: dict) -> None:
+        if self.parent_run_id is None or self._tracking_failed:
+            return
+        try:
+            if self._tracker is None:
+                from tracking.tracker import Tracker
+
+                self._tracker = Tracker(self.tracking_uri, self.experiment)
+            self._tracker.log_trial(self.parent_run_id, record)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure must not stop the search
+            self._tracking_failed = True
+            print(f"prunetune: warning: MLflow at {self.tracking_uri} failed ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); the run directory keeps every "
+                  f"trial: run `prunetune sync {self.run_dir}` when it is back", file=sys.stderr)
+
+
+class ProgressLine(Callback):
+    """A concise progress display: done / running / pending, best so far, elapsed and ETA.
+
+    On a terminal one line is redrawn in place; elsewhere one line is printed per finished trial.
+    """
+
+    def __init__(self, total: int, *, metric: str = "val_accuracy", stream=None):
+        self.total = total
+        self.metric = metric
+        self.started = time.monotonic()
+        self.best: float | None = None
+        self.finished = 0
+        self._stream = stream
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None}
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._finish(trials, trial, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trials, trial, "failed")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if self.stream.isatty():
+            self._draw(trials)
+
+    def _finish(self, trials, trial, what: str) -> None:
+        self.finished += 1
+        value = (trial.last_result or {}).get(self.metric)
+        if what == "done" and isinstance(value, int | float):
+            self.best = value if self.best is None else max(self.best, value)
+        if self.stream.isatty():
+            self._draw(trials)
+            return
+        macs = (trial.last_result or {}).get("macs_ratio")
+        detail = f"{self.metric} {value:.4f}, MACs ratio {macs:.3f}" if isinstance(value, float) and macs else what
+        print(f"[{self.finished}/{self.total}] trial {trial.trial_id} {what}: {detail}; "
+              f"best {self._best()}; {self._elapsed()}", file=self.stream, flush=True)
+
+    def _draw(self, trials) -> None:
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        pending = max(0, self.total - self.finished - running)
+        line = (f"\r{self.finished}/{self.total} done, {running} running, {pending} pending | "
+                f"best {self.metric} {self._best()} | {self._elapsed()}")
+        print(line.ljust(100), end="", file=self.stream, flush=True)
+
+    def _best(self) -> str:
+        return "-" if self.best is None else f"{self.best:.4f}"
+
+    def _elapsed(self) -> str:
+        elapsed = time.monotonic() - self.started
+        text = f"{elapsed / 60:.1f} min elapsed"
+        if self.finished:
+            remaining = elapsed / self.finished * (self.total - self.finished)
+            text += f", ~{remaining / 60:.1f} min left"
+        return text
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.stream.isatty():
+            print(file=self.stream)

@@ -1,0 +1,72 @@
+"""`prunetune run [CONFIG.yaml] [flags]`: a new search.
+
+With no config the embedded default runs (search/configs/default.yaml). Flags override the file,
+and ``--set key=value`` overrides both, for any config key (README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from search.commands.common import positive_float, positive_int
+
+NAME = "run"
+
+# flag -> (config key, type, help)
+FLAGS = {
+    "--name": ("name", str, "run name: the run directory under --storage"),
+    "--model": ("model", str, "model name (see `prunetune space --help`)"),
+    "--dataset": ("dataset.name", str, "dataset name"),
+    "--data-root": ("dataset.root", str, "folder holding the dataset's files"),
+    "--image-size": ("dataset.image_size", positive_int, "image side in pixels"),
+    "--method": ("method", str, "search method: uniform, global, random, optuna, ..."),
+    "--importance": ("importance", str, "channel importance criterion"),
+    "--macs-target": ("macs_target", positive_float, "kept fraction of the base model's MACs, in (0, 1]"),
+    "--objective": ("objective", str, "constrained or pareto"),
+    "--trials": ("trials", positive_int, "number of trials"),
+    "--concurrency": ("concurrency", positive_int, "trials running at once"),
+    "--finetune-epochs": ("finetune.epochs", int, "fine-tuning epochs per trial"),
+    "--pretrain-epochs": ("pretrain.epochs", positive_int, "base model training epochs"),
+    "--data-fraction": ("dataset.data_fraction", positive_float, "fraction of the training split used"),
+    "--scheduler": ("scheduler", str, "asha, none or auto"),
+    "--cpus-per-trial": ("resources.cpus_per_trial", positive_float, "CPUs per trial"),
+    "--gpus-per-trial": ("resources.gpus_per_trial", float, "GPUs per trial (fractions share a GPU)"),
+    "--storage": ("storage", str, "folder holding run directories"),
+    "--tracking-uri": ("tracking_uri", str, "MLflow tracking URI (default: sqlite in --storage)"),
+    "--experiment": ("experiment", str, "MLflow experiment name"),
+    "--address": ("address", str, "Ray cluster address to join (default: start a local Ray)"),
+    "--seed": ("seed", int, "seed of data splits, base model and searcher"),
+}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        NAME, help="search pruning policies (the main job)",
+        description="Run a pruning-policy search on Ray Tune, logged to MLflow. With no CONFIG, the "
+                    "embedded default runs: digits, small_cnn, Optuna TPE, 16 trials.")
+    parser.add_argument("config", nargs="?", help="a YAML config (default: the embedded default)")
+    for flag, (key, kind, text) in FLAGS.items():
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=f"{text} [{key}]")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any config key, e.g. --set optuna.sampler=nsga2 (repeatable)")
+    parser.add_argument("--cache-dir", default=None, help="base model cache (default $PRUNETUNE_CACHE "
+                        "or ~/.cache/prunetune)")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from search.config import load_config
+    from search.driver import start_search
+
+    overrides = {key: getattr(args, key) for key, *_ in FLAGS.values() if getattr(args, key) is not None}
+    cfg = load_config(args.config, overrides=overrides, sets=args.sets)
+    return start_search(cfg, cache_dir=cache_dir(args.cache_dir))
+
+
+def cache_dir(path: str | None):
+    from pathlib import Path
+
+    from search.prepare import default_cache_dir
+
+    return Path(path).expanduser() if path else default_cache_dir()

@@ -1,0 +1,54 @@
+"""`prunetune status RUN_DIR`: trial counts, the best trial so far, and whether the search runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "status"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(NAME, help="show a search's progress and best trial so far")
+    parser.add_argument("run_dir", help="the run directory of the search")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def search_status(run_dir: Path) -> dict:
+    """Counts by status, the best trial within the target so far, and the state of the search."""
+    from search.config import load_config
+    from search.rundir import driver_alive
+    from search.summary import best_trial
+    from tracking.rundir import CONFIG_FILE, SUMMARY_FILE, TRIALS_FILE, read_meta, read_trials
+
+    meta = read_meta(run_dir)
+    cfg = load_config(run_dir / CONFIG_FILE)
+    records = read_trials(run_dir / TRIALS_FILE)
+    counts = {s: sum(1 for r in records if r["status"] == s) for s in ("finished", "stopped", "failed")}
+    best = best_trial(records, macs_limit=cfg.macs_target + cfg.macs_tolerance)
+    state = ("finished" if (run_dir / SUMMARY_FILE).exists() else
+             "running" if driver_alive(run_dir) else "interrupted")
+    return {"name": meta["name"], "run_dir": str(run_dir), "method": meta["method"], "state": state,
+            "trials": {**counts, "budget": cfg.trials}, "macs_target": cfg.macs_target,
+            "best": None if best is None else {k: best[k] for k in ("trial_id", "val_accuracy", "macs_ratio")},
+            "tracking_uri": meta["tracking_uri"]}
+
+
+def run(args: argparse.Namespace) -> int:
+    status = search_status(Path(args.run_dir).expanduser().resolve())
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    t = status["trials"]
+    print(f"{status['name']} ({status['method']}): {status['state']}; {t['finished']} finished, "
+          f"{t['stopped']} stopped early, {t['failed']} failed of {t['budget']} trials")
+    best = status["best"]
+    print("best so far: " + ("none within the MACs target" if best is None else
+                             f"trial {best['trial_id']}, val accuracy {best['val_accuracy']:.4f}, "
+                             f"MACs ratio {best['macs_ratio']:.3f}"))
+    if status["state"] == "interrupted":
+        print(f"continue with: prunetune resume {status['run_dir']}")
+    return 0

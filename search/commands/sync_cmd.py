@@ -1,0 +1,30 @@
+"""`prunetune sync RUN_DIR`: log to MLflow whatever the run directory has and MLflow lacks, never twice."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "sync"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(NAME, help="fill MLflow in from a run directory (idempotent)")
+    parser.add_argument("run_dir", help="the run directory of the search")
+    parser.add_argument("--tracking-uri", default=None, help="log into this store instead of the run's own")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from tracking.sync import sync_run_dir
+    from tracking.uri import check_tracking_uri
+
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    if args.tracking_uri:
+        check_tracking_uri(args.tracking_uri)
+    report = sync_run_dir(run_dir, tracking_uri=args.tracking_uri)
+    print(f"synced {run_dir}: parent run {report.parent_run_id}"
+          f"{' (created)' if report.created_parent else ''}, {report.trials_logged} trials logged, "
+          f"{report.trials_already_present} already present")
+    return 0

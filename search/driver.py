@@ -1,0 +1,256 @@
+"""One search, end to end (DESIGN.md): check, prepare, run the trials on Ray, summarise.
+
+``start_search`` checks everything it can before it creates anything (names, target, tracking
+store, Ray address), trains or loads the base model, writes the run directory, and runs the
+tuner. ``resume_search`` picks an interrupted search up from its run directory: Ray restores the
+trials and the searcher, finished trials are not run again, and MLflow runs are found, not
+duplicated. Both end in ``finish_search``: summary.json, the Pareto plot, the parent run closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from pruning.errors import UserError
+from search.prepare import Log, log_to_stderr
+
+INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a search needs before Ray starts."""
+
+    run_dir: Path
+    name: str
+    tracking_uri: str
+    base: object  # search.prepare.BaseModel
+    setup: object  # search.trial.TrialSetup
+    calib: list
+
+
+def storage_dir(cfg) -> Path:
+    if "://" in cfg.storage:
+        raise UserError(f"storage {cfg.storage} is a URI; this version runs on local or shared-filesystem "
+                        f"storage: pass a directory")
+    return Path(cfg.storage).expanduser().resolve()
+
+
+def check_target(cfg, space) -> None:
+    """Refuse a MACs target the space cannot reach, saying the reachable range."""
+    floor = space.min_macs_ratio()
+    if cfg.macs_target < floor:
+        raise UserError(f"macs_target {cfg.macs_target:g} is below what {cfg.model} can reach: MACs ratios "
+                        f"from {floor:.3f} to 1 (every group at its minimum channels); raise --macs-target")
+
+
+def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
+    """Load the data, build the space, train or load the base model, and make the trial setup."""
+    from pruning.data import load_dataset
+    from pruning.train import TrainRecipe
+    from search.prepare import dataset_cache_key, model_space, prepare_base_model, resolve_device
+    from search.trial import TrialSetup, calibration_batches
+
+    d = cfg.dataset
+    splits = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
+                          data_fraction=d.data_fraction, image_size=d.image_size, download=d.download)
+    if space is None:
+        space = model_space(cfg.model, splits.info, round_to=cfg.space.round_to,
+                            min_channels=cfg.space.min_channels)
+    check_target(cfg, space)
+    device = resolve_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial)
+    key = dataset_cache_key(d.name, splits.info.image_size, d.data_fraction, d.val_fraction, d.root)
+    base = prepare_base_model(cfg.model, splits, TrainRecipe(**cfg.pretrain.recipe_kwargs()), seed=cfg.seed,
+                              cache_dir=cache_dir, data_key=key, device="cpu" if device == "cpu" else device,
+                              space=space, log=log)
+    setup = TrialSetup(
+        arch=base.arch, base_state={k: v.cpu() for k, v in base.model.state_dict().items()},
+        base_metrics=base.metrics, space=space, splits=splits,
+        finetune=TrainRecipe(**cfg.finetune.recipe_kwargs()), importance=cfg.importance,
+        calibration_batches=cfg.calibration_batches,
+        bn_recalibration_batches=cfg.finetune.bn_recalibration_batches, seed=cfg.seed, device=device,
+        threads=max(1, int(cfg.resources.cpus_per_trial)),
+    )
+    return base, setup, calibration_batches(setup)
+
+
+def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
+    """``prunetune run``: a new search from a validated config; returns the exit status."""
+    from search.config import config_to_dict, default_run_name
+    from search.prepare import model_space
+    from search.rundir import (
+        check_new_run_dir,
+        create_run_dir,
+        new_meta,
+        remove_unstarted_run_dir,
+        write_meta,
+    )
+    from tracking.uri import check_tracking_uri, default_tracking_uri
+
+    storage = storage_dir(cfg)
+    name = cfg.name or default_run_name(cfg, datetime.now())
+    cfg = replace(cfg, name=name)
+    run_dir = storage / name
+    check_new_run_dir(run_dir)
+    tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
+    check_tracking_uri(tracking_uri)
+    from pruning.data import load_dataset
+
+    d = cfg.dataset
+    info = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
+                        data_fraction=d.data_fraction, image_size=d.image_size).info
+    space = model_space(cfg.model, info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels)
+    check_target(cfg, space)
+    if cfg.address:
+        from search.ray_session import start_ray
+
+        start_ray(address=cfg.address, temp_dir=None)
+    create_run_dir(run_dir, cfg=cfg, space=space.to_json())
+    try:
+        base, setup, calib = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log, space=space)
+        meta = new_meta(name=name, method=cfg.method, tracking_uri=tracking_uri, experiment=cfg.experiment)
+        meta["parent_run_id"] = _start_parent(meta, config_to_dict(cfg), space.to_json(), base.metrics, log)
+        write_meta(run_dir, meta)
+    except BaseException:
+        remove_unstarted_run_dir(run_dir)
+        raise
+    log(f"run directory: {run_dir}")
+    return _run_tuner(cfg, run_dir, meta, base, setup, calib, log=log, restore=False)
+
+
+def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
+    """``prunetune resume``: continue an interrupted search from its run directory."""
+    from search.config import load_config
+    from search.ray_session import kill_leftover_ray
+    from search.rundir import driver_alive
+    from tracking.rundir import CONFIG_FILE, SUMMARY_FILE, read_meta
+    from tracking.uri import check_tracking_uri
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    meta = read_meta(run_dir)
+    if driver_alive(run_dir):
+        raise UserError(f"the search in {run_dir} is still running; wait for it or stop it (Ctrl-C) first")
+    if (run_dir / SUMMARY_FILE).exists():
+        log(f"the search in {run_dir} has already finished; see summary.json or `prunetune status {run_dir}`")
+        return 0
+    cfg = load_config(run_dir / CONFIG_FILE)
+    check_tracking_uri(meta["tracking_uri"])
+    killed = kill_leftover_ray(meta.get("ray_temp_dirs") or [])
+    if killed:
+        log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
+    base, setup, calib = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log)
+    meta["parent_run_id"] = _start_parent(meta, _config_dict(cfg), base.space.to_json(), base.metrics, log)
+    from search.rundir import write_meta
+
+    write_meta(run_dir, meta)
+    log(f"resuming {run_dir}")
+    return _run_tuner(cfg, run_dir, meta, base, setup, calib, log=log, restore=True)
+
+
+def _config_dict(cfg) -> dict:
+    from search.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def _start_parent(meta: dict, config: dict, space: dict, base_metrics: dict, log: Log) -> str:
+    from tracking.tracker import Tracker
+
+    tracker = Tracker(meta["tracking_uri"], meta["experiment"])
+    parent = tracker.start_parent(meta["run_uid"], meta["name"], config,
+                                  tags={"prunetune.method": meta["method"]})
+    tracker.log_space(parent, space, base_metrics)
+    return parent
+
+
+def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, restore: bool) -> int:
+    from search.callbacks import ProgressLine, TrialRecorder
+    from search.ray_session import new_temp_dir, start_ray, stop_ray
+    from search.rundir import clear_driver, mark_driver, update_meta
+    from search.tuner import build_search_algorithm, build_tuner, can_restore, restore_tuner
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall trials
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    started_ray = False
+    mark_driver(run_dir)
+    started = time.monotonic()
+    try:
+        if not cfg.address:
+            temp_dir = new_temp_dir()
+            update_meta(run_dir, ray_temp_dirs=[*meta.get("ray_temp_dirs", []), temp_dir])
+            start_ray(address=None, temp_dir=temp_dir)
+            started_ray = True
+        if restore and can_restore(run_dir):
+            tuner = restore_tuner(cfg, setup, run_dir)
+        else:
+            recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
+                                     experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
+                                     params={"method": cfg.method, "importance": cfg.importance})
+            search_alg = build_search_algorithm(cfg, base.space, base_model=base.model, calib=calib)
+            tuner = build_tuner(cfg, setup, name=run_dir.name, storage=run_dir.parent,
+                                callbacks=[recorder, ProgressLine(cfg.trials)], search_alg=search_alg)
+        results = tuner.fit()
+        if _interrupted(results):
+            return _interrupted_exit(run_dir, meta, log)
+        return finish_search(cfg, run_dir, meta, base.metrics, wall_s=time.monotonic() - started, log=log)
+    except KeyboardInterrupt:
+        return _interrupted_exit(run_dir, meta, log)
+    finally:
+        clear_driver(run_dir)
+        if started_ray:
+            stop_ray()
+
+
+def _interrupted(results) -> bool:
+    """Whether Ray stopped before every trial ended (Ctrl-C): some trial is neither done nor errored."""
+    grid = getattr(results, "_experiment_analysis", None)
+    trials = getattr(grid, "trials", None) or []
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def _interrupted_exit(run_dir: Path, meta: dict, log: Log) -> int:
+    from tracking.tracker import Tracker
+
+    with contextlib.suppress(Exception):  # the message below matters more than the MLflow status
+        Tracker(meta["tracking_uri"], meta["experiment"]).set_status(meta["parent_run_id"], "KILLED")
+    log(f"interrupted: finished trials are kept in {run_dir}; continue with `prunetune resume {run_dir}`")
+    return INTERRUPTED
+
+
+def finish_search(cfg, run_dir: Path, meta: dict, baseline: dict, *, wall_s: float, log: Log) -> int:
+    """Write summary.json and the Pareto plot, close the parent MLflow run, print the front."""
+    from search.rundir import write_summary
+    from search.summary import build_summary, format_summary
+    from tracking.plots import plot_pareto
+    from tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials
+
+    records = read_trials(run_dir / TRIALS_FILE)
+    summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,
+                            macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, wall_s=wall_s)
+    points = [{**(r.get("metrics") or {}), "trial_id": r["trial_id"]} for r in records
+              if r["status"] == "finished"]
+    png = plot_pareto(points, run_dir / PARETO_PNG, base={"macs_ratio": 1.0, **baseline},
+                      title=f"{meta['name']}: validation accuracy against MACs")
+    write_summary(run_dir, summary)
+    try:
+        from tracking.tracker import Tracker
+
+        tracker = Tracker(meta["tracking_uri"], meta["experiment"])
+        for point in summary["pareto"]:
+            if point.get("test_accuracy") is not None:
+                tracker.log_test_accuracy(meta["parent_run_id"], point["trial_key"], point["test_accuracy"])
+        tracker.finish_parent(meta["parent_run_id"], summary, pareto_png=png)
+    except Exception as exc:  # noqa: BLE001 - the run directory holds everything; sync repairs MLflow
+        log(f"prunetune: warning: could not finish the MLflow view ({type(exc).__name__}); "
+            f"run `prunetune sync {run_dir}` when the tracking store is back")
+    print(format_summary(summary), flush=True)
+    uri = meta["tracking_uri"]
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    print(f"\nnext: {ui}   |   prunetune status {run_dir}   |   "
+          f"prunetune export {run_dir} --trial best --out pruned.pt", flush=True)
+    return 0

@@ -1,0 +1,124 @@
+"""Optuna through Ray Tune's ``OptunaSearch``: one keep ratio per group, the MACs budget as a constraint.
+
+The define-by-run space samples a keep ratio per group, builds the policy, and sets its estimated
+MACs excess over the target as the trial's ``macs`` constraint (``Trial.set_constraint``, Optuna
+5's replacement for the deprecated ``constraints_func``; a feasible trial always beats an
+infeasible one in TPE, GP and NSGA-II). Nothing is clipped. ``FeasibleOnly`` then answers over-budget proposals
+at once, without spending a trial on them, so the sampler learns where the budget lies.
+
+Everything here is a module-level function or a plain object: ``OptunaSearch`` pickles itself to
+save state for resume, and a lambda anywhere in it would fail at the first save.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ray.tune.search import Searcher as RaySearcher
+
+from pruning.policy import Policy
+from pruning.space import SearchSpace
+
+CONSTRAINT_KEY = "macs"
+SAMPLERS = ("tpe", "cmaes", "gp", "nsga2")
+
+
+def define_policy_space(trial, *, space: SearchSpace, macs_target: float, min_keep_ratio: float,
+                        constrained: bool = True) -> dict:
+    """Sample ``keep.<group>`` for every group; return the policy and record its MACs constraint."""
+    ratios = {g.name: trial.suggest_float(f"keep.{g.name}", min_keep_ratio, 1.0) for g in space.groups}
+    policy = Policy(ratios, (), space.space_id)
+    macs_ratio = space.macs_ratio(policy)
+    if constrained:
+        trial.set_constraint(CONSTRAINT_KEY, macs_ratio - macs_target)
+    return {"policy": policy.to_json(), "estimated_macs_ratio": macs_ratio}
+
+
+def make_sampler(name: str, *, seed: int, n_startup_trials: int):
+    """The Optuna sampler ``name``; TPE, GP and NSGA-II read the trials' MACs constraint themselves.
+
+    CMA-ES has no constraint handling: for it the budget is a penalty (see ``FeasibleOnly``).
+    """
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials, multivariate=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup_trials)
+
+
+def make_optuna_search(space: SearchSpace, *, macs_target: float, objective: str, sampler: str, seed: int,
+                       n_startup_trials: int, min_keep_ratio: float, tolerance: float):
+    """Ray Tune's ``OptunaSearch`` over the keep ratios, wrapped so over-budget proposals cost no trial."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pareto = objective == "pareto"
+    define = functools.partial(define_policy_space, space=space, macs_target=macs_target,
+                               min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes")
+    search = OptunaSearch(
+        space=define,
+        metric=["val_accuracy", "macs_ratio"] if pareto else "val_accuracy",
+        mode=["max", "min"] if pareto else "max",
+        sampler=make_sampler(sampler, seed=seed, n_startup_trials=n_startup_trials),
+    )
+    return FeasibleOnly(search, limit=macs_target + tolerance, pareto=pareto)
+
+
+class FeasibleOnly(RaySearcher):
+    """Wraps a Ray searcher whose configs carry ``estimated_macs_ratio``: rejects those over ``limit``.
+
+    A rejected proposal is completed at once with accuracy 0 (and its MACs ratio), which together
+    with the constraint attribute teaches the sampler the budget; after ``max_rejections`` in a
+    row the proposal goes through anyway, so a search never stalls. Like Ray's
+    ``ConcurrencyLimiter``, this is behaviour shared by a wrapper, not a flag.
+    """
+
+    def __init__(self, searcher: RaySearcher, *, limit: float, pareto: bool, max_rejections: int = 200):
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher = searcher
+        self.limit = limit
+        self.pareto = pareto
+        self.max_rejections = max_rejections
+        self.rejected = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        for attempt in range(self.max_rejections):
+            probe = f"{trial_id}~{attempt}"
+            config = self.searcher.suggest(probe)
+            if not isinstance(config, dict):
+                return config
+            within = config.get("estimated_macs_ratio", 0.0) <= self.limit
+            if within or attempt == self.max_rejections - 1:
+                trials = self.searcher._ot_trials  # OptunaSearch's map from Ray trial id to Optuna trial
+                trials[trial_id] = trials.pop(probe)
+                return config
+            self.rejected += 1
+            result = {"val_accuracy": 0.0, "macs_ratio": config["estimated_macs_ratio"]}
+            self.searcher.on_trial_complete(probe, result=result)
+        return None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict:
+        return {"rejected": self.rejected}
+
+    def set_state(self, state: dict) -> None:
+        self.rejected = int(state.get("rejected", 0))
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)

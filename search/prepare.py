@@ -1,0 +1,102 @@
+"""Before any trial: the data, the trained base model (cached), its space and measurements.
+
+Shared by ``prunetune run``, ``resume`` and ``prune``. The base model is trained once per model,
+data, recipe and seed and cached on disk (``pruning.train.pretrain``); trials load it, never
+retrain it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pruning.errors import UserError
+
+Log = Callable[[str], None]
+
+
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_cache_dir() -> Path:
+    """Where base models are cached: $PRUNETUNE_CACHE, else ~/.cache/prunetune."""
+    return Path(os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune").expanduser()
+
+
+def dataset_cache_key(name: str, image_size: int, data_fraction: float, val_fraction: float,
+                      data_root: str | None) -> str:
+    """Names the training data in a cache file: dataset, image size, fractions (and data root)."""
+    key = f"{name}-{image_size}px-f{data_fraction:g}-v{val_fraction:g}"
+    if data_root is not None:
+        key += "-" + hashlib.sha1(str(Path(data_root).expanduser().resolve()).encode()).hexdigest()[:8]
+    return key
+
+
+def resolve_device(name: str, *, gpus: float = 1.0) -> str:
+    """'cpu' or 'cuda': 'auto' picks the GPU where one is present and reserved."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but no CUDA device is available; use device cpu or auto")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() and gpus > 0 else "cpu"
+    return name
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The trained base model with its data, space and baseline measurements."""
+
+    model: object  # torch.nn.Module
+    splits: object  # pruning.data.Splits
+    space: object  # pruning.space.SearchSpace
+    metrics: dict  # val_accuracy, test_accuracy, macs, params, latency_ms
+    arch: dict  # {"name", "num_classes", "in_channels"}
+
+
+def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int = 1):
+    """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size."""
+    from pruning.dependency import build_space
+    from pruning.models import create_model
+
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    return build_space(model, model_name, shape, round_to=round_to, min_channels=min_channels)
+
+
+def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir: Path, data_key: str,
+                       device: str, space=None, log: Log = log_to_stderr) -> BaseModel:
+    """Train (or load from the cache) the base model and measure it: MACs, params, latency."""
+    from pruning.dependency import build_space
+    from pruning.measure import measure
+    from pruning.train import pretrain, pretrain_path
+
+    path = pretrain_path(model_name, data_key, recipe, seed, cache_dir)
+    cached = path.exists()
+    if not cached:
+        log(f"base model: training {model_name} on {splits.info.name} ({len(splits.train)} images) for "
+            f"{recipe.epochs} epochs on {device}; it is cached as {path}")
+
+    def on_epoch(report) -> None:
+        log(f"  pretrain epoch {report.epoch + 1}/{recipe.epochs}: loss {report.train_loss:.4f}, "
+            f"val accuracy {report.val_accuracy:.4f} ({report.seconds:.1f} s)")
+
+    model, metrics = pretrain(model_name, splits, recipe, seed=seed, cache_dir=cache_dir, dataset_key=data_key,
+                              device=device, on_epoch=on_epoch)
+    info = splits.info
+    shape = (info.in_channels, info.image_size, info.image_size)
+    if space is None:
+        space = build_space(model, model_name, shape)
+    measured = measure(model, shape, batch_size=64, device=device, repeats=10)
+    metrics = {"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"],
+               "macs": measured.macs, "params": measured.params, "latency_ms": measured.latency_ms}
+    log(f"base model{' (cached)' if cached else ''}: val accuracy {metrics['val_accuracy']:.4f}, "
+        f"test accuracy {metrics['test_accuracy']:.4f}, {measured.macs / 1e6:.2f}M MACs, "
+        f"{measured.params / 1e6:.3f}M params")
+    arch = {"name": model_name, "num_classes": info.num_classes, "in_channels": info.in_channels}
+    return BaseModel(model, splits, space, metrics, arch)

@@ -1,0 +1,85 @@
+"""The end of a search: the best trial, the Pareto front, counts, and a readable table.
+
+The best trial is the most accurate on *validation* among finished trials within the MACs budget
+(``macs_ratio <= macs_target + tolerance``); test accuracy is reported beside it, never used to
+choose. The Pareto front is validation accuracy against MACs over all finished trials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from search.callbacks import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
+from tracking.pareto import pareto_front
+
+
+def _point(record: Mapping) -> dict:
+    m = record.get("metrics") or {}
+    return {"trial_id": record["trial_id"], "trial_key": record["trial_key"],
+            "val_accuracy": m.get("val_accuracy"), "test_accuracy": record.get("test_accuracy"),
+            "macs": m.get("macs"), "params": m.get("params"), "macs_ratio": m.get("macs_ratio"),
+            "params_ratio": m.get("params_ratio"), "latency_ms": m.get("latency_ms"),
+            "policy": record.get("policy")}
+
+
+def best_trial(records: Sequence[Mapping], *, macs_limit: float) -> dict | None:
+    """The finished trial with the highest validation accuracy within ``macs_limit``, or None."""
+    feasible = [_point(r) for r in records if r["status"] == STATUS_FINISHED
+                and (r.get("metrics") or {}).get("macs_ratio", 1e9) <= macs_limit + 1e-9
+                and (r.get("metrics") or {}).get("val_accuracy") is not None]
+    return max(feasible, key=lambda p: (p["val_accuracy"], -p["macs"]), default=None)
+
+
+def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequence[Mapping],
+                  macs_target: float, macs_tolerance: float, wall_s: float) -> dict:
+    """``summary.json``: see README ("The run directory")."""
+    finished = [r for r in records if r["status"] == STATUS_FINISHED]
+    front = pareto_front([_point(r) for r in finished], x="macs", y="val_accuracy")
+    best = best_trial(records, macs_limit=macs_target + macs_tolerance)
+    counts = {status: sum(1 for r in records if r["status"] == status)
+              for status in (STATUS_FINISHED, STATUS_FAILED, STATUS_STOPPED)}
+    return {
+        "name": name, "method": method, "macs_target": macs_target,
+        "baseline": {k: baseline.get(k) for k in ("val_accuracy", "test_accuracy", "macs", "params",
+                                                   "latency_ms")},
+        "best": None if best is None else {k: best[k] for k in (
+            "trial_id", "val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio",
+            "latency_ms", "policy")},
+        "pareto": [{k: p[k] for k in ("trial_id", "trial_key", "val_accuracy", "test_accuracy", "macs",
+                                      "macs_ratio", "params")} for p in front],
+        "trials": counts,
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def format_summary(summary: Mapping) -> str:
+    """A short human table: the baseline, the Pareto front, the best trial."""
+    base = summary["baseline"]
+    lines = [f"search '{summary['name']}' ({summary['method']}): "
+             f"{summary['trials']['finished']} finished, {summary['trials']['stopped']} stopped early, "
+             f"{summary['trials']['failed']} failed in {summary['wall_s'] / 60:.1f} min",
+             f"base model: val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
+             f"{_human(base['macs'])} MACs, {_human(base['params'])} params", "",
+             "Pareto front (validation accuracy against MACs):",
+             f"  {'trial':<14}{'val acc':>9}{'test acc':>10}{'MACs':>10}{'MACs ratio':>12}{'params':>10}"]
+    for p in summary["pareto"]:
+        test = "-" if p.get("test_accuracy") is None else f"{p['test_accuracy']:.4f}"
+        lines.append(f"  {p['trial_id']:<14}{p['val_accuracy']:>9.4f}{test:>10}{_human(p['macs']):>10}"
+                     f"{p['macs_ratio']:>12.3f}{_human(p['params']):>10}")
+    best = summary.get("best")
+    lines.append("")
+    if best is None:
+        lines.append(f"no finished trial met the MACs target {summary.get('macs_target')}")
+    else:
+        lines.append(f"best within the MACs target: trial {best['trial_id']}, val {best['val_accuracy']:.4f}, "
+                     f"test {best['test_accuracy']:.4f}, MACs ratio {best['macs_ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def _human(value) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(int(value))

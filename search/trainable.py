@@ -1,0 +1,51 @@
+"""The function Ray Tune runs for each trial: a thin shell around ``search.trial.run_trial``.
+
+Ray hands it the trial's config (``{"policy": ..., "seed": ...}``) and, through
+``tune.with_parameters``, the search's shared ``TrialSetup`` (base model, data, space), which Ray
+stores once in its object store and each node fetches once. Reports go through
+``ray.tune.report`` with a checkpoint directory; a retried trial finds its last checkpoint with
+``ray.tune.get_checkpoint`` and continues from it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+from search.trial import TrialSetup
+
+
+def policy_trainable(config: dict, setup: TrialSetup) -> None:
+    """Ray Tune function trainable: prune, fine-tune and measure the policy in ``config``."""
+    import torch
+    from ray import tune
+
+    from pruning.policy import Policy
+    from search.trial import run_trial
+
+    torch.set_num_threads(max(1, setup.threads))
+    policy = Policy.from_json(config["policy"])
+
+    def report(metrics: dict, write_checkpoint) -> None:
+        metrics = {**metrics, "node": _node_id()}
+        if write_checkpoint is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="prunetune-ckpt-") as directory:
+            write_checkpoint(Path(directory))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
+        run_trial(setup, policy, seed=int(config.get("seed", setup.seed)), report=report,
+                  checkpoint_dir=Path(restored) if restored else None)
+
+
+def _node_id() -> str:
+    """The Ray node this trial runs on, as its IP and the first characters of its id."""
+    import ray
+
+    context = ray.get_runtime_context()
+    node = context.get_node_id()
+    return f"{ray.util.get_node_ip_address()}/{node[:8]}"

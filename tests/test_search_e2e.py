@@ -1,0 +1,150 @@
+"""`prunetune run` end to end: real Ray, real Torch-Pruning, a real sqlite MLflow store; and resume
+after the driver is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from search.ray_session import kill_leftover_ray, processes_using
+from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli, start_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    """A 4-trial Optuna search on digits, run once for the tests below."""
+    work = tmp_path_factory.mktemp("search")
+    result = run_cli(["run", *QUICK, "--trials", "4", "--concurrency", "2", "--name", "s4",
+                      "--storage", str(work / "runs")], cache=work / "cache", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, work / "runs" / "s4", result
+
+
+def test_every_trial_is_in_the_run_directory_once(finished_search):
+    _, run_dir, _ = finished_search
+    records = read_jsonl(run_dir / "trials.jsonl")
+    assert len(records) == 4
+    assert len({r["trial_key"] for r in records}) == 4
+    space = json.loads((run_dir / "space.json").read_text())
+    groups = {g["name"] for g in space["groups"]}
+    for r in records:
+        assert r["status"] == "finished"
+        assert set(r["policy"]["keep_ratios"]) == groups
+        assert 0.0 <= r["metrics"]["val_accuracy"] <= 1.0
+        assert r["metrics"]["macs_ratio"] <= 0.5 + 0.02 + 1e-9  # the constraint, not clipping
+        assert r["metrics"]["macs"] < space["base_macs"]
+        assert r["node"] and r["seconds"] > 0
+        assert [h["epoch"] for h in r["history"]] == [0, 1]
+
+
+def test_summary_agrees_with_trials_and_mlflow(finished_search):
+    _, run_dir, result = finished_search
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = {r["trial_id"]: r for r in read_jsonl(run_dir / "trials.jsonl")}
+    assert summary["trials"] == {"finished": 4, "failed": 0, "stopped": 0}
+    best = summary["best"]
+    assert best["val_accuracy"] == max(r["metrics"]["val_accuracy"] for r in records.values())
+    assert best["test_accuracy"] == records[best["trial_id"]]["test_accuracy"]
+    assert summary["pareto"] and all(p["trial_id"] in records for p in summary["pareto"])
+    assert "Pareto front" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+
+    meta = json.loads((run_dir / "prunetune.json").read_text())
+    parents, children = mlflow_runs(meta["tracking_uri"])
+    assert len(parents) == 1 and parents[0].info.run_id == meta["parent_run_id"]
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {meta["parent_run_id"]}
+    by_trial = {c.data.tags["prunetune.trial_id"]: c for c in children}
+    assert set(by_trial) == set(records)
+    for trial_id, child in by_trial.items():
+        record = records[trial_id]
+        assert child.info.status == "FINISHED"
+        assert child.data.params["method"] == "optuna" and child.data.params["importance"] == "l1"
+        assert len([k for k in child.data.params if k.startswith("keep.")]) == len(record["policy"]["keep_ratios"])
+        for key in ("val_accuracy", "macs", "params", "latency_ms", "macs_ratio", "params_ratio"):
+            assert child.data.metrics[key] == pytest.approx(record["metrics"][key])
+    pareto_ids = {p["trial_id"] for p in summary["pareto"]}
+    with_test = {t for t, c in by_trial.items() if "test_accuracy" in c.data.metrics}
+    assert with_test == pareto_ids  # test accuracy is logged for the Pareto front only
+    assert parents[0].data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+def test_status_and_export_reproduce_the_test_accuracy(finished_search):
+    work, run_dir, _ = finished_search
+    status = run_cli(["status", str(run_dir), "--json"], cache=work / "cache", cwd=work)
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["state"] == "finished" and state["trials"]["finished"] == 4
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for fmt in ("state", "torchscript"):
+        out = work / f"best.{fmt}.pt"
+        exported = run_cli(["export", str(run_dir), "--trial", "best", "--out", str(out), "--format", fmt,
+                            "--check"], cache=work / "cache", cwd=work)
+        assert exported.returncode == 0, exported.stderr[-2000:]
+        line = [x for x in exported.stdout.splitlines() if x.startswith("test accuracy of the export")][0]
+        assert float(line.split()[5]) == pytest.approx(summary["best"]["test_accuracy"], abs=1e-6)
+
+
+def test_sync_rebuilds_mlflow_from_the_run_directory(finished_search):
+    work, run_dir, _ = finished_search
+    other = f"sqlite:///{work / 'elsewhere.db'}"
+    first = run_cli(["sync", str(run_dir), "--tracking-uri", other], cache=work / "cache", cwd=work)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "4 trials logged" in first.stdout
+    again = run_cli(["sync", str(run_dir), "--tracking-uri", other], cache=work / "cache", cwd=work)
+    assert "0 trials logged, 4 already present" in again.stdout
+    parents, children = mlflow_runs(other)
+    assert len(parents) == 1 and len(children) == 4
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    """SIGKILL the driver after its first finished trial; resume completes the budget, once each."""
+    storage = tmp_path / "runs"
+    run_dir = storage / "killed"
+    args = ["run", *QUICK, "--finetune-epochs", "2", "--trials", "4", "--concurrency", "1", "--name", "killed",
+            "--storage", str(storage)]
+    driver = start_cli(args, cache=tmp_path / "cache", cwd=tmp_path, log=tmp_path / "first.log")
+    temp_dirs: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not read_jsonl(run_dir / "trials.jsonl"):
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        first_done = read_jsonl(run_dir / "trials.jsonl")
+        meta = json.loads((run_dir / "prunetune.json").read_text())
+        temp_dirs = list(meta["ray_temp_dirs"])
+        assert any(processes_using(d) for d in temp_dirs), "the killed driver's Ray should still be running"
+
+        status = run_cli(["status", str(run_dir), "--json"], cache=tmp_path / "cache", cwd=tmp_path)
+        assert json.loads(status.stdout)["state"] == "interrupted"
+
+        resumed = run_cli(["resume", str(run_dir)], cache=tmp_path / "cache", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert not any(processes_using(d) for d in temp_dirs), "leftover Ray processes of the killed run"
+
+        records = read_jsonl(run_dir / "trials.jsonl")
+        keys = [r["trial_key"] for r in records]
+        assert len(keys) == len(set(keys)) == 4
+        assert records[: len(first_done)] == first_done  # finished trials kept as they were, not rerun
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["trials"]["finished"] == 4
+        parents, children = mlflow_runs(meta["tracking_uri"])
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert sorted(c.data.tags["prunetune.trial_key"] for c in children) == sorted(keys)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        meta_path = run_dir / "prunetune.json"
+        if meta_path.exists():
+            temp_dirs = json.loads(meta_path.read_text()).get("ray_temp_dirs", temp_dirs)
+        kill_leftover_ray(temp_dirs)
