@@ -190,7 +190,7 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
         else:
             recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
                                      experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
-                                     params={"method": cfg.method, "importance": cfg.importance})
+                                     params={"method": cfg.method, "importance": cfg.importance, "seed": cfg.seed})
             search_alg = build_search_algorithm(cfg, base.space, base_model=base.model, calib=calib)
             tuner = build_tuner(cfg, setup, name=run_dir.name, storage=run_dir.parent,
                                 callbacks=[recorder, ProgressLine(cfg.trials)], search_alg=search_alg)

@@ -66,6 +66,7 @@ def test_summary_agrees_with_trials_and_mlflow(finished_search):
         record = records[trial_id]
         assert child.info.status == "FINISHED"
         assert child.data.params["method"] == "optuna" and child.data.params["importance"] == "l1"
+        assert child.data.params["seed"] == "0" and child.data.params["trial_id"] == trial_id
         assert len([k for k in child.data.params if k.startswith("keep.")]) == len(record["policy"]["keep_ratios"])
         for key in ("val_accuracy", "macs", "params", "latency_ms", "macs_ratio", "params_ratio"):
             assert child.data.metrics[key] == pytest.approx(record["metrics"][key])
