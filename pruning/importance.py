@@ -7,7 +7,7 @@ activation-based criteria run the calibration batches once for the whole model.
 
 Registered: ``l1``, ``l2``, ``bn_scale``, ``fpgm``, ``taylor`` (Torch-Pruning's own group
 importances), ``random`` (seeded), and ``attention``, ARPruning's criterion (Yuan et al., Neural
-Networks 174, 2024; METHODS.md).
+Networks 174, 2024; METHODS.md), with its p = 1 variant ``attention_p1``.
 """
 
 from __future__ import annotations
@@ -122,11 +122,16 @@ class AttentionCriterion:
 
     A residual group owns several BatchNorms (one per block feeding the sum): its score is the sum
     of their per-channel scores, averaged over calibration batches. Groups without a BatchNorm use
-    their convolutions' outputs. ``p=1`` is the |F| variant.
+    their convolutions' outputs. ``p=1`` is the |F| variant (registered as ``attention_p1``).
     """
 
     p: int = 2
     needs_calibration = True
+
+    def __post_init__(self) -> None:
+        if self.p not in (1, 2):
+            raise UserError(f"attention criterion p={self.p!r} is not 1 or 2; use p=2 (F^2, attention "
+                            f"transfer) or p=1 (|F|)")
 
     def __call__(self, model: nn.Module, groups: Mapping, calib: Sequence[Batch] | None = None) -> Scores:
         calib = _require_calibration(calib, "attention")
@@ -180,6 +185,7 @@ CRITERIA: dict[str, Callable[..., Callable]] = {
     "taylor": TaylorCriterion,
     "random": RandomCriterion,
     "attention": AttentionCriterion,
+    "attention_p1": lambda: AttentionCriterion(p=1),
 }
 
 
