@@ -47,6 +47,9 @@ class _Wrapper(Searcher):
     def close(self) -> None:
         self.inner.close()
 
+    def search_path(self) -> list[dict]:
+        return self.inner.search_path()
+
     @property
     def in_flight(self) -> tuple[str, ...]:
         return tuple(self._in_flight)

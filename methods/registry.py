@@ -4,7 +4,7 @@ Three kinds (DESIGN.md, concept 5): a ``searcher`` proposes whole policies (``ma
 builds it); ``optuna`` proposals come from Ray Tune's ``OptunaSearch`` in ``search/`` (no factory
 here); a ``learner`` learns a policy by training. Adding a method is one line in ``METHODS``.
 
-A method whose searcher starts from a policy computed on the trained model (``global``; later
+A method whose searcher starts from a policy computed on the trained model (``global``,
 ``arpruning``) has a ``start`` function; ``start_policy_for`` calls it, and ``make_searcher``
 refuses to build that method without the policy it returns.
 """
@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
+from methods.arpruning import ArpruningOptions, arpruning_start_policy, make_arpruning_searcher
+from methods.dcm import make_dcm_learner
+from methods.dcm_options import DcmOptions
 from methods.global_threshold import GlobalOptions, global_start_policy, make_global_searcher
+from methods.learner import Learner
 from methods.limiters import ConcurrencyLimiter, TrialBudget
 from methods.options import SearcherOptions, check_fraction, parse_options
 from methods.random_search import RandomOptions, make_random_searcher
@@ -38,6 +42,8 @@ class MethodSpec:
     factory: Callable[..., Any] | None = None
     options: type = SearcherOptions
     start: Callable[..., Policy] | None = None
+    default_importance: str = "l1"  # the criterion when the config's ``importance`` is null
+    context: tuple[str, ...] = ()  # search settings its factory takes too: "budget", "concurrency"
 
     @property
     def needs_start_policy(self) -> bool:
@@ -51,7 +57,12 @@ METHODS: dict[str, MethodSpec] = {
                          make_global_searcher, GlobalOptions, global_start_policy),
     "random": MethodSpec("searcher", "distinct random policies rescaled into the MACs band",
                          make_random_searcher, RandomOptions),
+    "arpruning": MethodSpec("searcher", "ARPruning: a neighbourhood search from the global attention policy",
+                            make_arpruning_searcher, ArpruningOptions, arpruning_start_policy,
+                            default_importance="attention", context=("budget", "concurrency")),
     "optuna": MethodSpec("optuna", "Ray Tune's OptunaSearch over one keep ratio per group (search/)"),
+    "dcm": MethodSpec("learner", "DCM: learns every group's keep ratio with dynamic channel masks",
+                      make_dcm_learner, DcmOptions, default_importance="bn_scale"),
 }
 
 
@@ -103,5 +114,16 @@ def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: in
         raise UserError(f"method '{name}' needs a start policy; compute it with start_policy_for('{name}', ...)")
     if not spec.needs_start_policy and start_policy is not None:
         raise UserError(f"method '{name}' takes no start policy; leave it out")
-    searcher = spec.factory(space, macs_target=target, seed=seed, options=parsed, start_policy=start_policy)
+    settings = {"budget": budget, "concurrency": concurrency}
+    searcher = spec.factory(space, macs_target=target, seed=seed, options=parsed, start_policy=start_policy,
+                            **{key: settings[key] for key in spec.context})
     return ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)
+
+
+def make_learner(name: str, options: Mapping[str, Any] = NO_OPTIONS) -> Learner:
+    """Build learner ``name`` with its ``options`` (its options dataclass's fields, checked)."""
+    spec = get_method(name)
+    if spec.kind != "learner":
+        learners = [n for n in method_names() if METHODS[n].kind == "learner"]
+        raise UserError(f"method '{name}' is a {spec.kind}, not a learner; learners are: {', '.join(learners)}")
+    return spec.factory(parse_options(spec.options, options, name))

@@ -81,6 +81,11 @@ class Searcher(ABC):
     def close(self) -> None:  # noqa: B027
         """Hook: the search ends (finished or stopped). Nothing to release by default."""
 
+    def search_path(self) -> list[dict]:
+        """Hook: the search's path so far, one row of numbers per step (with its ``round``), for the
+        driver to log as metrics of the parent run. Empty by default."""
+        return []
+
 
 def macs_ratio_limit(macs_target: float, tolerance: float) -> float:
     """The largest estimated MACs ratio a searcher may propose at ``macs_target``."""

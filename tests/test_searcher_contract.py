@@ -3,7 +3,8 @@
 Every method of kind "searcher" in ``methods.registry.METHODS`` is picked up on tiny_resnet;
 ``EXTRA_MODELS`` adds larger models for some. A searcher that needs a start policy gets one from
 ``start_policy_for`` on the same (untrained) model. A new searcher joins by registration, plus an
-entry in ``SEED_INDEPENDENT`` if its proposals do not depend on the seed.
+entry in ``SEED_INDEPENDENT`` if its proposals do not depend on the seed, or in ``ROUND_BASED`` if it
+proposes in synchronous rounds (a freed slot is refilled once the round's results are all in).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ TARGET = 0.5
 BUDGET = 6
 EXTRA_MODELS = {"random": ("resnet20",)}
 SEED_INDEPENDENT = {"uniform", "global"}  # one deterministic policy whatever the seed
+ROUND_BASED = {"arpruning"}  # the next round waits for every result of the current one
 MAX_STEPS = 200
 
 SEARCHERS = [name for name in method_names() if METHODS[name].kind == "searcher"]
@@ -39,8 +41,13 @@ def model_and_space(model_name: str):
 
 @cache
 def start_policy(name: str, model_name: str):
+    """The start policy on the untrained model, with seeded calibration batches for activation criteria."""
+    import torch
+
     model, space = model_and_space(model_name)
-    return start_policy_for(name, model, space, macs_target=TARGET)
+    generator = torch.Generator().manual_seed(0)
+    calib = [(torch.randn(4, *space.input_shape, generator=generator), torch.zeros(4, dtype=torch.long))]
+    return start_policy_for(name, model, space, macs_target=TARGET, calib=calib)
 
 
 def build(name: str, model_name: str, *, seed: int = 0, budget: int = BUDGET, concurrency: int = 2) -> Searcher:
@@ -148,7 +155,11 @@ def test_ask_waits_when_concurrency_proposals_are_in_flight(case):
     assert searcher.ask() is None
     assert len(in_flight) <= 2
     searcher.tell(in_flight[0].proposal_id, None)
-    if len(in_flight) == 2:  # a searcher that can fill the slots refills a freed one
+    if len(in_flight) == 2 and name in ROUND_BASED:  # refilled once the round is complete
+        assert searcher.ask() is None
+        searcher.tell(in_flight[1].proposal_id, None)
+        assert searcher.ask() is not None
+    elif len(in_flight) == 2:  # a searcher that can fill the slots refills a freed one
         assert searcher.ask() is not None
 
 
