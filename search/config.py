@@ -49,6 +49,7 @@ SAMPLERS = ("tpe", "cmaes", "gp", "nsga2")
 SINGLE_OBJECTIVE_SAMPLERS = ("cmaes", "gp")  # refuse objective: pareto
 PARETO_ONLY_SAMPLERS = ("nsga2",)  # need objective: pareto
 DEVICES = ("auto", "cpu", "cuda")
+ARPRUNING_STARTS = ("global", "uniform")  # methods.arpruning.STARTS
 ASHA_MIN_EPOCHS = 3  # scheduler auto picks ASHA from this many fine-tuning epochs on
 DEFAULT_CONFIG = "default"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -383,13 +384,87 @@ class GlobalOptions(_Section):
     floor: float = _key(0.1, "lowest keep ratio a group is cut to", check=_FRACTION)
 
 
+@dataclass(frozen=True)
+class ArpruningOptions(_Section):
+    """ARPruning's neighbourhood search (methods.arpruning): its start, step, round size and proxy."""
+
+    section: ClassVar[str] = "arpruning"
+    start: str = _key(
+        "global",
+        "start policy: global (an importance threshold over all groups) or uniform",
+        choices=ARPRUNING_STARTS,
+    )
+    floor: float = _key(0.1, "lowest keep ratio of a group, at the start and in every move", check=_FRACTION)
+    step: float = _key(
+        0.05, "keep ratio a move shifts from one group to another; halved when no neighbour at it improves",
+        check=_Range(0, 0.5, low_open=True),
+    )
+    neighbours: int | None = _key(
+        None, "neighbours scored per round, in parallel; null = concurrency", check=_AT_LEAST_ONE
+    )
+    proxy: str = _key(
+        "bn", "how neighbours are scored: bn (BatchNorm recalibration only) or epochs:N (N fine-tuning epochs)"
+    )
+
+    def __post_init__(self) -> None:
+        from methods.proxy import proxy_epochs
+
+        super().__post_init__()
+        proxy_epochs(self.proxy, f"config key '{self.section}.proxy'")
+
+
+@dataclass(frozen=True)
+class DcmSection(_Section):
+    """DCM, a learner (methods.dcm): how it learns keep ratios, and the ranges Optuna samples."""
+
+    section: ClassVar[str] = "dcm"
+    epochs: int = _key(1, "learning epochs of each trial (passes over the training split less its held-out part)",
+                       check=_AT_LEAST_ONE)
+    rank_every: int = _key(10, "weight steps between re-rankings of every group's channels", check=_AT_LEAST_ONE)
+    floor: float = _key(0.1, "lowest keep ratio of a group (r_min)", check=_OPEN_FRACTION)
+    start_keep_ratio: float | None = _key(
+        None, "keep ratio every group starts at; null = the uniform ratio meeting the loss target",
+        check=_OPEN_FRACTION,
+    )
+    penalty: str = _key("squared", "MACs term: squared gap to the target, or one_sided (only the excess)",
+                        choices=("squared", "one_sided"))
+    held_out_fraction: float = _key(0.1, "fraction of the training split the ratio steps train on",
+                                    check=_OPEN_FRACTION)
+    ratio_lr: float = _key(0.2, "learning rate of the ratio steps (SGD on theta)", check=_POSITIVE)
+    checkpoint_every: int = _key(20, "weight steps between progress reports with a checkpoint",
+                                 check=_AT_LEAST_ONE)
+    lambda_min: float = _key(10.0, "searched range of lambda, the MACs term's weight: lowest", check=_NON_NEGATIVE)
+    lambda_max: float = _key(1000.0, "searched range of lambda: highest (log scale)", check=_NON_NEGATIVE)
+    k_min: int = _key(1, "searched range of k, weight steps per ratio step: lowest", check=_AT_LEAST_ONE)
+    k_max: int = _key(4, "searched range of k: highest", check=_AT_LEAST_ONE)
+    temperature_start_min: float = _key(0.5, "searched range of the mask temperature at the start: lowest",
+                                        check=_POSITIVE)
+    temperature_start_max: float = _key(4.0, "searched range of the start temperature: highest (log scale)",
+                                        check=_POSITIVE)
+    temperature_end_min: float = _key(0.02, "searched range of the mask temperature at the end: lowest",
+                                      check=_POSITIVE)
+    temperature_end_max: float = _key(0.2, "searched range of the end temperature: highest (log scale)",
+                                      check=_POSITIVE)
+    target_margin_min: float = _key(0.0, "searched range of the margin below macs_target the loss aims at: lowest",
+                                    check=_Range(0, 0.5, high_open=True))
+    target_margin_max: float = _key(0.05, "searched range of the target margin: highest",
+                                    check=_Range(0, 0.5, high_open=True))
+
+    def __post_init__(self) -> None:
+        from methods.dcm_options import DcmOptions  # no torch: the cross-key rules live there
+
+        super().__post_init__()
+        DcmOptions(**{spec.name: getattr(self, spec.name) for spec in fields(self)})
+
+
 def _registry(*sections: type) -> dict[str, type]:
     return {cls.section: cls for cls in sections}
 
 
 # Options section name -> its dataclass. A method with options adds its class here (one entry);
 # methods without options (uniform) have no section. Names are top-level keys of the YAML.
-METHOD_SECTIONS: dict[str, type] = _registry(OptunaOptions, RandomOptions, GlobalOptions)
+METHOD_SECTIONS: dict[str, type] = _registry(OptunaOptions, RandomOptions, GlobalOptions, ArpruningOptions,
+                                              DcmSection)
 
 
 @dataclass(frozen=True)
@@ -456,7 +531,10 @@ class SearchConfig(_Section):
     pretrain: PretrainSection = _section(PretrainSection, "the base model's training recipe")
     finetune: FinetuneSection = _section(FinetuneSection, "each trial's recovery training")
     method: str = _key("optuna", "pruning method from methods.registry")
-    importance: str = _key("l1", "channel importance criterion from pruning.importance")
+    importance: str | None = _key(
+        None, "channel importance criterion from pruning.importance; null = the method's own "
+        "(attention for arpruning, l1 for the others)"
+    )
     macs_target: float = _key(0.5, "kept fraction of the base model's MACs", check=_FRACTION)
     macs_tolerance: float = _key(
         0.02, "how far over the MACs target a policy may be", check=_Range(0, 0.5, high_open=True)
@@ -493,7 +571,7 @@ class SearchConfig(_Section):
                 "'_' and '.' (starting with a letter or digit, at most 128 characters), or null for the default"
             )
         for key in ("storage", "experiment", "model", "method", "importance"):
-            if not getattr(self, key).strip():
+            if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise UserError(f"config key '{key}' is empty; give it a value")
         sampler = self.methods["optuna"].sampler
         if sampler in PARETO_ONLY_SAMPLERS and self.objective != "pareto":
@@ -505,6 +583,13 @@ class SearchConfig(_Section):
             raise UserError(
                 f"config key 'optuna.sampler' is {sampler}, a single-objective sampler, but objective is "
                 "pareto; set --set optuna.sampler=tpe (or nsga2), or --set objective=constrained"
+            )
+        if self.method == "arpruning" and self.methods["arpruning"].proxy == "bn" and \
+                self.finetune.bn_recalibration_batches == 0:
+            raise UserError(
+                "config key 'arpruning.proxy' is bn but finetune.bn_recalibration_batches is 0, so neighbours "
+                "would be scored on raw pruned models (near chance); set --set finetune.bn_recalibration_batches=20 "
+                "or --set arpruning.proxy=epochs:1"
             )
         if self.scheduler == "asha" and self.finetune.epochs < 2:
             raise UserError(
@@ -532,7 +617,7 @@ def check_names(cfg: SearchConfig) -> None:
     for key, value, valid, what in (
         ("model", cfg.model, model_names(), "model"),
         ("dataset.name", cfg.dataset.name, dataset_names(), "dataset"),
-        ("importance", cfg.importance, criterion_names(), "importance criterion"),
+        ("importance", resolved_importance(cfg), criterion_names(), "importance criterion"),
         ("method", cfg.method, method_names(), "method"),
     ):
         if value not in valid:
@@ -634,6 +719,16 @@ def describe_config() -> list[KeyDoc]:
 
     walk(SearchConfig, "")
     return rows
+
+
+def resolved_importance(cfg: SearchConfig) -> str:
+    """The criterion trials rank channels by: ``importance``, or when null the method's default."""
+    if cfg.importance is not None:
+        return cfg.importance
+    from methods.registry import METHODS
+
+    spec = METHODS.get(cfg.method)
+    return spec.default_importance if spec is not None else "l1"
 
 
 def resolved_scheduler(cfg: SearchConfig) -> str:

@@ -53,7 +53,14 @@ def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
     """Load the data, build the space, train or load the base model, and make the trial setup."""
     from pruning.data import load_dataset
     from pruning.train import TrainRecipe
-    from search.prepare import dataset_cache_key, model_space, prepare_base_model, resolve_device
+    from search.config import resolved_importance
+    from search.prepare import (
+        dataset_cache_key,
+        model_space,
+        prepare_base_model,
+        resolve_device,
+        trial_device,
+    )
     from search.trial import TrialSetup, calibration_batches
 
     d = cfg.dataset
@@ -71,12 +78,13 @@ def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
     setup = TrialSetup(
         arch=base.arch, base_state={k: v.cpu() for k, v in base.model.state_dict().items()},
         base_metrics=base.metrics, space=space, splits=splits,
-        finetune=TrainRecipe(**cfg.finetune.recipe_kwargs()), importance=cfg.importance,
+        finetune=TrainRecipe(**cfg.finetune.recipe_kwargs()), importance=resolved_importance(cfg),
         calibration_batches=cfg.calibration_batches,
-        bn_recalibration_batches=cfg.finetune.bn_recalibration_batches, seed=cfg.seed, device=device,
+        bn_recalibration_batches=cfg.finetune.bn_recalibration_batches, seed=cfg.seed,
+        device=trial_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial),
         threads=max(1, int(cfg.resources.cpus_per_trial)),
     )
-    return base, setup, calibration_batches(setup)
+    return base, setup, calibration_batches(replace(setup, device=device))  # used here, on the driver
 
 
 def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
@@ -97,8 +105,6 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     cfg = replace(cfg, name=name)
     run_dir = storage / name
     check_new_run_dir(run_dir)
-    tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
-    check_tracking_uri(tracking_uri)
     from pruning.data import load_dataset
 
     d = cfg.dataset
@@ -106,6 +112,8 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
                         data_fraction=d.data_fraction, image_size=d.image_size).info
     space = model_space(cfg.model, info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels)
     check_target(cfg, space)
+    tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
+    check_tracking_uri(tracking_uri)
     if cfg.address:
         from search.ray_session import start_ray
 
@@ -170,8 +178,10 @@ def _start_parent(meta: dict, config: dict, space: dict, base_metrics: dict, log
 
 def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, restore: bool) -> int:
     from search.callbacks import ProgressLine, TrialRecorder
+    from search.config import resolved_importance
     from search.ray_session import new_temp_dir, start_ray, stop_ray
     from search.rundir import clear_driver, mark_driver, update_meta
+    from search.search_path import SearchPathLogger
     from search.tuner import build_search_algorithm, build_tuner, can_restore, restore_tuner
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall trials
@@ -185,13 +195,19 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
             update_meta(run_dir, ray_temp_dirs=[*meta.get("ray_temp_dirs", []), temp_dir])
             start_ray(address=None, temp_dir=temp_dir)
             started_ray = True
+        else:
+            start_ray(address=cfg.address, temp_dir=None)  # a resumed search joins its cluster again
         if restore and can_restore(run_dir):
             tuner = restore_tuner(cfg, setup, run_dir)
         else:
             recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
                                      experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
-                                     params={"method": cfg.method, "importance": cfg.importance, "seed": cfg.seed})
-            search_alg = build_search_algorithm(cfg, base.space, base_model=base.model, calib=calib)
+                                     params={"method": cfg.method, "importance": resolved_importance(cfg),
+                                             "seed": cfg.seed})
+            path_sink = SearchPathLogger(tracking_uri=meta["tracking_uri"], experiment=meta["experiment"],
+                                         parent_run_id=meta["parent_run_id"])
+            search_alg = build_search_algorithm(cfg, base.space, base_model=base.model, calib=calib,
+                                                path_sink=path_sink)
             tuner = build_tuner(cfg, setup, name=run_dir.name, storage=run_dir.parent,
                                 callbacks=[recorder, ProgressLine(cfg.trials)], search_alg=search_alg)
         results = tuner.fit()

@@ -5,12 +5,16 @@ Ray hands it the trial's config (``{"policy": ..., "seed": ...}``) and, through
 stores once in its object store and each node fetches once. Reports go through
 ``ray.tune.report`` with a checkpoint directory; a retried trial finds its last checkpoint with
 ``ray.tune.get_checkpoint`` and continues from it.
+
+A config may set the trial's own fine-tune length, ``finetune_epochs`` (a searcher's proxy trial,
+``methods.proxy``: 0 = BatchNorm recalibration only); without it the search's ``finetune.epochs``.
 """
 
 from __future__ import annotations
 
 import tempfile
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from search.trial import TrialSetup
@@ -26,20 +30,41 @@ def policy_trainable(config: dict, setup: TrialSetup) -> None:
 
     torch.set_num_threads(max(1, setup.threads))
     policy = Policy.from_json(config["policy"])
-
-    def report(metrics: dict, write_checkpoint) -> None:
-        metrics = {**metrics, "node": _node_id()}
-        if write_checkpoint is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="prunetune-ckpt-") as directory:
-            write_checkpoint(Path(directory))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    if config.get("finetune_epochs") is not None:
+        setup = replace(setup, finetune=replace(setup.finetune, epochs=int(config["finetune_epochs"])))
 
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
-        run_trial(setup, policy, seed=int(config.get("seed", setup.seed)), report=report,
+        run_trial(setup, policy, seed=int(config.get("seed", setup.seed)), report=report_to_tune,
                   checkpoint_dir=Path(restored) if restored else None)
+
+
+def learner_trainable(config: dict, setup: TrialSetup, job) -> None:
+    """Ray Tune function trainable for a learner (``job``: a ``search.learner_trial.LearnerJob``):
+    learn the policy with the hyperparameters in ``config``, then prune, fine-tune and measure it."""
+    import torch
+    from ray import tune
+
+    from search.learner_trial import run_learner_trial
+
+    torch.set_num_threads(max(1, setup.threads))
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
+        run_learner_trial(setup, job, config, seed=int(config.get("seed", setup.seed)), report=report_to_tune,
+                          checkpoint_dir=Path(restored) if restored else None)
+
+
+def report_to_tune(metrics: dict, write_checkpoint) -> None:
+    """``ray.tune.report`` the trial's metrics (with its node), with a checkpoint if a writer is given."""
+    from ray import tune
+
+    metrics = {**metrics, "node": _node_id()}
+    if write_checkpoint is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="prunetune-ckpt-") as directory:
+        write_checkpoint(Path(directory))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def _node_id() -> str:

@@ -7,16 +7,21 @@ trial process would import torch again), and our callbacks instead of Ray's tabl
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from search.trial import TrialSetup
 
 
-def build_search_algorithm(cfg, space, *, base_model=None, calib=None):
-    """Ray Tune search algorithm for ``cfg.method``: OptunaSearch, or one of our searchers adapted."""
+def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink=None):
+    """Ray Tune search algorithm for ``cfg.method``: OptunaSearch, or one of our searchers adapted.
+
+    A searcher whose options take a ``criterion`` ranks by the search's importance; ``path_sink``
+    receives the searcher's path rows (``search.search_path``).
+    """
     from methods.registry import get_method, make_searcher, start_policy_for
     from search.adapter import PolicySearcherAdapter
+    from search.config import resolved_importance
     from search.optuna_space import make_optuna_search
 
     spec = get_method(cfg.method)
@@ -26,36 +31,66 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None):
                                   sampler=options["sampler"], seed=cfg.seed,
                                   n_startup_trials=options["n_startup_trials"],
                                   min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance)
+    if spec.kind == "learner":
+        return build_learner_search(cfg, space)
     options["tolerance"] = cfg.macs_tolerance
+    if "criterion" in {spec_field.name for spec_field in fields(spec.options)}:
+        options["criterion"] = resolved_importance(cfg)
     start = None
     if spec.needs_start_policy:
         start = start_policy_for(cfg.method, base_model, space, macs_target=cfg.macs_target, calib=calib,
                                  options=options)
     searcher = make_searcher(cfg.method, space, macs_target=cfg.macs_target, seed=cfg.seed, budget=cfg.trials,
                              concurrency=cfg.concurrency, options=options, start_policy=start)
-    return PolicySearcherAdapter(searcher, seed=cfg.seed)
+    return PolicySearcherAdapter(searcher, seed=cfg.seed, path_sink=path_sink)
+
+
+def learner_job(cfg):
+    """The learner, its options (the config's section, criterion from ``importance``) and the target."""
+    from search.config import resolved_importance
+    from search.learner_trial import LearnerJob
+
+    options = asdict(cfg.method_options) if cfg.method_options is not None else {}
+    return LearnerJob(cfg.method, {**options, "criterion": resolved_importance(cfg)}, cfg.macs_target)
+
+
+def build_learner_search(cfg, space):
+    """OptunaSearch over the learner's hyperparameter ranges, with the ``optuna`` section's sampler."""
+    from search.optuna_space import make_learner_search
+
+    learner = learner_job(cfg).learner()
+    learner.check(space, cfg.macs_target)  # before any trial: can it meet the target at all?
+    optuna = cfg.methods["optuna"]
+    return make_learner_search(learner.hparam_ranges(), learner=cfg.method, objective=cfg.objective,
+                               sampler=optuna.sampler, seed=cfg.seed, n_startup_trials=optuna.n_startup_trials)
 
 
 def build_scheduler(cfg):
-    """ASHA on validation accuracy, one rung per fine-tuning epoch, or FIFO."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    """ASHA on validation accuracy, one rung per fine-tuning epoch (searchers' proxy trials exempt), or FIFO."""
+    from ray.tune.schedulers import FIFOScheduler
 
     from search.config import resolved_scheduler
+    from search.schedulers import FullLengthASHA
 
     if resolved_scheduler(cfg) != "asha":
         return FIFOScheduler()
-    # training_iteration counts reports: one after BN recalibration, then one per epoch.
-    return ASHAScheduler(time_attr="training_iteration", metric="val_accuracy", mode="max",
-                         max_t=cfg.finetune.epochs + 1, grace_period=2, reduction_factor=2)
+    # One rung per fine-tuning epoch: ``epoch`` is 0 after BN recalibration, then 1, 2, ... (a
+    # learner's learning reports carry no epoch, so ASHA leaves them alone and its rungs stay put).
+    return FullLengthASHA(time_attr="epoch", metric="val_accuracy", mode="max",
+                          max_t=cfg.finetune.epochs, grace_period=1, reduction_factor=2)
 
 
 def trainable_with_resources(cfg, setup: TrialSetup):
     """The trial function bound to the shared setup (stored once in Ray's object store)."""
     from ray import tune
 
-    from search.trainable import policy_trainable
+    from methods.registry import get_method
+    from search.trainable import learner_trainable, policy_trainable
 
     resources = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
+    if get_method(cfg.method).kind == "learner":  # learn the policy first (search.learner_trial)
+        return tune.with_resources(tune.with_parameters(learner_trainable, setup=setup, job=learner_job(cfg)),
+                                   resources)
     return tune.with_resources(tune.with_parameters(policy_trainable, setup=setup), resources)
 
 

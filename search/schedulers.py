@@ -1,0 +1,35 @@
+"""Trial schedulers that know a searcher's proxy trials.
+
+A searcher may give some trials their own fine-tune length (``finetune_epochs`` in the trial
+config: ARPruning's neighbours, scored after BatchNorm recalibration or a short fine-tune).
+ASHA compares trials at equal reports, so such a trial would be cut against full-length trials
+(its accuracy after a shorter schedule is not theirs), and its results would move the rungs the
+full-length trials are cut against. ``FullLengthASHA`` runs ASHA over the full-length trials
+only: a trial with its own length runs to its end and leaves the rungs alone.
+"""
+
+from __future__ import annotations
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+OWN_LENGTH_KEY = "finetune_epochs"
+
+
+def has_own_length(trial) -> bool:
+    """Whether the trial's config sets its own fine-tune length (a searcher's proxy trial)."""
+    return (getattr(trial, "config", None) or {}).get(OWN_LENGTH_KEY) is not None
+
+
+class FullLengthASHA(ASHAScheduler):
+    """ASHA (Ray Tune's asynchronous successive halving) over the trials of the configured length."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if has_own_length(trial):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if has_own_length(trial):
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)

@@ -1,0 +1,51 @@
+"""The search path: a searcher's per-round progress, logged as metrics of the parent MLflow run.
+
+A searcher that moves step by step (ARPruning: the incumbent and the step d per round) lists its
+rows in ``Searcher.search_path()``. The adapter hands each new row, once, to a ``SearchPathLogger``
+on the driver, which logs its numbers as ``search.<name>`` metrics at step ``round`` of the
+parent run, so the path can be plotted (``mlflow ui``: the parent run's metrics). Tracking
+failures only warn: the path also stays in the searcher's state in the run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+METRIC_PREFIX = "search."
+
+
+def path_metrics(row: Mapping) -> dict[str, float]:
+    """A path row's numbers as metric names and values (``round`` is the step, not a metric)."""
+    return {f"{METRIC_PREFIX}{key}": float(value) for key, value in row.items()
+            if key != "round" and isinstance(value, int | float) and not isinstance(value, bool)}
+
+
+class SearchPathLogger:
+    """Logs path rows to the parent run through ``tracking.tracker.Tracker``; plain data, so Ray can
+    pickle it with the search algorithm and a resumed search logs to the same parent run."""
+
+    def __init__(self, *, tracking_uri: str, experiment: str, parent_run_id: str | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self._tracker = None
+        self._failed = False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tracker": None, "_failed": False}
+
+    def __call__(self, row: Mapping) -> None:
+        if self.parent_run_id is None or self._failed:
+            return
+        try:
+            if self._tracker is None:
+                from tracking.tracker import Tracker
+
+                self._tracker = Tracker(self.tracking_uri, self.experiment)
+            self._tracker.log_parent_step(self.parent_run_id, path_metrics(row), step=int(row["round"]))
+        except Exception as exc:  # noqa: BLE001 - the search goes on; its state keeps the path
+            self._failed = True
+            print(f"prunetune: warning: could not log the search path to MLflow at {self.tracking_uri} "
+                  f"({type(exc).__name__}); the searcher state in the run directory keeps it",
+                  file=sys.stderr)
