@@ -16,10 +16,19 @@ import sys
 from collections.abc import Sequence
 
 from pruning.errors import UserError
-from search.commands import export_cmd, prune_cmd, resume_cmd, run_cmd, space_cmd, status_cmd, sync_cmd
+from search.commands import (
+    cluster_cmd,
+    export_cmd,
+    prune_cmd,
+    resume_cmd,
+    run_cmd,
+    space_cmd,
+    status_cmd,
+    sync_cmd,
+)
 
 PROG = "prunetune"
-COMMANDS = (run_cmd, resume_cmd, status_cmd, export_cmd, sync_cmd, space_cmd, prune_cmd)
+COMMANDS = (run_cmd, resume_cmd, status_cmd, export_cmd, sync_cmd, space_cmd, prune_cmd, cluster_cmd)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 

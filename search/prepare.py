@@ -48,6 +48,16 @@ def resolve_device(name: str, *, gpus: float = 1.0) -> str:
     return name
 
 
+def trial_device(name: str, *, gpus: float) -> str:
+    """The torch device of every trial: 'cuda' when a trial reserves GPUs (unless 'cpu' is asked), else 'cpu'.
+
+    Decided without looking at this machine's GPUs: on a cluster the trials run on nodes that have
+    them and the driver's may have none. Ray shows a trial only the GPUs it was given (through
+    CUDA_VISIBLE_DEVICES), so 'cuda' is the trial's own GPU, shared when the reservation is a fraction.
+    """
+    return "cuda" if gpus > 0 and name != "cpu" else "cpu"
+
+
 @dataclass(frozen=True)
 class BaseModel:
     """The trained base model with its data, space and baseline measurements."""

@@ -29,16 +29,41 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
     import ray
 
     quiet_ray_environment()
+    if ray.is_initialized():
+        return
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                   configure_logging=True)
     if address:
+        from cluster.loopback import host_of, is_loopback, keep_loopback_addresses
+
+        if is_loopback(host_of(address)):
+            keep_loopback_addresses()  # a local cluster on loopback (`prunetune cluster up --local`)
+        check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise UserError(f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0][:120]}); "
-                            f"check the address printed by `prunetune cluster up` or `ray start`") from None
+                            f"check the address printed by `prunetune cluster up` or `ray start`, and that "
+                            f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH name the cluster's token "
+                            f"(`prunetune cluster status` prints them)") from None
         return
     ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, **kwargs)
+
+
+def check_reachable(address: str, *, timeout_s: float = 5.0) -> None:
+    """Refuse at once a ``host:port`` Ray address that nothing answers on (``ray.init`` would retry
+    for minutes). ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({exc.__class__.__name__}: nothing answers "
+                        f"there); check the address printed by `prunetune cluster up` or `ray start`") from None
 
 
 def quiet_ray_environment() -> None:
