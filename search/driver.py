@@ -156,8 +156,27 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
     from search.rundir import write_meta
 
     write_meta(run_dir, meta)
+    _log_recorded_trials(run_dir, log)
     log(f"resuming {run_dir}")
     return _run_tuner(cfg, run_dir, meta, base, setup, calib, log=log, restore=True)
+
+
+def _log_recorded_trials(run_dir: Path, log: Log) -> None:
+    """Log to MLflow the trials a killed driver wrote to trials.jsonl but did not live to log.
+
+    The recorder appends a trial to trials.jsonl before it logs it, and Ray does not report an
+    ended trial again on resume, so without this such a trial would be missing from MLflow.
+    """
+    from tracking.sync import sync_run_dir
+
+    try:
+        report = sync_run_dir(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the run directory holds everything; sync repairs MLflow
+        log(f"prunetune: warning: could not bring MLflow up to date ({type(exc).__name__}); "
+            f"run `prunetune sync {run_dir}` when the tracking store is back")
+        return
+    if report.trials_logged:
+        log(f"logged {report.trials_logged} recorded trials that the interrupted driver had not logged to MLflow")
 
 
 def _config_dict(cfg) -> dict:
