@@ -36,7 +36,7 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         "trial_id": trial.trial_id,
         "trial_key": f"{run_uid}:{trial.trial_id}",
         "status": status,
-        "policy": config.get("policy"),
+        "policy": config.get("policy") or result.get("policy"),  # a learner's trial reports its learned policy
         "params": {**params, **trial_params},
         "metrics": metrics,
         "test_accuracy": result.get("test_accuracy") if status == STATUS_FINISHED else None,
@@ -44,6 +44,7 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         "node": result.get("node", ""),
         "seconds": float(result.get("trial_seconds") or result.get("time_total_s") or 0.0),
         "checkpoint": trial.checkpoint.path if getattr(trial, "checkpoint", None) else None,
+        **({"learning": result["learning"]} if result.get("learning") else {}),  # a learner's trajectory
     }
 
 

@@ -533,7 +533,7 @@ class SearchConfig(_Section):
     method: str = _key("optuna", "pruning method from methods.registry")
     importance: str | None = _key(
         None, "channel importance criterion from pruning.importance; null = the method's own "
-        "(attention for arpruning, l1 for the others)"
+        "(attention for arpruning, bn_scale for dcm, l1 for the others)"
     )
     macs_target: float = _key(0.5, "kept fraction of the base model's MACs", check=_FRACTION)
     macs_tolerance: float = _key(

@@ -1,4 +1,5 @@
-"""Optuna through Ray Tune's ``OptunaSearch``: one keep ratio per group, the MACs budget as a constraint.
+"""Optuna through Ray Tune's ``OptunaSearch``: one keep ratio per group, the MACs budget as a constraint;
+or a learner's hyperparameters within its declared ranges (``make_learner_search``).
 
 The define-by-run space samples a keep ratio per group, builds the policy, and sets its estimated
 MACs excess over the target as the trial's ``macs`` constraint (``Trial.set_constraint``, Optuna
@@ -16,10 +17,12 @@ import functools
 
 from ray.tune.search import Searcher as RaySearcher
 
+from methods.learner import HParamRange
 from pruning.policy import Policy
 from pruning.space import SearchSpace
 
 CONSTRAINT_KEY = "macs"
+LEARNER_KEY = "learner"  # in a learner trial's config: the method that learns the policy
 SAMPLERS = ("tpe", "cmaes", "gp", "nsga2")
 
 
@@ -50,23 +53,53 @@ def make_sampler(name: str, *, seed: int, n_startup_trials: int):
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup_trials)
 
 
-def make_optuna_search(space: SearchSpace, *, macs_target: float, objective: str, sampler: str, seed: int,
-                       n_startup_trials: int, min_keep_ratio: float, tolerance: float):
-    """Ray Tune's ``OptunaSearch`` over the keep ratios, wrapped so over-budget proposals cost no trial."""
+def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_trials: int):
+    """Ray Tune's ``OptunaSearch`` over the define-by-run space ``define`` (a picklable function):
+    validation accuracy up, or with ``objective`` pareto also the MACs ratio down."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pareto = objective == "pareto"
-    define = functools.partial(define_policy_space, space=space, macs_target=macs_target,
-                               min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes")
-    search = OptunaSearch(
+    return OptunaSearch(
         space=define,
         metric=["val_accuracy", "macs_ratio"] if pareto else "val_accuracy",
         mode=["max", "min"] if pareto else "max",
         sampler=make_sampler(sampler, seed=seed, n_startup_trials=n_startup_trials),
     )
-    return FeasibleOnly(search, limit=macs_target + tolerance, pareto=pareto)
+
+
+def make_optuna_search(space: SearchSpace, *, macs_target: float, objective: str, sampler: str, seed: int,
+                       n_startup_trials: int, min_keep_ratio: float, tolerance: float):
+    """Ray Tune's ``OptunaSearch`` over the keep ratios, wrapped so over-budget proposals cost no trial."""
+    define = functools.partial(define_policy_space, space=space, macs_target=macs_target,
+                               min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes")
+    search = optuna_search(define, objective=objective, sampler=sampler, seed=seed,
+                           n_startup_trials=n_startup_trials)
+    return FeasibleOnly(search, limit=macs_target + tolerance, pareto=objective == "pareto")
+
+
+def define_learner_space(trial, *, ranges: tuple[HParamRange, ...], learner: str) -> dict:
+    """Sample a learner's hyperparameters within its declared ranges (ints as ints, log where declared).
+
+    The config names the learner (``learner``), so the trial knows to learn its policy first.
+    """
+    for r in ranges:
+        if r.integer:
+            trial.suggest_int(r.name, int(r.low), int(r.high), log=r.log)
+        else:
+            trial.suggest_float(r.name, r.low, r.high, log=r.log)
+    return {LEARNER_KEY: learner}
+
+
+def make_learner_search(ranges: tuple[HParamRange, ...], *, learner: str, objective: str, sampler: str,
+                        seed: int, n_startup_trials: int):
+    """Ray Tune's ``OptunaSearch`` over a learner's hyperparameters (DESIGN.md, concept 5).
+
+    No MACs constraint: a learner's policy meets the target by construction.
+    """
+    define = functools.partial(define_learner_space, ranges=tuple(ranges), learner=learner)
+    return optuna_search(define, objective=objective, sampler=sampler, seed=seed, n_startup_trials=n_startup_trials)
 
 
 class FeasibleOnly(RaySearcher):

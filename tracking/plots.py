@@ -61,3 +61,46 @@ def plot_pareto(
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_png, format="png")
     return out_png
+
+
+def plot_keep_ratio_curves(
+    steps: Sequence[int],
+    curves: Mapping[str, Sequence[float]],
+    out_png: Path,
+    *,
+    macs_ratio: Sequence[float] | None = None,
+    target: float | None = None,
+    title: str = "",
+) -> Path:
+    """A learner's trajectory: every group's keep ratio against the learning step (one line each),
+    and beside it the MACs ratio with the target it was pulled towards. Object API, Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    ratios, macs = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    for group, values in curves.items():
+        ratios.plot(steps, values, linewidth=1, label=group)
+    ratios.set_xlabel("learning step")
+    ratios.set_ylabel("keep ratio")
+    ratios.set_ylim(0, 1.02)
+    ratios.grid(alpha=0.3)
+    if 0 < len(curves) <= 12:
+        ratios.legend(loc="lower left", fontsize="x-small", ncol=2)
+    if macs_ratio:
+        macs.plot(steps, macs_ratio, color="tab:red", label="MACs ratio of the keep ratios")
+    if target is not None:
+        macs.axhline(target, color="0.4", linestyle="--", linewidth=1, label=f"loss target {target:.3f}")
+    macs.set_xlabel("learning step")
+    macs.set_ylabel("MACs ratio")
+    macs.grid(alpha=0.3)
+    macs.legend(loc="upper right", fontsize="small")
+    if not steps:
+        ratios.text(0.5, 0.5, "no learning steps", ha="center", va="center", transform=ratios.transAxes)
+    figure.suptitle(title)
+    figure.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, format="png")
+    return out_png

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracking.client import ensure_experiment, make_client, search_runs_by_tags
+from tracking.learning import keep_ratio_curves, learning_metrics, trajectory
 from tracking.names import flatten, metric_value, mlflow_key, param_dict
 from tracking.tags import (
     TAG_BEST_TRIAL,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+LEARNING_PNG = "keep_ratios.png"  # a learner's trajectory, in its trial's child run
 SUMMARY_BEST_METRICS = ("val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio")
 
 
@@ -209,11 +211,26 @@ class Tracker:
         run_id = run.info.run_id
         start_ms = run.info.start_time
         self._log_new_params(run, trial_params(record), tags=detail_tags(record))
-        self._log_batch(run_id, metrics=trial_metrics(record, start_ms))
+        self._log_batch(run_id, metrics=trial_metrics(record, start_ms) + learning_metrics(record, start_ms))
         if record.get("policy") is not None:
             self.client.log_dict(run_id, dict(record["policy"]), "policy.json")
+        if trajectory(record):
+            self._log_learning_plot(run_id, record)
         self.client.set_terminated(run_id, status=run_status(record), end_time=start_ms + duration_ms(record))
         self.client.set_tag(run_id, TAG_LOGGED, "1")
+
+    def _log_learning_plot(self, run_id: str, record: Mapping[str, Any]) -> None:
+        """A learner's keep-ratio curves as ``keep_ratios.png`` (drawn from the record's trajectory)."""
+        from tracking.plots import plot_keep_ratio_curves
+
+        steps, curves = keep_ratio_curves(record)
+        learning = record.get("learning") or {}
+        macs = [float(row.get("macs_ratio", math.nan)) for row in trajectory(record)]
+        with tempfile.TemporaryDirectory() as folder:
+            png = plot_keep_ratio_curves(steps, curves, Path(folder) / LEARNING_PNG, macs_ratio=macs,
+                                         target=learning.get("loss_target"),
+                                         title=f"trial {record['trial_id']}: keep ratio per group while learning")
+            self.client.log_artifact(run_id, str(png))
 
     # -- helpers -------------------------------------------------------------------------------
 
