@@ -6,8 +6,9 @@ address is exactly 127.0.0.1: there they listen on loopback only. But ``ray star
 (``ray._private.services.resolve_ip_for_localhost``; Ray allows loopback nodes only in its
 single-node mode, which refuses worker nodes). ``keep_loopback_addresses`` turns that rewrite off
 in this process, so a local multi-node cluster is reachable from this machine only. It is used by
-``cluster.ray_start`` (each local node) and by a driver joining a loopback address
-(``search.ray_session.start_ray``); clusters on real networks never call it.
+``cluster.ray_start`` (each local node) and by a driver joining a cluster whose nodes are on
+loopback (``search.ray_session.start_ray``, after ``nodes_on_loopback``); ordinary clusters never
+call it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def nodes_on_loopback(address: str, *, timeout_s: float = 10.0) -> bool:
+    """Whether the Ray cluster at ``address`` has nodes whose own address is loopback.
+
+    A driver on the head of an ordinary cluster may join it at 127.0.0.1 too: there Ray's rewrite
+    to the machine's address is what finds the head's raylet, so it must stay on. False when the
+    cluster cannot be asked (``ray.init`` then reports why).
+    """
+    try:
+        from ray._raylet import GcsClient
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+        nodes = GcsClient(address=address).get_all_node_info(
+            timeout=timeout_s, state_filter=GcsNodeInfo.GcsNodeState.ALIVE)
+    except Exception:  # noqa: BLE001 - any failure here means: not known to be a loopback cluster
+        return False
+    return any(is_loopback(info.node_manager_address) for info in nodes.values())
 
 
 def keep_loopback_addresses() -> None:

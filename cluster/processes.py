@@ -66,9 +66,12 @@ def is_running(record: ProcessRecord) -> bool:
 def session_members(record: ProcessRecord) -> list[int]:
     """Live PIDs in the recorded process's session: it and everything it spawned, even orphans.
 
-    A member must have started no earlier than the leader, so a reused session id of an unrelated
-    process is never matched.
+    Nothing if the recorded PID now belongs to another process (its session is not ours); a member must
+    have started no earlier than the leader, so a reused session id is never matched.
     """
+    leader = _stat_fields(record.pid)
+    if leader and leader[0] != "Z" and int(leader[19]) != record.start_time:
+        return []
     members = []
     for entry in PROC.iterdir():
         if not entry.name.isdigit():

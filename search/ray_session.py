@@ -34,9 +34,9 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                   configure_logging=True)
     if address:
-        from cluster.loopback import host_of, is_loopback, keep_loopback_addresses
+        from cluster.loopback import host_of, is_loopback, keep_loopback_addresses, nodes_on_loopback
 
-        if is_loopback(host_of(address)):
+        if is_loopback(host_of(address)) and nodes_on_loopback(address):
             keep_loopback_addresses()  # a local cluster on loopback (`prunetune cluster up --local`)
         check_reachable(address)
         try:

@@ -1,30 +1,24 @@
 """The Tracker against a real `mlflow server` subprocess: runs and proxied artifacts over HTTP.
 
-One server for the module, started in its own process group and killed with it: the fixture's
-teardown asserts that no process of the group is left.
+One server for the module, started by the cluster's own code (cluster.tracking_server) in a session
+of its own and stopped by PID: the fixture's teardown asserts that no process of it is left.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cluster.ports import free_ports
+from cluster.processes import session_members, stop
+from cluster.tracking_server import server_uri, start_tracking_server
 from tracking import Tracker, check_tracking_uri
 
 pytestmark = pytest.mark.slow
-
-START_TIMEOUT_S = 90
 
 
 @dataclass(frozen=True)
@@ -34,94 +28,18 @@ class Server:
     pid: int
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """PIDs of the process group that are not zombies (a zombie has exited; only its parent can reap it)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        return [pgid]
-    members = []
-    for entry in proc.iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except (OSError, ValueError):
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state ppid pgrp ...
-        if entry.name.isdigit() and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
-def wait_for_health(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def group_gone(process: subprocess.Popen, within_s: float) -> bool:
-    """Wait up to ``within_s`` for the leader to exit and every process of its group to be gone."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None and not live_group_members(process.pid):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL it if anything is left after 10 s, reap the leader."""
-    pgid = process.pid  # start_new_session made the server the leader of its own group
-    for sig, grace_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        if group_gone(process, grace_s):
-            break
-    process.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("mlflow_server")
     artifacts = root / "artifacts"
-    port = free_port()
-    log = root / "server.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(artifacts),
-    ]  # fmt: skip
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    (port,) = free_ports(1)
+    record = start_tracking_server(host="127.0.0.1", port=port, backend_uri=f"sqlite:///{root / 'mlflow.db'}",
+                                   artifacts=artifacts, log=root / "server.log")
     try:
-        wait_for_health(f"http://127.0.0.1:{port}/health", process, log)
-        yield Server(uri=f"http://127.0.0.1:{port}", artifacts=artifacts, pid=process.pid)
+        yield Server(uri=server_uri("127.0.0.1", port), artifacts=artifacts, pid=record.pid)
     finally:
-        stop_group(process)
-        assert process.poll() is not None, "mlflow server still running"
-        assert not live_group_members(process.pid), "a process of the mlflow server's group is still alive"
+        stop([record])
+        assert not session_members(record), "a process of the mlflow server is still alive"
 
 
 def test_tracker_logs_parent_and_child_through_a_real_server(server: Server, tmp_path: Path) -> None:
