@@ -28,6 +28,7 @@ from pruning.errors import UserError
 
 BACKENDS = ("sqlite", "postgresql")
 TEMP_PREFIX = "ptc-"  # short: Ray's Unix socket paths under a node's temp dir must stay under 107 bytes
+NODE_GRACE_S = 3.0  # SIGTERM to SIGKILL for a Ray node (see _teardown)
 Log = Callable[[str], None]
 
 
@@ -68,8 +69,8 @@ def up(directory: Path, spec: LocalClusterSpec, *, env: Mapping[str, str] | None
     _refuse_running(directory)
     env = dict(os.environ if env is None else env)
     devices = _gpu_assignment(spec)
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)  # the state, the logs and the tracking store: owner only
     auth = cluster_auth(directory, enabled=spec.auth, env=env)
     temp_root = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir="/tmp")
     head_port, tracking_port = free_ports(2, host=spec.host)
@@ -108,7 +109,8 @@ def _start(state: ClusterState, spec: LocalClusterSpec, *, env: dict, devices: l
         process = launch_node(worker, host=spec.host, env=node_env, log=logs / f"{name}.log", address=state.address)
         state = _record_node(state, RayNode(spec=worker, process=process, node_id=None))
         workers.append((worker, process))
-    log(f"starting {spec.workers} worker nodes ({spec.cpus_per_worker} CPU, {spec.gpus_per_worker} GPU each)")
+    log(f"starting {spec.workers} worker node{'s' if spec.workers > 1 else ''} ({spec.cpus_per_worker} CPU, "
+        f"{spec.gpus_per_worker} GPU each)")
     for worker, process in workers:
         state = _record_node(state, wait_node(worker, process))
     wait_healthy(state.tracking.uri, state.tracking.process, timeout_s=90)
@@ -147,24 +149,32 @@ def _launch_tracking(state: ClusterState, spec: LocalClusterSpec, *, env: dict, 
 
 
 def _start_postgres(state: ClusterState, *, log: Log) -> tuple[TrackingService, str]:
-    from cluster.postgres import create_database, init_database_cluster, require_postgres, start_postgres
+    from cluster.postgres import (
+        create_database,
+        data_directory,
+        init_database_cluster,
+        require_postgres,
+        start_postgres,
+    )
 
     binaries = require_postgres()
     directory = Path(state.dir)
-    data_dir, password_file = directory / "postgres", directory / "postgres.password"
+    data_dir, temporary = data_directory(directory)
+    password_file = directory / "postgres.password"
+    tracking = replace(state.tracking, postgres_data=str(data_dir), postgres_data_temporary=temporary,
+                       postgres_password_file=str(password_file))
+    write_state(replace(state, tracking=tracking))
     fresh = not (data_dir / "PG_VERSION").exists()
     if fresh:
         log(f"creating a PostgreSQL database cluster in {data_dir}")
         init_database_cluster(binaries, data_dir, password_file)
     (port,) = free_ports(1, host=state.host)
     process = start_postgres(binaries, data_dir, host=state.host, port=port, log=directory / "logs" / "postgres.log")
-    tracking = replace(state.tracking, postgres=process, postgres_port=port,
-                       postgres_password_file=str(password_file))
+    tracking = replace(tracking, postgres=process, postgres_port=port)
     write_state(replace(state, tracking=tracking))
     if fresh:
-        uri = create_database(binaries, host=state.host, port=port, password_file=password_file)
-    else:
-        uri = postgres_uri(tracking)
+        create_database(binaries, host=state.host, port=port, password_file=password_file)
+    uri = postgres_uri(tracking)
     return replace(tracking, backend_store=uri.replace(":" + _password(tracking) + "@", "@")), uri
 
 
@@ -177,7 +187,7 @@ def postgres_uri(tracking: TrackingService) -> str:
     from cluster.postgres import DB_NAME, DB_USER
 
     host = tracking.uri.split("://", 1)[1].rsplit(":", 1)[0]
-    return f"postgresql://{DB_USER}:{_password(tracking)}@{host}:{tracking.postgres_port}/{DB_NAME}"
+    return f"postgresql+psycopg2://{DB_USER}:{_password(tracking)}@{host}:{tracking.postgres_port}/{DB_NAME}"
 
 
 def _gpu_assignment(spec: LocalClusterSpec) -> list[str | None]:
@@ -218,9 +228,14 @@ def down(directory: Path, *, log: Log = _quiet) -> list[int]:
 
 
 def _teardown(state: ClusterState) -> list[int]:
-    """Stop the nodes first (their drivers' MLflow calls may still finish), then MLflow, then PostgreSQL."""
+    """Stop the nodes first (their drivers' MLflow calls may still finish), then MLflow, then PostgreSQL.
+
+    Ray's processes hardly heed SIGTERM (a GCS was still running 20 s after one), and nothing of a
+    node needs keeping, so they get 3 s before SIGKILL; the servers get their full grace to close
+    their stores cleanly.
+    """
     node_records = [n.process for n in state.nodes]
-    stopped = stop(node_records)
+    stopped = stop(node_records, grace_s=NODE_GRACE_S)
     if state.tracking.process is not None:
         stopped += stop([state.tracking.process])
     if state.tracking.postgres is not None:
@@ -229,11 +244,18 @@ def _teardown(state: ClusterState) -> list[int]:
     if left:
         raise UserError(f"processes of the cluster are still running after SIGKILL: {left}; the state file "
                         f"{Path(state.dir) / 'state.json'} is kept")
-    temp_root = Path(state.temp_root)
-    if temp_root.name.startswith(TEMP_PREFIX) and temp_root.parent == Path("/tmp"):
-        shutil.rmtree(temp_root, ignore_errors=True)
+    for temporary in (Path(state.temp_root), _temporary_postgres_folder(state.tracking)):
+        if temporary is not None and temporary.name.startswith(TEMP_PREFIX) and temporary.parent == Path("/tmp"):
+            shutil.rmtree(temporary, ignore_errors=True)
     remove_state(Path(state.dir))
     return stopped
+
+
+def _temporary_postgres_folder(tracking: TrackingService) -> Path | None:
+    """The /tmp folder holding a temporary PostgreSQL data directory (see cluster.postgres), if any."""
+    if not (tracking.postgres_data and tracking.postgres_data_temporary):
+        return None
+    return Path(tracking.postgres_data).parent
 
 
 def status(directory: Path) -> dict | None:

@@ -1,11 +1,12 @@
 """A PostgreSQL server for the tracking server's backend, started only when asked and installed.
 
-``prunetune cluster up --tracking-backend postgresql`` makes a database cluster in the cluster's
-directory (``initdb``), starts ``postgres`` on loopback on a free port with password
-authentication (a random password in an owner-only file), and creates the ``mlflow`` database.
-PostgreSQL refuses to run as root: started by root, its processes run as the ``postgres`` user,
-which then owns the data directory. MLflow reaches it through ``psycopg2``
-(``pip install "prunetune[postgres]"``).
+``prunetune cluster up --tracking-backend postgresql`` makes a database cluster (``initdb``),
+starts ``postgres`` on loopback on a free port with password authentication (a random password in
+an owner-only file of the cluster directory), and creates the ``mlflow`` database. The data stays
+in the cluster directory, for the next ``cluster up``. PostgreSQL refuses to run as root: started
+by root, it runs as the ``postgres`` user, which cannot enter root's directories, so its data then
+lives in a directory of its own under /tmp that ``cluster down`` removes. MLflow reaches it through
+``psycopg2`` (``pip install "prunetune[postgres]"``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,19 +77,36 @@ def service_user() -> str | None:
     return SERVICE_USER
 
 
+def data_directory(cluster_dir: Path) -> tuple[Path, bool]:
+    """Where the database lives, and whether it is temporary (removed by ``cluster down``).
+
+    The cluster directory's ``postgres`` folder; as root, a fresh folder under /tmp owned by the
+    ``postgres`` user (see the module docstring).
+    """
+    user = service_user()
+    if user is None:
+        return cluster_dir / "postgres", False
+    folder = Path(tempfile.mkdtemp(prefix="ptc-pg-", dir="/tmp"))
+    entry = pwd.getpwnam(user)
+    os.chown(folder, entry.pw_uid, entry.pw_gid)
+    return folder / "data", True
+
+
 def init_database_cluster(binaries: PostgresBinaries, data_dir: Path, password_file: Path) -> None:
     """``initdb`` with password (SCRAM) authentication for the one user ``prunetune``."""
     user = service_user()
-    data_dir.mkdir(parents=True, exist_ok=True)
     password_file.write_text(secrets.token_urlsafe(24))
     password_file.chmod(0o600)
-    if user:
-        entry = pwd.getpwnam(user)
-        for path in (data_dir, password_file):
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-    command = [binaries.initdb, "-D", str(data_dir), "-U", DB_USER, "--auth=scram-sha-256",
-               f"--pwfile={password_file}", "-E", "UTF8", "--no-instructions"]
-    result = subprocess.run(command, capture_output=True, text=True, user=user, cwd="/")
+    with tempfile.TemporaryDirectory(prefix="ptc-pw-") as folder:
+        pwfile = Path(folder) / "pw"  # initdb reads it as the service user, who cannot enter our directory
+        shutil.copyfile(password_file, pwfile)
+        if user:
+            entry = pwd.getpwnam(user)
+            for path in (Path(folder), pwfile):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        command = [binaries.initdb, "-D", str(data_dir), "-U", DB_USER, "--auth=scram-sha-256",
+                   f"--pwfile={pwfile}", "-E", "UTF8", "--no-instructions"]
+        result = subprocess.run(command, capture_output=True, text=True, user=user, cwd="/")
     if result.returncode != 0:
         raise UserError(f"initdb failed in {data_dir}: {(result.stderr or result.stdout).strip()[-300:]}")
 
@@ -95,12 +114,7 @@ def init_database_cluster(binaries: PostgresBinaries, data_dir: Path, password_f
 def start_postgres(binaries: PostgresBinaries, data_dir: Path, *, host: str, port: int, log: Path) -> ProcessRecord:
     """Start ``postgres`` on ``host:port`` (its Unix socket in the data directory) and wait for it."""
     command = [binaries.postgres, "-D", str(data_dir), "-h", host, "-p", str(port), "-k", str(data_dir)]
-    log.touch()
-    user = service_user()
-    if user:
-        entry = pwd.getpwnam(user)
-        os.chown(log, entry.pw_uid, entry.pw_gid)
-    record = spawn("postgres", command, log=log, user=user)
+    record = spawn("postgres", command, log=log, user=service_user(), cwd="/")
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         ready = subprocess.run([binaries.pg_isready, "-h", host, "-p", str(port), "-q"], capture_output=True)
@@ -112,12 +126,11 @@ def start_postgres(binaries: PostgresBinaries, data_dir: Path, *, host: str, por
     raise UserError(f"postgres did not accept connections within {START_TIMEOUT_S:.0f} s; see {log}: {tail(log)}")
 
 
-def create_database(binaries: PostgresBinaries, *, host: str, port: int, password_file: Path) -> str:
-    """Create the ``mlflow`` database; return the SQLAlchemy URI MLflow uses for it."""
+def create_database(binaries: PostgresBinaries, *, host: str, port: int, password_file: Path) -> None:
+    """Create the ``mlflow`` database (MLflow creates its tables in it on first use)."""
     password = password_file.read_text().strip()
     env = {**os.environ, "PGPASSWORD": password}
     result = subprocess.run([binaries.createdb, "-h", host, "-p", str(port), "-U", DB_USER, DB_NAME],
                             capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise UserError(f"createdb failed: {(result.stderr or result.stdout).strip()[-300:]}")
-    return f"postgresql://{DB_USER}:{password}@{host}:{port}/{DB_NAME}"

@@ -83,14 +83,15 @@ def session_members(record: ProcessRecord) -> list[int]:
 
 
 def spawn(name: str, command: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
-          user: str | None = None) -> ProcessRecord:
+          user: str | None = None, cwd: str | None = None) -> ProcessRecord:
     """Start ``command`` as the leader of a new session, its output appended to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as handle:
         try:
             process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=handle,
                                        stderr=subprocess.STDOUT, env=dict(env) if env is not None else None,
-                                       start_new_session=True, close_fds=True, user=user)
+                                       start_new_session=True, close_fds=True, user=user,
+                                       cwd=cwd)
         except OSError as error:
             raise UserError(f"cannot start {name} ({command[0]}: {error.strerror or error}); "
                             f"check that it is installed") from None

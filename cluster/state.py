@@ -40,12 +40,15 @@ class TrackingService:
     postgres: ProcessRecord | None = None
     postgres_port: int | None = None
     postgres_password_file: str | None = None
+    postgres_data: str | None = None
+    postgres_data_temporary: bool = False
 
     def to_json(self) -> dict:
         return {"uri": self.uri, "port": self.port, "backend": self.backend, "backend_store": self.backend_store,
                 "artifacts": self.artifacts, "process": self.process.to_json() if self.process else None,
                 "postgres": self.postgres.to_json() if self.postgres else None,
-                "postgres_port": self.postgres_port, "postgres_password_file": self.postgres_password_file}
+                "postgres_port": self.postgres_port, "postgres_password_file": self.postgres_password_file,
+                "postgres_data": self.postgres_data, "postgres_data_temporary": self.postgres_data_temporary}
 
     @classmethod
     def from_json(cls, data: Mapping) -> TrackingService:
@@ -53,7 +56,9 @@ class TrackingService:
                    backend_store=data["backend_store"], artifacts=data["artifacts"],
                    process=ProcessRecord.from_json(data["process"]) if data.get("process") else None,
                    postgres=ProcessRecord.from_json(data["postgres"]) if data.get("postgres") else None,
-                   postgres_port=data.get("postgres_port"), postgres_password_file=data.get("postgres_password_file"))
+                   postgres_port=data.get("postgres_port"), postgres_password_file=data.get("postgres_password_file"),
+                   postgres_data=data.get("postgres_data"),
+                   postgres_data_temporary=bool(data.get("postgres_data_temporary")))
 
 
 @dataclass(frozen=True)

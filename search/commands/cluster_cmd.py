@@ -80,6 +80,8 @@ def run_up(args: argparse.Namespace) -> int:
     if args.no_auth and not is_loopback(args.host):
         raise UserError(f"--no-auth is for local tests on loopback only; drop it or use --host 127.0.0.1 "
                         f"(got --host {args.host})")
+    if args.no_auth:
+        _log("warning: Ray's token authentication is off (--no-auth): any local user can use this cluster")
     if not is_loopback(args.host):
         _log(f"warning: servers bind to {args.host}; anyone who reaches it can reach the tracking server, "
              f"which has no authentication: firewall it (README, 'Running on a cluster')")
@@ -96,7 +98,8 @@ def run_up(args: argparse.Namespace) -> int:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in driver_environment(state.auth).items())
     print(f"Ray address:   {state.address}")
     print(f"tracking URI:  {state.tracking.uri}")
-    print(f"cluster:       1 head + {args.workers} worker nodes ({args.cpus_per_worker} CPU, "
+    print(f"cluster:       1 head + {args.workers} worker node{'s' if args.workers > 1 else ''} "
+          f"({args.cpus_per_worker} CPU, "
           f"{args.gpus_per_worker} GPU each), tracking store {args.tracking_backend}, Ray auth "
           f"{state.auth.mode}; state in {directory}")
     print(f"drivers need:  export {env}")
@@ -137,11 +140,11 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"Ray address {report['address']} (auth {report['auth']}), tracking URI {report['tracking_uri']} "
           f"({report['tracking_backend']}, {'healthy' if report['tracking_healthy'] else 'not answering'})")
     for node in report["nodes"]:
-        print(f"  {node['name']:<10} pid {node['pid']:<8} {'running' if node['running'] else 'stopped':<8} "
+        print(f"  {node['name']:<14} pid {node['pid']:<8} {'running' if node['running'] else 'stopped':<8} "
               f"{node['cpus']} CPU {node['gpus']} GPU  node {str(node['node_id'])[:8]}  "
               f"{node['processes']} processes")
     for service in report["services"]:
-        print(f"  {service['name']:<10} pid {service['pid']:<8} {'running' if service['running'] else 'stopped'}")
+        print(f"  {service['name']:<14} pid {service['pid']:<8} {'running' if service['running'] else 'stopped'}")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in report["driver_env"].items())
     print(f"drivers need: export {env}")
     return 0

@@ -1,0 +1,57 @@
+"""`prunetune cluster up --tracking-backend postgresql`: the tracking server over a PostgreSQL the cluster
+starts (where PostgreSQL and psycopg2 are installed; CI has neither), on loopback, password-protected,
+and stopped with the rest by `cluster down`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from cluster.postgres import find_binaries
+from tests.cluster_helpers import all_members, base_env, cli, listening_sockets, still_running
+
+pytestmark = [
+    pytest.mark.slow, pytest.mark.cluster,
+    pytest.mark.skipif(find_binaries() is None or importlib.util.find_spec("psycopg2") is None,
+                       reason="PostgreSQL or psycopg2 is not installed"),
+]
+
+
+def test_a_postgres_backed_cluster_keeps_runs_in_postgres_and_stops_whole(tmp_path):
+    import psycopg2
+
+    from tracking import Tracker
+
+    directory = tmp_path / "cluster"
+    env = {**base_env(tmp_path / "cache"), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    up = cli(["cluster", "up", "--local", "--workers", "1", "--tracking-backend", "postgresql",
+              "--dir", str(directory)], env=env, cwd=tmp_path, timeout=400)
+    assert up.returncode == 0, up.stderr[-3000:]
+    state = json.loads((directory / "state.json").read_text())
+    members = all_members(state)
+    try:
+        tracking = state["tracking"]
+        assert f"tracking URI:  {tracking['uri']}" in up.stdout and "RAY_AUTH_MODE=token" in up.stdout
+        assert tracking["backend"] == "postgresql" and tracking["postgres"]["pid"] in members
+        password = (directory / "postgres.password").read_text().strip()
+        assert password and password not in (directory / "state.json").read_text()
+        assert tracking["backend_store"].startswith("postgresql+psycopg2://prunetune@127.0.0.1:")
+        assert {address for address, _ in listening_sockets(list(members))} == {"127.0.0.1"}
+
+        parent = Tracker(tracking["uri"], "on-postgres").start_parent("uid-pg", "pg", {"model": "small_cnn"})
+        with psycopg2.connect(host="127.0.0.1", port=tracking["postgres_port"], user="prunetune",
+                              password=password, dbname="mlflow") as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT run_uuid FROM runs")
+            assert cursor.fetchall() == [(parent,)]
+        with pytest.raises(psycopg2.OperationalError, match="password"):
+            psycopg2.connect(host="127.0.0.1", port=tracking["postgres_port"], user="prunetune",
+                             password="wrong", dbname="mlflow")
+        status = json.loads(cli(["cluster", "status", "--dir", str(directory), "--json"], env=env, cwd=tmp_path).stdout)
+        assert status["state"] == "running" and status["tracking_healthy"]
+        assert {s["name"] for s in status["services"]} == {"mlflow server", "postgres"}
+    finally:
+        down = cli(["cluster", "down", "--dir", str(directory)], env=env, cwd=tmp_path)
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert still_running(members) == []
