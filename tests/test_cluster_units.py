@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def test_a_spawned_session_is_found_whole_and_stopped_by_pid(tmp_path):
     record = spawn("sleepers", ["sh", "-c", script], log=tmp_path / "logs" / "sleepers.log")
     try:
         assert is_running(record)
+        deadline = time.monotonic() + 20
+        while len(session_members(record)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the shell forks its children
         members = session_members(record)
         assert record.pid in members and len(members) == 3  # the shell and its two children
         impostor = replace(record, start_time=record.start_time + 1)  # same PID, another process
@@ -158,3 +162,22 @@ def test_the_cluster_directory_comes_from_the_environment(tmp_path, monkeypatch)
     assert cluster_dir(str(tmp_path / "flag")) == (tmp_path / "flag").resolve()
     monkeypatch.delenv("PRUNETUNE_CLUSTER_DIR")
     assert cluster_dir(None) == Path(os.path.expanduser("~/.prunetune/cluster")).resolve()
+
+
+@pytest.mark.parametrize(("device", "gpus", "expected"), [
+    ("auto", 0.5, "cuda"), ("auto", 1.0, "cuda"), ("cuda", 0.25, "cuda"), ("cpu", 0.5, "cpu"), ("auto", 0.0, "cpu"),
+])
+def test_a_trial_uses_the_gpu_ray_gave_it_whatever_the_drivers_machine_has(device, gpus, expected):
+    from search.prepare import trial_device
+
+    assert trial_device(device, gpus=gpus) == expected  # decided without torch.cuda on the driver
+
+
+def test_workers_get_disjoint_gpus_or_a_clear_error(monkeypatch):
+    import cluster.local as local
+
+    monkeypatch.setattr(local, "_gpu_count", lambda: 4)
+    assert local._gpu_assignment(local.LocalClusterSpec(workers=2, gpus_per_worker=2)) == ["0,1", "2,3"]
+    assert local._gpu_assignment(local.LocalClusterSpec(workers=3)) == [None, None, None]
+    with pytest.raises(UserError, match="need 6 GPUs; this machine has 4"):
+        local._gpu_assignment(local.LocalClusterSpec(workers=3, gpus_per_worker=2))
