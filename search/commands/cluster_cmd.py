@@ -47,17 +47,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "tests on loopback only")
     up.add_argument("--json", action="store_true", help='print {"address", "tracking_uri"} as JSON')
     _add_dir(up)
-    up.set_defaults(handler=run_up)
 
     down = actions.add_parser("down", help="stop every process the cluster started (by PID)")
     _add_dir(down)
-    down.set_defaults(handler=run_down)
 
     status = actions.add_parser("status", help="show the cluster's nodes and servers")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     _add_dir(status)
-    status.set_defaults(handler=run_status)
+    parser.set_defaults(handler=run)
     return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to ``up``, ``down`` or ``status``."""
+    return {"up": run_up, "down": run_down, "status": run_status}[args.cluster_action](args)
 
 
 def _add_dir(parser: argparse.ArgumentParser) -> None:
