@@ -198,6 +198,7 @@ def _start_parent(meta: dict, config: dict, space: dict, base_metrics: dict, log
 def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, restore: bool) -> int:
     from search.callbacks import ProgressLine, TrialRecorder
     from search.config import resolved_importance
+    from search.interrupt import CtrlC
     from search.ray_session import new_temp_dir, start_ray, stop_ray
     from search.rundir import clear_driver, mark_driver, update_meta
     from search.search_path import SearchPathLogger
@@ -229,8 +230,9 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
                                                 path_sink=path_sink)
             tuner = build_tuner(cfg, setup, name=run_dir.name, storage=run_dir.parent,
                                 callbacks=[recorder, ProgressLine(cfg.trials)], search_alg=search_alg)
-        results = tuner.fit()
-        if _interrupted(results):
+        with CtrlC() as ctrl_c:
+            results = tuner.fit()
+        if ctrl_c.pressed or _interrupted(results):
             return _interrupted_exit(run_dir, meta, log)
         return finish_search(cfg, run_dir, meta, base.metrics, wall_s=time.monotonic() - started, log=log)
     except KeyboardInterrupt:

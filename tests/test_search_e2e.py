@@ -105,46 +105,66 @@ def test_sync_rebuilds_mlflow_from_the_run_directory(finished_search):
     assert len(parents) == 1 and len(children) == 4
 
 
-def test_resume_after_the_driver_is_killed(tmp_path):
-    """SIGKILL the driver after its first finished trial; resume completes the budget, once each."""
+def _wait_for_records(run_dir, count: int, driver, log, *, timeout_s: float = 240) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while len(records := read_jsonl(run_dir / "trials.jsonl")) < count:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"fewer than {count} trials finished in time"
+        time.sleep(0.2)
+    return records
+
+
+def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path):
+    """Ctrl-C after the first finished trial, resume; SIGKILL that driver after its first trial, resume
+    again: the budget completes with every finished trial run once and one MLflow run per trial."""
     storage = tmp_path / "runs"
     run_dir = storage / "killed"
+    cache = tmp_path / "cache"
     args = ["run", *QUICK, "--finetune-epochs", "2", "--trials", "4", "--concurrency", "1", "--name", "killed",
             "--storage", str(storage)]
-    driver = start_cli(args, cache=tmp_path / "cache", cwd=tmp_path, log=tmp_path / "first.log")
+    first = start_cli(args, cache=cache, cwd=tmp_path, log=tmp_path / "first.log")
+    second = None
     temp_dirs: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while not read_jsonl(run_dir / "trials.jsonl"):
-            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.2)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-        first_done = read_jsonl(run_dir / "trials.jsonl")
+        _wait_for_records(run_dir, 1, first, tmp_path / "first.log")
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
+        assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+        assert f"prunetune resume {run_dir}" in (tmp_path / "first.log").read_text()
+        assert not (run_dir / "summary.json").exists()
+        status = run_cli(["status", str(run_dir), "--json"], cache=cache, cwd=tmp_path)
+        assert json.loads(status.stdout)["state"] == "interrupted"
+        after_ctrl_c = read_jsonl(run_dir / "trials.jsonl")
+
+        second = start_cli(["resume", str(run_dir)], cache=cache, cwd=tmp_path, log=tmp_path / "second.log")
+        _wait_for_records(run_dir, len(after_ctrl_c) + 1, second, tmp_path / "second.log")
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait(timeout=30)
+        before_kill = read_jsonl(run_dir / "trials.jsonl")
+        assert before_kill[: len(after_ctrl_c)] == after_ctrl_c
         meta = json.loads((run_dir / "prunetune.json").read_text())
         temp_dirs = list(meta["ray_temp_dirs"])
         assert any(processes_using(d) for d in temp_dirs), "the killed driver's Ray should still be running"
-
-        status = run_cli(["status", str(run_dir), "--json"], cache=tmp_path / "cache", cwd=tmp_path)
+        status = run_cli(["status", str(run_dir), "--json"], cache=cache, cwd=tmp_path)
         assert json.loads(status.stdout)["state"] == "interrupted"
 
-        resumed = run_cli(["resume", str(run_dir)], cache=tmp_path / "cache", cwd=tmp_path)
+        resumed = run_cli(["resume", str(run_dir)], cache=cache, cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert not any(processes_using(d) for d in temp_dirs), "leftover Ray processes of the killed run"
 
         records = read_jsonl(run_dir / "trials.jsonl")
         keys = [r["trial_key"] for r in records]
         assert len(keys) == len(set(keys)) == 4
-        assert records[: len(first_done)] == first_done  # finished trials kept as they were, not rerun
+        assert records[: len(before_kill)] == before_kill  # finished trials kept as they were, not rerun
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["trials"]["finished"] == 4
         parents, children = mlflow_runs(meta["tracking_uri"])
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert sorted(c.data.tags["prunetune.trial_key"] for c in children) == sorted(keys)
+        assert all(c.info.status == "FINISHED" for c in children)
     finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+        for driver in (first, second):
+            if driver is not None and driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
         meta_path = run_dir / "prunetune.json"
         if meta_path.exists():
             temp_dirs = json.loads(meta_path.read_text()).get("ray_temp_dirs", temp_dirs)
