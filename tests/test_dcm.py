@@ -264,6 +264,17 @@ def test_asha_counts_fine_tuning_epochs_not_learning_reports():
     assert scheduler.on_trial_result(None, weak, {"epoch": 1, "val_accuracy": 0.1}) == TrialScheduler.STOP
 
 
+def test_the_learner_path_imports_neither_ray_nor_mlflow():
+    """DESIGN.md's boundaries: methods/ and a trial's plain-Python path run without Ray and MLflow."""
+    import subprocess
+    import sys
+
+    code = ("import sys, methods.registry, methods.dcm, search.learner_trial, tracking.learning; "
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 # --- the learner trial: resumable mid-learning -------------------------------------------------------
 
 
