@@ -41,8 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          "started there (must be installed)")
     up.add_argument("--object-store-mb", type=positive_int, default=512,
                     help="object store of each node, MiB (default 512; holds the shared base model and data)")
-    up.add_argument("--host", default="127.0.0.1", help="address every server binds to (default 127.0.0.1: "
-                    "reachable from this machine only)")
+    up.add_argument("--host", default="127.0.0.1", help="the address of the nodes and the tracking server "
+                    "(default 127.0.0.1: reachable from this machine only)")
     up.add_argument("--no-auth", action="store_true", help="turn Ray's token authentication off: for local "
                     "tests on loopback only")
     up.add_argument("--json", action="store_true", help='print {"address", "tracking_uri"} as JSON')
@@ -86,8 +86,8 @@ def run_up(args: argparse.Namespace) -> int:
     if args.no_auth:
         _log("warning: Ray's token authentication is off (--no-auth): any local user can use this cluster")
     if not is_loopback(args.host):
-        _log(f"warning: servers bind to {args.host}; anyone who reaches it can reach the tracking server, "
-             f"which has no authentication: firewall it (README, 'Running on a cluster')")
+        _log(f"warning: the nodes and the tracking server use {args.host} and Ray listens on every interface; "
+             f"the tracking server has no authentication: firewall them (README, 'Running on a cluster')")
     directory = cluster_dir(args.dir)
     spec = LocalClusterSpec(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                             gpus_per_worker=args.gpus_per_worker, backend=args.tracking_backend,
