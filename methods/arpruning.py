@@ -13,8 +13,8 @@ neighbourhood search), as a searcher (``ask`` / ``tell`` / ``state_dict``):
 3. A round (step 3): K neighbours of the incumbent (K = ``neighbours``, by default the search's
    concurrency), drawn in a seeded random order among the pairs of groups, all proposed at once
    so K trials run in parallel. Each is scored cheaply: its trial fine-tunes for the proxy's
-   epochs (``bn``: BatchNorm recalibration only; ``epochs:N``). Round 0 scores the start with
-   K - 1 neighbours of it.
+   epochs (``bn``: BatchNorm recalibration only; ``epochs:N``) and is evaluated on the validation
+   split only. Round 0 scores the start with K - 1 neighbours of it.
 4. When every result of the round is in (step 4): move to the best neighbour if it beats the
    incumbent's proxy score. Otherwise halve the step d, once the neighbourhood at d is exhausted
    (our reading of step 4: a round samples K of the L(L-1) moves, so a round without improvement
@@ -257,7 +257,8 @@ class ArpruningSearcher(Searcher):
         if item["role"] == "final":
             info["proxy_score"] = self._score
         else:
-            info.update(step=item["step"], move=item["move"], finetune_epochs=self.proxy_epochs)
+            info.update(step=item["step"], move=item["move"], finetune_epochs=self.proxy_epochs,
+                        evaluate_test=False)
         return Proposal(item["id"], policy, info)
 
 

@@ -5,9 +5,10 @@ Ray asks ``suggest(trial_id)`` and answers ``on_trial_complete``; our searchers 
 saves the searcher's JSON state (with its RNG) where Ray saves searcher state, so ``prunetune
 resume`` restores it and the search makes the same next moves.
 
-A proposal's ``info["finetune_epochs"]`` (a searcher's proxy trial, ``methods.proxy``) goes into
-the trial config, where the trial takes it as its fine-tune length. New rows of the searcher's
-``search_path()`` go, once each, to ``path_sink`` (``search.search_path.SearchPathLogger``).
+A proposal's ``info["finetune_epochs"]`` and ``info["evaluate_test"]`` (a searcher's proxy trial,
+``methods.proxy``) go into the trial config: the trial's own fine-tune length, and whether it is
+evaluated on the test split. New rows of the searcher's ``search_path()`` go, once each, to
+``path_sink`` (``search.search_path.SearchPathLogger``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class PolicySearcherAdapter(RaySearcher):
                   "role": str(proposal.info.get("role", "")), "seed": self.seed}
         if proposal.info.get("finetune_epochs") is not None:
             config["finetune_epochs"] = int(proposal.info["finetune_epochs"])
+        if proposal.info.get("evaluate_test") is not None:
+            config["evaluate_test"] = bool(proposal.info["evaluate_test"])
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -1,8 +1,9 @@
 """The end of a search: the best trial, the Pareto front, counts, and a readable table.
 
 The best trial is the most accurate on *validation* among finished trials within the MACs budget
-(``macs_ratio <= macs_target + tolerance``); test accuracy is reported beside it, never used to
-choose. The Pareto front is validation accuracy against MACs over all finished trials.
+(``macs_ratio <= macs_target + tolerance``) that were evaluated on the test split (a searcher's
+proxy trials are not); test accuracy is reported beside it, never used to choose. The Pareto front
+is validation accuracy against MACs over all finished trials.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ def _point(record: Mapping) -> dict:
 
 
 def best_trial(records: Sequence[Mapping], *, macs_limit: float) -> dict | None:
-    """The finished trial with the highest validation accuracy within ``macs_limit``, or None."""
+    """The finished, test-evaluated trial with the highest validation accuracy within ``macs_limit``, or None."""
     feasible = [_point(r) for r in records if r["status"] == STATUS_FINISHED
                 and (r.get("metrics") or {}).get("macs_ratio", 1e9) <= macs_limit + 1e-9
-                and (r.get("metrics") or {}).get("val_accuracy") is not None]
+                and (r.get("metrics") or {}).get("val_accuracy") is not None
+                and r.get("test_accuracy") is not None]
     return max(feasible, key=lambda p: (p["val_accuracy"], -p["macs"]), default=None)
 
 

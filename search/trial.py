@@ -83,12 +83,13 @@ def prune_for_trial(setup: TrialSetup, policy: Policy) -> nn.Module:
 
 
 def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
-              checkpoint_dir: Path | None = None) -> dict:
+              checkpoint_dir: Path | None = None, evaluate_test: bool = True) -> dict:
     """Prune, recalibrate, fine-tune (reporting each epoch), evaluate and measure; return the result.
 
     ``checkpoint_dir`` is a checkpoint this trial wrote earlier: training continues after its epoch.
     The result holds ``val_accuracy`` (what searchers see), ``test_accuracy`` (for final reports
-    only), ``macs``, ``params``, ``latency_ms`` and their ratios to the base model.
+    only; None with ``evaluate_test=False``, a searcher's proxy trial), ``macs``, ``params``,
+    ``latency_ms`` and their ratios to the base model.
     """
     from pruning.measure import measure
     from pruning.surgery import load_pruned
@@ -120,7 +121,7 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
             report({**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history))
     measured = measure(model, setup.space.input_shape, batch_size=64, device=setup.device,
                        repeats=setup.latency_repeats)
-    test_accuracy, _ = evaluate(model, setup.splits.test, device=setup.device)
+    test_accuracy = evaluate(model, setup.splits.test, device=setup.device)[0] if evaluate_test else None
     base = setup.base_metrics
     result = {
         **history[-1], "test_accuracy": test_accuracy,

@@ -189,6 +189,7 @@ def test_every_trial_counts_against_the_budget_and_the_last_one_is_the_full_fine
     assert len(asked) == 7
     assert [p.info["role"] for p in asked[:3]] == ["start", "neighbour", "neighbour"]
     assert all(p.info["finetune_epochs"] == 0 for p in asked[:-1])  # proxy bn: 0 epochs
+    assert all(p.info["evaluate_test"] is False for p in asked[:-1])  # scored on validation only
     assert asked[-1].info["role"] == "final"
     assert [row["round"] for row in searcher.search_path()] == [0, 1]  # 3 + 3 proxies, then the final
 
@@ -293,6 +294,7 @@ def test_adapter_passes_the_proxy_length_and_hands_each_path_row_on_once(tmp_pat
     adapter = PolicySearcherAdapter(searcher, path_sink=rows.append)
     configs = {trial: adapter.suggest(trial) for trial in ("t0", "t1")}
     assert configs["t0"]["finetune_epochs"] == 0 and configs["t0"]["role"] == "start"
+    assert configs["t0"]["evaluate_test"] is False
     adapter.on_trial_complete("t0", {"val_accuracy": 0.5})
     assert rows == []  # the round is not complete yet
     adapter.on_trial_complete("t1", {"val_accuracy": 0.6})
@@ -317,7 +319,8 @@ def test_adapter_passes_the_proxy_length_and_hands_each_path_row_on_once(tmp_pat
         if config["role"] == "final":
             break
         adapter.on_trial_complete(f"x{index}", {"val_accuracy": 0.3})
-    assert index == 3 and config["role"] == "final" and "finetune_epochs" not in config
+    assert index == 3 and config["role"] == "final"
+    assert "finetune_epochs" not in config and "evaluate_test" not in config  # the full trial
 
 
 def test_asha_leaves_proxy_trials_alone():
@@ -365,9 +368,12 @@ def test_prunetune_run_arpruning_on_digits(tmp_path):
     assert len(by_role["start"]) == 1 and len(by_role["neighbour"]) == 3 and len(by_role["final"]) == 1
     for r in by_role["start"] + by_role["neighbour"]:
         assert r["params"]["finetune_epochs"] == 0 and [h["epoch"] for h in r["history"]] == [0]
+        assert r["params"]["evaluate_test"] is False and r["test_accuracy"] is None
     final = by_role["final"][0]
     assert "finetune_epochs" not in final["params"] and [h["epoch"] for h in final["history"]] == [0, 1, 2]
     assert final["test_accuracy"] is not None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["trial_id"] == final["trial_id"]  # the only trial evaluated on the test split
 
     meta = json.loads((run_dir / "prunetune.json").read_text())
     parents, children = mlflow_runs(meta["tracking_uri"])

@@ -80,11 +80,16 @@ def run(args: argparse.Namespace) -> int:
     tmp.replace(out)
     print(f"exported trial {record['trial_id']} ({args.format}) to {out}: MACs ratio "
           f"{record['metrics']['macs_ratio']:.3f}, val accuracy {record['metrics']['val_accuracy']:.4f}, "
-          f"test accuracy {record['test_accuracy']:.4f}")
+          f"test accuracy {_accuracy(record['test_accuracy'], 4)}")
     if args.check:
         accuracy = check_test_accuracy(run_dir, out, args.format)
-        print(f"test accuracy of the export: {accuracy:.6f} (recorded {record['test_accuracy']:.6f})")
+        print(f"test accuracy of the export: {accuracy:.6f} (recorded {_accuracy(record['test_accuracy'], 6)})")
     return 0
+
+
+def _accuracy(value: float | None, digits: int) -> str:
+    """An accuracy to ``digits`` decimals; ``-`` for a trial not evaluated on the test split (a proxy)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def check_test_accuracy(run_dir: Path, path: Path, fmt: str) -> float:
