@@ -64,7 +64,8 @@ def one_setting(work: Path, label: str, *, up: list[str], run: list[str], trials
     if finished != trials:
         raise SystemExit(f"{label}: {finished} of {trials} trials finished")
     return {"label": label, "trials": finished, "wall_s": summary["wall_s"], "command_s": command_s,
-            "cluster_up_s": up_s, "trials_per_hour": finished / summary["wall_s"] * 3600}
+            "cluster_up_s": up_s, "trials_per_hour": finished / summary["wall_s"] * 3600,
+            "load": os.getloadavg()[0]}
 
 
 def cpu_settings(workers: list[int]) -> list[tuple[str, list[str], list[str], int]]:
@@ -78,14 +79,22 @@ def gpu_settings() -> list[tuple[str, list[str], list[str], int]]:
             for k in (1, 2, 4)]
 
 
-def table(rows: list[dict], unit: str) -> str:
-    base = rows[0]["trials_per_hour"]
-    lines = [f"| {unit} | trials | search wall s | command wall s | trials / hour | speed-up | parallel efficiency |",
+def table(runs: list[dict], labels: list[tuple[str, int]], unit: str) -> str:
+    """One row per setting: the median over its repeats of trials per hour, speed-up and efficiency."""
+    from statistics import median
+
+    per_hour = {label: median(r["trials_per_hour"] for r in runs if r["label"] == label) for label, _ in labels}
+    base = per_hour[labels[0][0]]
+    lines = [f"| {unit} | runs | search wall s (each run) | trials / hour (median) | speed-up | "
+             "parallel efficiency | load average after each run |",
              "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        speedup = row["trials_per_hour"] / base
-        lines.append(f"| {row['label']} | {row['trials']} | {row['wall_s']:.1f} | {row['command_s']:.1f} | "
-                     f"{row['trials_per_hour']:.0f} | {speedup:.2f} | {speedup / row['parallel']:.2f} |")
+    for label, parallel in labels:
+        mine = [r for r in runs if r["label"] == label]
+        speedup = per_hour[label] / base
+        walls = ", ".join(f"{r['wall_s']:.1f}" for r in mine)
+        loads = ", ".join(f"{r['load']:.1f}" for r in mine)
+        lines.append(f"| {label} | {len(mine)} | {walls} | {per_hour[label]:.0f} | {speedup:.2f} | "
+                     f"{speedup / parallel:.2f} | {loads} |")
     return "\n".join(lines)
 
 
@@ -93,6 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3], help="worker counts to compare")
     parser.add_argument("--trials", type=int, default=12, help="trials per search")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each setting, interleaved (median reported)")
     parser.add_argument("--gpu", action="store_true", help="the GPU variant: 1, 2 and 4 trials per GPU")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cluster.md")
     args = parser.parse_args()
@@ -101,14 +111,16 @@ def main() -> int:
     env.pop("MLFLOW_TRACKING_URI", None)
     settings = gpu_settings() if args.gpu else cpu_settings(args.workers)
     load = os.getloadavg()[0]
-    rows = []
+    runs = []
     with tempfile.TemporaryDirectory(prefix="cluster-scaling-") as folder:
-        for label, up, run, parallel in settings:
-            row = {**one_setting(Path(folder), label.replace(" ", "-"), up=up, run=run, trials=args.trials,
-                                 env=env), "label": label, "parallel": parallel}
-            print(f"{label}: {row['trials_per_hour']:.0f} trials/hour (search {row['wall_s']:.1f} s, "
-                  f"command {row['command_s']:.1f} s, cluster up {row['cluster_up_s']:.1f} s)", flush=True)
-            rows.append(row)
+        for repeat in range(args.repeats):
+            for label, up, run, _ in settings:
+                tag = f"{label.replace(' ', '-')}-r{repeat}"
+                row = {**one_setting(Path(folder), tag, up=up, run=run, trials=args.trials, env=env), "label": label}
+                print(f"{label} (run {repeat + 1}): {row['trials_per_hour']:.0f} trials/hour (search "
+                      f"{row['wall_s']:.1f} s, command {row['command_s']:.1f} s, cluster up "
+                      f"{row['cluster_up_s']:.1f} s, load {row['load']:.1f})", flush=True)
+                runs.append(row)
     command = "python benchmarks/cluster_scaling.py " + " ".join(sys.argv[1:])
     report = "\n".join([
         f"## Cluster scaling{' (GPU)' if args.gpu else ''}: trials per hour against "
@@ -121,12 +133,16 @@ def main() -> int:
         f"- date: {datetime.now().isoformat(timespec='minutes')}",
         f"- search: {' '.join(SEARCH)}, {args.trials} trials; concurrency = "
         f"{'trials sharing the GPU' if args.gpu else 'worker nodes'}; a fresh local cluster per row "
-        f"(`prunetune cluster up --local`), its start not counted",
+        f"(`prunetune cluster up --local`), its start not counted; settings interleaved, {args.repeats} "
+        f"run(s) each",
         "",
-        table(rows, "trials per GPU" if args.gpu else "worker nodes (1 CPU each)"),
+        table(runs, [(label, parallel) for label, _, _, parallel in settings],
+              "trials per GPU" if args.gpu else "worker nodes (1 CPU each)"),
         "",
         "search wall: first trial to summary (`summary.json` wall_s), the throughput's basis; command "
         "wall: the whole `prunetune run` (Python start, base model from the cache, joining the cluster).",
+        "" if args.gpu else "3 one-CPU worker nodes oversubscribe this machine's 2 cores: the third node "
+        "competes with the other two (and with the driver, the head and the tracking server).",
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report + "\n")
