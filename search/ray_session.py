@@ -36,9 +36,9 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
     if address:
         from cluster.loopback import host_of, is_loopback, keep_loopback_addresses, nodes_on_loopback
 
+        check_reachable(address)
         if is_loopback(host_of(address)) and nodes_on_loopback(address):
             keep_loopback_addresses()  # a local cluster on loopback (`prunetune cluster up --local`)
-        check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
