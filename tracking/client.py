@@ -20,8 +20,13 @@ SEARCH_PAGE_SIZE = 1000
 
 def make_client(tracking_uri: str) -> MlflowClient:
     """An ``MlflowClient`` bound to ``tracking_uri``, creating an sqlite database's folder if needed."""
+    import os
+
     from mlflow.tracking import MlflowClient
 
+    # MLflow prints "View run ... at: URL" on stdout for every run it ends on a server; stdout is
+    # the search's result table. The user's own setting wins.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if uri_scheme(tracking_uri) == "sqlite":
         sqlite_file(tracking_uri).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=tracking_uri)
