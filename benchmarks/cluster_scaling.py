@@ -61,11 +61,13 @@ def one_setting(work: Path, label: str, *, up: list[str], run: list[str], trials
         cli(["cluster", "down", "--dir", str(directory)], env=env)
     summary = json.loads((work / "runs" / f"scaling-{label}" / "summary.json").read_text())
     finished = summary["trials"]["finished"]
+    records = [json.loads(line) for line in (work / "runs" / f"scaling-{label}" / "trials.jsonl").read_text().splitlines()]
+    devices = sorted({r.get("device") or "?" for r in records})
     if finished != trials:
         raise SystemExit(f"{label}: {finished} of {trials} trials finished")
     return {"label": label, "trials": finished, "wall_s": summary["wall_s"], "command_s": command_s,
             "cluster_up_s": up_s, "trials_per_hour": finished / summary["wall_s"] * 3600,
-            "load": os.getloadavg()[0]}
+            "load": os.getloadavg()[0], "devices": devices}
 
 
 def cpu_settings(workers: list[int]) -> list[tuple[str, list[str], list[str], int]]:
@@ -119,7 +121,7 @@ def main() -> int:
                 row = {**one_setting(Path(folder), tag, up=up, run=run, trials=args.trials, env=env), "label": label}
                 print(f"{label} (run {repeat + 1}): {row['trials_per_hour']:.0f} trials/hour (search "
                       f"{row['wall_s']:.1f} s, command {row['command_s']:.1f} s, cluster up "
-                      f"{row['cluster_up_s']:.1f} s, load {row['load']:.1f})", flush=True)
+                      f"{row['cluster_up_s']:.1f} s, load {row['load']:.1f}, trial devices {row['devices']})", flush=True)
                 runs.append(row)
     command = "python benchmarks/cluster_scaling.py " + " ".join(sys.argv[1:])
     report = "\n".join([
@@ -138,6 +140,8 @@ def main() -> int:
         "",
         table(runs, [(label, parallel) for label, _, _, parallel in settings],
               "trials per GPU" if args.gpu else "worker nodes (1 CPU each)"),
+        "",
+        f"trial devices recorded in trials.jsonl: {', '.join(sorted({d for r in runs for d in r['devices']}))}",
         "",
         "search wall: first trial to summary (`summary.json` wall_s), the throughput's basis; command "
         "wall: the whole `prunetune run` (Python start, base model from the cache, joining the cluster).",

@@ -82,7 +82,8 @@ def macs_estimate(models: list[str], *, policies: int, seed: int) -> list[str]:
     return rows
 
 
-def latency_against_macs(models: list[str], *, ratios: list[float], batch: int, repeats: int) -> list[str]:
+def latency_against_macs(models: list[str], *, ratios: list[float], batch: int, repeats: int,
+                         device: str = "cpu") -> list[str]:
     """Median latency at batch 1 and ``batch`` for uniform keep ratios, beside the MACs ratio."""
     rows = [f"| model | keep ratio | MACs ratio | latency ms (batch 1) | ratio | latency ms (batch {batch}) | ratio |",
             "|---|---|---|---|---|---|---|"]
@@ -93,8 +94,8 @@ def latency_against_macs(models: list[str], *, ratios: list[float], batch: int, 
         for keep in ratios:
             pruned = model if keep == 1.0 else prune(model, space, space.uniform_policy(keep), "l1", [])
             macs = count_macs(pruned, SHAPE)
-            one = measure_latency(pruned, SHAPE, batch_size=1, repeats=repeats)
-            many = measure_latency(pruned, SHAPE, batch_size=batch, repeats=max(5, repeats // 4))
+            one = measure_latency(pruned, SHAPE, batch_size=1, repeats=repeats, device=device)
+            many = measure_latency(pruned, SHAPE, batch_size=batch, repeats=max(5, repeats // 4), device=device)
             if base is None:
                 base = (macs, one, many)
             rows.append(f"| {name} | {keep:.3f} | {macs / base[0]:.3f} | {one:.3f} | {one / base[1]:.3f} | "
@@ -114,17 +115,19 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where latency is timed: cpu or cuda (training stays on the CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ratios = [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25]
     started = time.perf_counter()
     print(f"# foundation benchmark, {date.today()}, {platform.machine()} {platform.processor() or ''}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}\n")
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, device {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}\n")
     print("## MACs estimate against measured MACs (Fashion-MNIST input)\n")
     print("\n".join(macs_estimate(args.macs_models.split(","), policies=args.policies, seed=args.seed)))
     print("\n## Latency against MACs, uniform keep ratios (untrained weights; latency does not depend on them)\n")
     print("\n".join(latency_against_macs(args.latency_models.split(","), ratios=ratios, batch=64,
-                                        repeats=args.repeats)))
+                                        repeats=args.repeats, device=args.device)))
     if not args.skip_training:
         print(f"\n## Base models on Fashion-MNIST (data fraction {args.data_fraction:g}, seed {args.seed})\n")
         print("\n".join(base_models(args.train_models.split(","), data_fraction=args.data_fraction,

@@ -27,7 +27,7 @@ SEARCHER_KEYS = ("policy", "proposal_id", "estimated_macs_ratio")
 
 
 def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
-    """One line of ``trials.jsonl`` for a Ray trial: identity, policy, metrics, history, node, time."""
+    """One line of ``trials.jsonl`` for a Ray trial: identity, policy, metrics, history, node, device, time."""
     result = trial.last_result or {}
     config = trial.config or {}
     metrics = {k: float(result[k]) for k in RECORDED_METRICS if isinstance(result.get(k), int | float)}
@@ -42,6 +42,7 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         "test_accuracy": result.get("test_accuracy") if status == STATUS_FINISHED else None,
         "history": result.get("history") or [],
         "node": result.get("node", ""),
+        "device": result.get("device", ""),
         "seconds": float(result.get("trial_seconds") or result.get("time_total_s") or 0.0),
         "checkpoint": trial.checkpoint.path if getattr(trial, "checkpoint", None) else None,
         **({"learning": result["learning"]} if result.get("learning") else {}),  # a learner's trajectory

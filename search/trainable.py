@@ -57,10 +57,10 @@ def learner_trainable(config: dict, setup: TrialSetup, job) -> None:
 
 
 def report_to_tune(metrics: dict, write_checkpoint) -> None:
-    """``ray.tune.report`` the trial's metrics (with its node), with a checkpoint if a writer is given."""
+    """``ray.tune.report`` the trial's metrics (with its node and device), with a checkpoint if a writer is given."""
     from ray import tune
 
-    metrics = {**metrics, "node": _node_id()}
+    metrics = {**metrics, "node": _node_id(), "device": _device()}
     if write_checkpoint is None:
         tune.report(metrics)
         return
@@ -76,3 +76,11 @@ def _node_id() -> str:
     context = ray.get_runtime_context()
     node = context.get_node_id()
     return f"{ray.util.get_node_ip_address()}/{node[:8]}"
+
+
+def _device() -> str:
+    """'cpu', or 'cuda:' and the GPU ids Ray gave this trial (its share of them when fractional)."""
+    import ray
+
+    gpus = ray.get_gpu_ids()
+    return "cuda:" + ",".join(str(g) for g in gpus) if gpus else "cpu"
