@@ -42,7 +42,8 @@ def cli(args: list[str], *, env: dict, timeout: float = 1800) -> subprocess.Comp
     return done
 
 
-def one_setting(work: Path, label: str, *, up: list[str], run: list[str], trials: int, env: dict) -> dict:
+def one_setting(work: Path, label: str, *, up: list[str], run: list[str], trials: int, env: dict,
+                search: list[str]) -> dict:
     """Start a cluster, run the search on it, stop it; return the timings."""
     directory = work / f"cluster-{label}"
     token = {"RAY_AUTH_TOKEN_PATH": str(work / "token")}
@@ -53,7 +54,7 @@ def one_setting(work: Path, label: str, *, up: list[str], run: list[str], trials
     try:
         driver_env = {**env, **token, "RAY_AUTH_MODE": "token"}
         started = time.monotonic()
-        cli(["run", *SEARCH, *run, "--trials", str(trials), "--name", f"scaling-{label}",
+        cli(["run", *search, *run, "--trials", str(trials), "--name", f"scaling-{label}",
              "--storage", str(work / "runs"), "--address", printed["address"],
              "--tracking-uri", printed["tracking_uri"]], env=driver_env)
         command_s = time.monotonic() - started
@@ -106,6 +107,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=12, help="trials per search")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each setting, interleaved (median reported)")
     parser.add_argument("--gpu", action="store_true", help="the GPU variant: 1, 2 and 4 trials per GPU")
+    parser.add_argument("--search", default=" ".join(SEARCH), help="the search's settings (one string)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cluster.md")
     args = parser.parse_args()
 
@@ -118,7 +120,8 @@ def main() -> int:
         for repeat in range(args.repeats):
             for label, up, run, _ in settings:
                 tag = f"{label.replace(' ', '-')}-r{repeat}"
-                row = {**one_setting(Path(folder), tag, up=up, run=run, trials=args.trials, env=env), "label": label}
+                row = {**one_setting(Path(folder), tag, up=up, run=run, trials=args.trials, env=env,
+                                       search=args.search.split()), "label": label}
                 print(f"{label} (run {repeat + 1}): {row['trials_per_hour']:.0f} trials/hour (search "
                       f"{row['wall_s']:.1f} s, command {row['command_s']:.1f} s, cluster up "
                       f"{row['cluster_up_s']:.1f} s, load {row['load']:.1f}, trial devices {row['devices']})", flush=True)
@@ -133,7 +136,7 @@ def main() -> int:
         f"{platform.release()}; 1-minute load average {load:.1f} at the start (a machine shared with "
         f"other work)",
         f"- date: {datetime.now().isoformat(timespec='minutes')}",
-        f"- search: {' '.join(SEARCH)}, {args.trials} trials; concurrency = "
+        f"- search: {args.search}, {args.trials} trials; concurrency = "
         f"{'trials sharing the GPU' if args.gpu else 'worker nodes'}; a fresh local cluster per row "
         f"(`prunetune cluster up --local`), its start not counted; settings interleaved, {args.repeats} "
         f"run(s) each",
