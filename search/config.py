@@ -553,7 +553,7 @@ class SearchConfig(_Section):
         4, "training batches fed to data-driven importance criteria", check=_AT_LEAST_ONE
     )
     resources: ResourcesSection = _section(ResourcesSection, "what each trial reserves")
-    storage: str = _key("runs", "folder (or s3:// / gs:// URI) holding the run directories")
+    storage: str = _key("runs", "folder holding the run directories (local, or a shared file system for a cluster; URIs are refused)")
     tracking_uri: str | None = _key(None, "MLflow tracking URI; null = sqlite:///<storage>/mlflow.db")
     experiment: str = _key("prunetune", "MLflow experiment name")
     address: str | None = _key(None, "Ray address to join; null = start a local Ray")
