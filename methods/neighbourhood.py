@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from methods.uniform import largest_fitting
 from pruning.space import Group, SearchSpace, policy_from_channels
 
 Channels = dict[str, int]
@@ -68,12 +69,5 @@ def neighbour(space: SearchSpace, channels: Mapping[str, int], giver: str, taker
 
     if not counts or not fits(0):
         return None
-    low, high = 0, len(counts) - 1  # invariant: fits(low); nothing above high fits (MACs rise with the count)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    moved[taker] = counts[low]
+    moved[taker] = counts[largest_fitting(len(counts), fits)]  # MACs rise with the count
     return moved if macs_ratio_of(space, moved) >= macs_target - tolerance - 1e-12 else None

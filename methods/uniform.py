@@ -22,6 +22,22 @@ def uniform_breakpoints(space: SearchSpace) -> list[float]:
     return sorted(points)
 
 
+def largest_fitting(count: int, fits) -> int:
+    """The largest index in ``range(count)`` where ``fits`` holds, by bisection.
+
+    ``fits(0)`` must hold and ``fits`` must be monotone (true up to some index, false after it), as
+    "the MACs ratio meets the target" is along ascending keep ratios or channel counts.
+    """
+    low, high = 0, count - 1  # invariant: fits(low); nothing above high fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def uniform_policy_for_target(space: SearchSpace, macs_target: float) -> Policy:
     """The uniform policy with the largest keep ratio r such that ``space.macs_ratio`` <= ``macs_target``."""
     target = check_fraction(macs_target, "macs_target")
@@ -34,14 +50,7 @@ def uniform_policy_for_target(space: SearchSpace, macs_target: float) -> Policy:
         smallest = space.macs_ratio(Policy.uniform(space, candidates[0]))
         raise UserError(f"macs_target {target:g} is below {smallest:.4f}, the smallest MACs ratio a uniform "
                         f"policy reaches on {space.model_name}; raise the target")
-    low, high = 0, len(candidates) - 1  # invariant: fits(low); everything above high does not fit
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return Policy.uniform(space, candidates[low])
+    return Policy.uniform(space, candidates[largest_fitting(len(candidates), fits)])
 
 
 def make_uniform_searcher(space: SearchSpace, *, macs_target: float, seed: int, options: SearcherOptions,
