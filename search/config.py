@@ -553,7 +553,11 @@ class SearchConfig(_Section):
         4, "training batches fed to data-driven importance criteria", check=_AT_LEAST_ONE
     )
     resources: ResourcesSection = _section(ResourcesSection, "what each trial reserves")
-    storage: str = _key("runs", "folder holding the run directories (local, or a shared file system for a cluster; URIs are refused)")
+    storage: str = _key("runs", "folder holding the run directories (local, or a shared file system for a cluster; a URI goes in ray_storage)")
+    ray_storage: str | None = _key(
+        None, "URI where Ray Tune keeps experiment state and trial checkpoints (s3://bucket/prefix), for "
+        "clusters without a shared file system; null = the run directory"
+    )
     tracking_uri: str | None = _key(None, "MLflow tracking URI; null = sqlite:///<storage>/mlflow.db")
     experiment: str = _key("prunetune", "MLflow experiment name")
     address: str | None = _key(None, "Ray address to join; null = start a local Ray")
@@ -573,6 +577,11 @@ class SearchConfig(_Section):
         for key in ("storage", "experiment", "model", "method", "importance"):
             if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise UserError(f"config key '{key}' is empty; give it a value")
+        if self.ray_storage is not None and "://" not in self.ray_storage:
+            raise UserError(
+                f"config key 'ray_storage' is {self.ray_storage!r}, not a URI; give one such as s3://bucket/prefix, "
+                "or leave it null and put a shared directory in storage"
+            )
         sampler = self.methods["optuna"].sampler
         if sampler in PARETO_ONLY_SAMPLERS and self.objective != "pareto":
             raise UserError(

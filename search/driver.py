@@ -36,8 +36,8 @@ class Prepared:
 
 def storage_dir(cfg) -> Path:
     if "://" in cfg.storage:
-        raise UserError(f"storage {cfg.storage} is a URI; this version runs on local or shared-filesystem "
-                        f"storage: pass a directory")
+        raise UserError(f"storage {cfg.storage} is a URI, but it holds the run directory, on a file system: pass "
+                        f"a directory, and give the URI as --ray-storage for Ray's experiment state and checkpoints")
     return Path(cfg.storage).expanduser().resolve()
 
 
@@ -114,6 +114,10 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     check_target(cfg, space)
     tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
     check_tracking_uri(tracking_uri)
+    if cfg.ray_storage:
+        from search.ray_storage import check_ray_storage
+
+        check_ray_storage(cfg.ray_storage)
     if cfg.address:
         from search.ray_session import start_ray
 
@@ -148,6 +152,10 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
         return 0
     cfg = load_config(run_dir / CONFIG_FILE)
     check_tracking_uri(meta["tracking_uri"])
+    if cfg.ray_storage:
+        from search.ray_storage import check_ray_storage
+
+        check_ray_storage(cfg.ray_storage)
     killed = kill_leftover_ray(meta.get("ray_temp_dirs") or [])
     if killed:
         log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
@@ -200,6 +208,7 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
     from search.config import resolved_importance
     from search.interrupt import CtrlC
     from search.ray_session import new_temp_dir, start_ray, stop_ray
+    from search.ray_storage import experiment_location
     from search.rundir import clear_driver, mark_driver, update_meta
     from search.search_path import SearchPathLogger
     from search.tuner import build_search_algorithm, build_tuner, can_restore, restore_tuner
@@ -217,8 +226,9 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
             started_ray = True
         else:
             start_ray(address=cfg.address, temp_dir=None)  # a resumed search joins its cluster again
-        if restore and can_restore(run_dir):
-            tuner = restore_tuner(cfg, setup, run_dir)
+        location = experiment_location(cfg.ray_storage, run_dir)
+        if restore and can_restore(location):
+            tuner = restore_tuner(cfg, setup, location)
         else:
             recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
                                      experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
@@ -228,7 +238,7 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
                                          parent_run_id=meta["parent_run_id"])
             search_alg = build_search_algorithm(cfg, base.space, base_model=base.model, calib=calib,
                                                 path_sink=path_sink)
-            tuner = build_tuner(cfg, setup, name=run_dir.name, storage=run_dir.parent,
+            tuner = build_tuner(cfg, setup, name=run_dir.name, storage=cfg.ray_storage or run_dir.parent,
                                 callbacks=[recorder, ProgressLine(cfg.trials)], search_alg=search_alg)
         with CtrlC() as ctrl_c:
             results = tuner.fit()

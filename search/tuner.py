@@ -99,7 +99,7 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def run_config(cfg, *, name: str, storage: Path, callbacks: list):
+def run_config(cfg, *, name: str, storage: Path | str, callbacks: list):
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -111,7 +111,7 @@ def run_config(cfg, *, name: str, storage: Path, callbacks: list):
     )
 
 
-def build_tuner(cfg, setup: TrialSetup, *, name: str, storage: Path, callbacks: list, search_alg):
+def build_tuner(cfg, setup: TrialSetup, *, name: str, storage: Path | str, callbacks: list, search_alg):
     from ray import tune
 
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=build_scheduler(cfg),
@@ -121,15 +121,16 @@ def build_tuner(cfg, setup: TrialSetup, *, name: str, storage: Path, callbacks: 
                       run_config=run_config(cfg, name=name, storage=storage, callbacks=callbacks))
 
 
-def restore_tuner(cfg, setup: TrialSetup, run_dir: Path):
-    """The tuner of an interrupted search, with the trainable bound to a freshly prepared setup."""
+def restore_tuner(cfg, setup: TrialSetup, location: str):
+    """The tuner of an interrupted search (its experiment at ``location``, ``search.ray_storage``),
+    with the trainable bound to a freshly prepared setup."""
     from ray import tune
 
-    return tune.Tuner.restore(str(run_dir), trainable=trainable_with_resources(cfg, setup),
+    return tune.Tuner.restore(location, trainable=trainable_with_resources(cfg, setup),
                               resume_unfinished=True, resume_errored=True, restart_errored=False)
 
 
-def can_restore(run_dir: Path) -> bool:
+def can_restore(location: str) -> bool:
     from ray import tune
 
-    return tune.Tuner.can_restore(str(run_dir))
+    return tune.Tuner.can_restore(location)

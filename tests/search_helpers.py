@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # A small, fast search: digits at 8x8, a tiny model, 1 fine-tuning epoch.
@@ -37,6 +38,17 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_records(run_dir: Path, count: int, driver: subprocess.Popen, log: Path, *,
+                     timeout_s: float = 240) -> list[dict]:
+    """trials.jsonl once it holds ``count`` records, while the ``driver`` (logging to ``log``) runs."""
+    deadline = time.monotonic() + timeout_s
+    while len(records := read_jsonl(run_dir / "trials.jsonl")) < count:
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"fewer than {count} trials finished in time"
+        time.sleep(0.2)
+    return records
 
 
 def mlflow_runs(tracking_uri: str, experiment: str = "prunetune"):

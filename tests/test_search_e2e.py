@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from search.ray_session import kill_leftover_ray, processes_using
-from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli, start_cli
+from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli, start_cli, wait_for_records
 
 pytestmark = pytest.mark.slow
 
@@ -105,15 +104,6 @@ def test_sync_rebuilds_mlflow_from_the_run_directory(finished_search):
     assert len(parents) == 1 and len(children) == 4
 
 
-def _wait_for_records(run_dir, count: int, driver, log, *, timeout_s: float = 240) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while len(records := read_jsonl(run_dir / "trials.jsonl")) < count:
-        assert driver.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"fewer than {count} trials finished in time"
-        time.sleep(0.2)
-    return records
-
-
 def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path):
     """Ctrl-C after the first finished trial, resume; SIGKILL that driver after its first trial, resume
     again: the budget completes with every finished trial run once and one MLflow run per trial."""
@@ -126,7 +116,7 @@ def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path):
     second = None
     temp_dirs: list[str] = []
     try:
-        _wait_for_records(run_dir, 1, first, tmp_path / "first.log")
+        wait_for_records(run_dir, 1, first, tmp_path / "first.log")
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
         assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
         assert f"prunetune resume {run_dir}" in (tmp_path / "first.log").read_text()
@@ -136,7 +126,7 @@ def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path):
         after_ctrl_c = read_jsonl(run_dir / "trials.jsonl")
 
         second = start_cli(["resume", str(run_dir)], cache=cache, cwd=tmp_path, log=tmp_path / "second.log")
-        _wait_for_records(run_dir, len(after_ctrl_c) + 1, second, tmp_path / "second.log")
+        wait_for_records(run_dir, len(after_ctrl_c) + 1, second, tmp_path / "second.log")
         os.kill(second.pid, signal.SIGKILL)
         second.wait(timeout=30)
         before_kill = read_jsonl(run_dir / "trials.jsonl")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import tempfile
 from pathlib import Path
 
 from pruning.errors import UserError
@@ -61,23 +62,21 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
     record = find_trial(run_dir, args.trial)
-    source = Path(record["checkpoint"]) / CHECKPOINT_MODEL
-    if not source.is_file():
-        raise UserError(f"the checkpoint of trial {record['trial_id']} is gone ({source}); "
-                        f"it cannot be exported")
-    from pruning.surgery import load_pruned
+    with tempfile.TemporaryDirectory(prefix="prunetune-export-") as fetched:
+        source = _checkpoint_model(run_dir, record, Path(fetched), CHECKPOINT_MODEL)
+        from pruning.surgery import load_pruned
 
-    model, meta = load_pruned(source)
-    model.eval()
-    tmp = out.with_name(out.name + ".tmp")
-    if args.format == "state":
-        shutil.copyfile(source, tmp)
-    else:
-        import torch
+        model, meta = load_pruned(source)
+        model.eval()
+        tmp = out.with_name(out.name + ".tmp")
+        if args.format == "state":
+            shutil.copyfile(source, tmp)
+        else:
+            import torch
 
-        example = torch.zeros(1, *meta["space"].input_shape)
-        torch.jit.trace(model, example).save(str(tmp))
-    tmp.replace(out)
+            example = torch.zeros(1, *meta["space"].input_shape)
+            torch.jit.trace(model, example).save(str(tmp))
+        tmp.replace(out)
     print(f"exported trial {record['trial_id']} ({args.format}) to {out}: MACs ratio "
           f"{record['metrics']['macs_ratio']:.3f}, val accuracy {record['metrics']['val_accuracy']:.4f}, "
           f"test accuracy {_accuracy(record['test_accuracy'], 4)}")
@@ -85,6 +84,22 @@ def run(args: argparse.Namespace) -> int:
         accuracy = check_test_accuracy(run_dir, out, args.format)
         print(f"test accuracy of the export: {accuracy:.6f} (recorded {_accuracy(record['test_accuracy'], 6)})")
     return 0
+
+
+def _checkpoint_model(run_dir: Path, record: dict, fetched: Path, filename: str) -> Path:
+    """The trial's saved model: in its checkpoint folder, or fetched into ``fetched`` from ray_storage."""
+    from search.config import load_config
+    from tracking.rundir import CONFIG_FILE
+
+    ray_storage = load_config(run_dir / CONFIG_FILE).ray_storage
+    if ray_storage:
+        from search.ray_storage import fetch_checkpoint_file
+
+        return fetch_checkpoint_file(ray_storage, record["checkpoint"], filename, fetched)
+    source = Path(record["checkpoint"]) / filename
+    if not source.is_file():
+        raise UserError(f"the checkpoint of trial {record['trial_id']} is gone ({source}); it cannot be exported")
+    return source
 
 
 def _accuracy(value: float | None, digits: int) -> str:

@@ -33,6 +33,7 @@ FLAGS = {
     "--gpus-per-trial": ("resources.gpus_per_trial", float, "GPUs per trial (fractions share a GPU)"),
     "--storage": ("storage", str, "folder holding run directories"),
     "--tracking-uri": ("tracking_uri", str, "MLflow tracking URI (default: sqlite in --storage)"),
+    "--ray-storage": ("ray_storage", str, "URI for Ray's experiment state and checkpoints (s3://bucket/prefix)"),
     "--experiment": ("experiment", str, "MLflow experiment name"),
     "--address": ("address", str, "Ray cluster address to join (default: start a local Ray)"),
     "--seed": ("seed", int, "seed of data splits, base model and searcher"),
