@@ -112,12 +112,12 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
                         data_fraction=d.data_fraction, image_size=d.image_size).info
     space = model_space(cfg.model, info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels)
     check_target(cfg, space)
-    tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
-    check_tracking_uri(tracking_uri)
-    if cfg.ray_storage:
+    if cfg.ray_storage:  # before the tracking check, which creates a default sqlite store
         from search.ray_storage import check_ray_storage
 
         check_ray_storage(cfg.ray_storage)
+    tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
+    check_tracking_uri(tracking_uri)
     if cfg.address:
         from search.ray_session import start_ray
 

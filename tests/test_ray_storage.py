@@ -59,7 +59,7 @@ def test_uri_mistakes_are_one_line_errors_and_create_nothing(s3, tmp_path):
         result = run_cli(["run", *QUICK, "--trials", "1", "--name", "bad", "--storage", str(storage),
                           "--ray-storage", ray_storage], cache=tmp_path / "cache", cwd=tmp_path)
         assert_user_error(result, fragment)
-        assert not (storage / "bad").exists()
+        assert not (storage / "bad").exists() and not (storage / "mlflow.db").exists()
     result = run_cli(["run", *QUICK, "--trials", "1", "--name", "bad", "--storage", f"s3://{BUCKET}/runs"],
                      cache=tmp_path / "cache", cwd=tmp_path)
     assert_user_error(result, "--ray-storage")
