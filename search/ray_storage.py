@@ -62,7 +62,7 @@ def fetch_checkpoint_file(ray_storage: str, checkpoint: str, filename: str, dest
     try:
         with fs.open_input_stream(f"{checkpoint.rstrip('/')}/{filename}") as source, open(target, "wb") as out:
             shutil.copyfileobj(source, out)
-    except (OSError, FileNotFoundError) as exc:
+    except OSError as exc:  # FileNotFoundError among them
         raise UserError(f"the checkpoint {checkpoint}/{filename} in {ray_storage} cannot be read "
                         f"({_first_line(exc)})") from None
     return target
