@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pruning.errors import UserError
 from search.prepare import Log, log_to_stderr
+from search.ray_storage import check_ray_storage, experiment_location
 
 INTERRUPTED = 130
 
@@ -112,10 +113,7 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
                         data_fraction=d.data_fraction, image_size=d.image_size).info
     space = model_space(cfg.model, info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels)
     check_target(cfg, space)
-    if cfg.ray_storage:  # before the tracking check, which creates a default sqlite store
-        from search.ray_storage import check_ray_storage
-
-        check_ray_storage(cfg.ray_storage)
+    check_ray_storage(cfg.ray_storage)  # before the tracking check, which creates a default sqlite store
     tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
     check_tracking_uri(tracking_uri)
     if cfg.address:
@@ -152,10 +150,7 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
         return 0
     cfg = load_config(run_dir / CONFIG_FILE)
     check_tracking_uri(meta["tracking_uri"])
-    if cfg.ray_storage:
-        from search.ray_storage import check_ray_storage
-
-        check_ray_storage(cfg.ray_storage)
+    check_ray_storage(cfg.ray_storage)
     killed = kill_leftover_ray(meta.get("ray_temp_dirs") or [])
     if killed:
         log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
@@ -208,7 +203,6 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
     from search.config import resolved_importance
     from search.interrupt import CtrlC
     from search.ray_session import new_temp_dir, start_ray, stop_ray
-    from search.ray_storage import experiment_location
     from search.rundir import clear_driver, mark_driver, update_meta
     from search.search_path import SearchPathLogger
     from search.tuner import build_search_algorithm, build_tuner, can_restore, restore_tuner

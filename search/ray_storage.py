@@ -17,10 +17,6 @@ from pathlib import Path
 from pruning.errors import UserError
 
 
-def is_uri(location: str) -> bool:
-    return "://" in location
-
-
 def join_uri(uri: str, name: str) -> str:
     """``uri`` with ``name`` appended to its path, its query (``?endpoint_override=...``) kept."""
     path, sep, query = uri.partition("?")
@@ -32,11 +28,11 @@ def experiment_location(ray_storage: str | None, run_dir: Path) -> str:
     return join_uri(ray_storage, run_dir.name) if ray_storage else str(run_dir)
 
 
-def check_ray_storage(uri: str) -> None:
-    """Fail before anything starts when ``uri`` cannot be opened or its bucket does not exist."""
-    if not is_uri(uri):
-        raise UserError(f"ray_storage {uri!r} is not a URI; give one such as s3://bucket/prefix, or leave it "
-                        f"null and put a shared directory in --storage")
+def check_ray_storage(uri: str | None) -> None:
+    """Fail before anything starts when ``uri`` (a URI: the config checks that) cannot be opened or its
+    bucket does not exist; nothing to check when it is null (the run directory)."""
+    if uri is None:
+        return
     import pyarrow.fs
 
     try:
