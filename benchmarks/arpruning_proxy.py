@@ -42,8 +42,8 @@ SHARED = {"model": "resnet20", "dataset.name": "fashion-mnist", "dataset.image_s
 def policies(base, space, calib, *, target: float, criterion: str, neighbours: int, diverse: int,
              seed: int) -> list[tuple]:
     """``[(set, label, Policy)]``: ARPruning's round 0 (start + neighbours), then uniform and random ones."""
-    from methods.registry import make_searcher, start_policy_for
-    from methods.uniform import uniform_policy_for_target
+    from prunetune.methods.registry import make_searcher, start_policy_for
+    from prunetune.methods.uniform import uniform_policy_for_target
 
     start = start_policy_for("arpruning", base.model, space, macs_target=target, calib=calib,
                              options={"criterion": criterion})
@@ -59,7 +59,7 @@ def policies(base, space, calib, *, target: float, criterion: str, neighbours: i
 
 def run_policy(setup, policy, *, epochs: int | None, seed: int) -> dict:
     """One trial of ``policy`` (``epochs``: its own fine-tune length, as a proxy trial gets); its metrics."""
-    from search.trial import run_trial
+    from prunetune.search.trial import run_trial
 
     if epochs is not None:
         setup = replace(setup, finetune=replace(setup.finetune, epochs=epochs))
@@ -73,9 +73,9 @@ def measure(args) -> list[dict]:
     """Run every policy not yet in ``args.out``; return all records."""
     import torch
 
-    from search.config import load_config, resolved_importance
-    from search.driver import prepare
-    from search.prepare import default_cache_dir, log_to_stderr
+    from prunetune.search.config import load_config, resolved_importance
+    from prunetune.search.driver import prepare
+    from prunetune.search.prepare import default_cache_dir, log_to_stderr
 
     torch.set_num_threads(args.threads)
     overrides = {**SHARED, "seed": args.seed, **({"importance": args.importance} if args.importance else {})}

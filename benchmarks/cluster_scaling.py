@@ -35,7 +35,7 @@ SEARCH = ["--model", "small_cnn", "--dataset", "digits", "--method", "random", "
 
 
 def cli(args: list[str], *, env: dict, timeout: float = 1800) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "prunetune.search.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if done.returncode != 0:
         raise SystemExit(f"prunetune {' '.join(args[:2])} failed: {done.stderr.strip()[-1500:]}")

@@ -30,13 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pruning.data import load_dataset  # noqa: E402
-from pruning.dependency import build_space  # noqa: E402
-from pruning.measure import count_macs, measure_latency  # noqa: E402
-from pruning.models import create_model  # noqa: E402
-from pruning.policy import Policy  # noqa: E402
-from pruning.surgery import prune  # noqa: E402
-from pruning.train import TrainRecipe, pretrain  # noqa: E402
+from prunetune.pruning.data import load_dataset  # noqa: E402
+from prunetune.pruning.dependency import build_space  # noqa: E402
+from prunetune.pruning.measure import count_macs, measure_latency  # noqa: E402
+from prunetune.pruning.models import create_model  # noqa: E402
+from prunetune.pruning.policy import Policy  # noqa: E402
+from prunetune.pruning.surgery import prune  # noqa: E402
+from prunetune.pruning.train import TrainRecipe, pretrain  # noqa: E402
 
 SHAPE = (1, 28, 28)
 

@@ -34,7 +34,7 @@ SHARED = ["--model", "resnet20", "--dataset", "fashion-mnist", "--image-size", "
 def run_search(method: str, seed: int, *, storage: Path, shared: list[str], extra: list[str]) -> dict:
     """One ``prunetune run``; returns its summary.json plus the command and its wall time."""
     name = f"{method}-s{seed}"
-    command = [sys.executable, "-m", "search.cli", "run", *shared, "--method", method, "--seed", str(seed),
+    command = [sys.executable, "-m", "prunetune.search.cli", "run", *shared, "--method", method, "--seed", str(seed),
                "--name", name, "--storage", str(storage), *extra]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])

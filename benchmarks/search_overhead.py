@@ -40,7 +40,7 @@ PRESETS = {
 
 
 def prunetune_run(args: list[str], *, name: str, storage: Path, cache: Path) -> tuple[float, Path]:
-    command = [sys.executable, "-m", "search.cli", "run", *args, "--name", name, "--storage", str(storage)]
+    command = [sys.executable, "-m", "prunetune.search.cli", "run", *args, "--name", name, "--storage", str(storage)]
     env = {**os.environ, "PRUNETUNE_CACHE": str(cache)}
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -57,10 +57,10 @@ def plain_loop(run_dir: Path, *, cache: Path) -> tuple[float, float, int]:
     """
     import torch
 
-    from pruning.policy import Policy
-    from search.config import load_config
-    from search.driver import prepare
-    from search.trial import run_trial
+    from prunetune.pruning.policy import Policy
+    from prunetune.search.config import load_config
+    from prunetune.search.driver import prepare
+    from prunetune.search.trial import run_trial
 
     torch.set_num_threads(1)
     cfg = load_config(run_dir / "config.yaml")

@@ -17,14 +17,14 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cluster.auth import cluster_auth, driver_environment, node_environment
-from cluster.loopback import is_loopback
-from cluster.ports import free_ports
-from cluster.processes import is_running, session_members, stop
-from cluster.ray_nodes import RayNode, launch_node, node_spec, wait_node
-from cluster.state import ClusterState, TrackingService, read_state, remove_state, write_state
-from cluster.tracking_server import healthy, launch_tracking_server, server_uri, wait_healthy
-from pruning.errors import UserError
+from prunetune.cluster.auth import cluster_auth, driver_environment, node_environment
+from prunetune.cluster.loopback import is_loopback
+from prunetune.cluster.ports import free_ports
+from prunetune.cluster.processes import is_running, session_members, stop
+from prunetune.cluster.ray_nodes import RayNode, launch_node, node_spec, wait_node
+from prunetune.cluster.state import ClusterState, TrackingService, read_state, remove_state, write_state
+from prunetune.cluster.tracking_server import healthy, launch_tracking_server, server_uri, wait_healthy
+from prunetune.pruning.errors import UserError
 
 BACKENDS = ("sqlite", "postgresql")
 TEMP_PREFIX = "ptc-"  # short: Ray's Unix socket paths under a node's temp dir must stay under 107 bytes
@@ -149,7 +149,7 @@ def _launch_tracking(state: ClusterState, spec: LocalClusterSpec, *, env: dict, 
 
 
 def _start_postgres(state: ClusterState, *, log: Log) -> tuple[TrackingService, str]:
-    from cluster.postgres import (
+    from prunetune.cluster.postgres import (
         create_database,
         data_directory,
         init_database_cluster,
@@ -184,7 +184,7 @@ def _password(tracking: TrackingService) -> str:
 
 def postgres_uri(tracking: TrackingService) -> str:
     """The backend URI of a PostgreSQL-backed tracking server, with its password."""
-    from cluster.postgres import DB_NAME, DB_USER
+    from prunetune.cluster.postgres import DB_NAME, DB_USER
 
     host = tracking.uri.split("://", 1)[1].rsplit(":", 1)[0]
     return f"postgresql+psycopg2://{DB_USER}:{_password(tracking)}@{host}:{tracking.postgres_port}/{DB_NAME}"

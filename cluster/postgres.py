@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.processes import ProcessRecord, is_running, spawn, tail
-from pruning.errors import UserError
+from prunetune.cluster.processes import ProcessRecord, is_running, spawn, tail
+from prunetune.pruning.errors import UserError
 
 DB_USER = "prunetune"
 DB_NAME = "mlflow"

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 PROC = Path("/proc")
 

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.ports import free_ports
-from cluster.processes import ProcessRecord, child_with_argument, spawn, wait_for_line
+from prunetune.cluster.ports import free_ports
+from prunetune.cluster.processes import ProcessRecord, child_with_argument, spawn, wait_for_line
 
 NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
@@ -67,7 +67,7 @@ def node_spec(name: str, *, head: bool, cpus: int, gpus: int, temp_dir: str, obj
 def ray_start_command(spec: NodeSpec, *, host: str, head_port: int | None = None,
                       address: str | None = None) -> list[str]:
     """The command line of one node: the head on ``head_port``, or a worker joining ``address``."""
-    command = [sys.executable, "-m", "cluster.ray_start", "--block", "--disable-usage-stats",
+    command = [sys.executable, "-m", "prunetune.cluster.ray_start", "--block", "--disable-usage-stats",
                "--node-ip-address", host, "--temp-dir", spec.temp_dir,
                "--num-cpus", str(spec.cpus), "--num-gpus", str(spec.gpus),
                "--object-store-memory", str(spec.object_store_bytes)]

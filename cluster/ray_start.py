@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cluster.loopback import keep_loopback_addresses
+    from prunetune.cluster.loopback import keep_loopback_addresses
 
     keep_loopback_addresses()
     from ray.scripts.scripts import cli

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.auth import Auth
-from cluster.processes import ProcessRecord
-from cluster.ray_nodes import RayNode
-from pruning.errors import UserError
+from prunetune.cluster.auth import Auth
+from prunetune.cluster.processes import ProcessRecord
+from prunetune.cluster.ray_nodes import RayNode
+from prunetune.pruning.errors import UserError
 
 STATE_FILE = "state.json"
 STATE_FORMAT = 1

@@ -17,8 +17,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from cluster.processes import ProcessRecord, is_running, spawn, stop, tail
-from pruning.errors import UserError
+from prunetune.cluster.processes import ProcessRecord, is_running, spawn, stop, tail
+from prunetune.pruning.errors import UserError
 
 START_TIMEOUT_S = 90.0
 

@@ -40,15 +40,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from methods.global_threshold import GlobalOptions, global_start_policy
-from methods.neighbourhood import Channels, is_finest_step, macs_ratio_of, neighbour
-from methods.options import SearcherOptions, check_fraction
-from methods.proxy import proxy_epochs
-from methods.searcher import Proposal, Searcher, check_state, require_within_target
-from methods.uniform import uniform_policy_for_target
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace, policy_from_channels
+from prunetune.methods.global_threshold import GlobalOptions, global_start_policy
+from prunetune.methods.neighbourhood import Channels, is_finest_step, macs_ratio_of, neighbour
+from prunetune.methods.options import SearcherOptions, check_fraction
+from prunetune.methods.proxy import proxy_epochs
+from prunetune.methods.searcher import Proposal, Searcher, check_state, require_within_target
+from prunetune.methods.uniform import uniform_policy_for_target
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace, policy_from_channels
 
 KIND = "arpruning"
 STARTS = ("global", "uniform")
@@ -73,7 +73,7 @@ class ArpruningOptions(SearcherOptions):
     criterion: str = "attention"
 
     def __post_init__(self) -> None:
-        from pruning.importance import criterion_names
+        from prunetune.pruning.importance import criterion_names
 
         super().__post_init__()
         if self.start not in STARTS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from pruning.data import make_loader
+from prunetune.pruning.data import make_loader
 
 
 class BatchStream:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pruning.space import SearchSpace
+from prunetune.pruning.space import SearchSpace
 
 
 def soft_mask(keep_ratio: torch.Tensor, ranks: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -48,9 +48,9 @@ class ChannelMasks:
     """
 
     def __init__(self, model: nn.Module, space: SearchSpace, criterion: str):
-        from pruning.dependency import tp_group, trace_graph, trace_groups
-        from pruning.importance import get_criterion
-        from pruning.models import classifier_layer
+        from prunetune.pruning.dependency import tp_group, trace_graph, trace_groups
+        from prunetune.pruning.importance import get_criterion
+        from prunetune.pruning.models import classifier_layer
 
         self.model = model
         self.space = space

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.batch_stream import BatchStream
-from methods.channel_mask import ChannelMasks
-from methods.dcm_options import DcmOptions
-from methods.learner import (
+from prunetune.methods.batch_stream import BatchStream
+from prunetune.methods.channel_mask import ChannelMasks
+from prunetune.methods.dcm_options import DcmOptions
+from prunetune.methods.learner import (
     HParamRange,
     LearnData,
     Learned,
@@ -45,10 +45,10 @@ from methods.learner import (
     LearnReport,
     check_hparams,
 )
-from methods.macs_term import MacsTerm
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace
+from prunetune.methods.macs_term import MacsTerm
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
 
 STATE_FORMAT = 1
 HARD_TEMPERATURE = 1e-4  # evaluation and the final policy use the hard mask
@@ -177,7 +177,7 @@ class DcmRun:
     """One learning run: the model with its masks, theta, both optimisers and the two batch streams."""
 
     def __init__(self, options: DcmOptions, model: nn.Module, data: LearnData, hp: dict, target: float):
-        from pruning.train import epoch_seed
+        from prunetune.pruning.train import epoch_seed
 
         self.options, self.data, self.hp, self.target = options, data, hp, target
         self.loss_target = target - hp["target_margin"]
@@ -236,7 +236,7 @@ class DcmRun:
 
     def weight_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One SGD step on the weights under the masks of the current, fixed ratios."""
-        from pruning.train import epoch_seed
+        from prunetune.pruning.train import epoch_seed
 
         self.masks.set(self.ratios().detach(), self.temperature())
         self.model.train()
@@ -274,7 +274,7 @@ class DcmRun:
 
     def progress(self) -> LearnProgress:
         """Learning progress with the hard-masked model's validation accuracy (reported, never used)."""
-        from pruning.train import evaluate
+        from prunetune.pruning.train import evaluate
 
         ratios = self.ratios().detach()
         self.masks.set(ratios, HARD_TEMPERATURE)

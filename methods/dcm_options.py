@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.learner import HParamRange
-from pruning.errors import UserError
+from prunetune.methods.learner import HParamRange
+from prunetune.pruning.errors import UserError
 
 PENALTIES = ("squared", "one_sided")
 SEARCHED = ("lambda", "k", "temperature_start", "temperature_end", "target_margin")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from methods.searcher import Proposal, Searcher, check_state, require_within_target
-from pruning.policy import Policy
-from pruning.space import SearchSpace
+from prunetune.methods.searcher import Proposal, Searcher, check_state, require_within_target
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
 
 
 class FixedPolicySearcher(Searcher):

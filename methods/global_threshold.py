@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from methods.fixed_policy import FixedPolicySearcher
-from methods.options import SearcherOptions, check_fraction
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace, policy_from_channels
+from prunetune.methods.fixed_policy import FixedPolicySearcher
+from prunetune.methods.options import SearcherOptions, check_fraction
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace, policy_from_channels
 
 if TYPE_CHECKING:  # torch is imported where it is used, so listing the methods stays quick
     import torch
@@ -35,7 +35,7 @@ class GlobalOptions(SearcherOptions):
     criterion: str = "l1"
 
     def __post_init__(self) -> None:
-        from pruning.importance import criterion_names
+        from prunetune.pruning.importance import criterion_names
 
         super().__post_init__()
         check_fraction(self.floor, "floor")
@@ -47,8 +47,8 @@ class GlobalOptions(SearcherOptions):
 def group_scores(model: nn.Module, space: SearchSpace, criterion: Callable,
                  calib: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
     """Channel scores of every group of ``space``, by ``criterion``, on the Torch-Pruning groups of ``model``."""
-    from pruning.dependency import tp_group, trace_graph, trace_groups
-    from pruning.models import classifier_layer
+    from prunetune.pruning.dependency import tp_group, trace_graph, trace_groups
+    from prunetune.pruning.models import classifier_layer
 
     graph = trace_graph(model, space.input_shape)
     traced = {g.name: g for g in trace_groups(model, graph, ignored=[classifier_layer(model)])}
@@ -114,7 +114,7 @@ def global_threshold_policy(model: nn.Module, space: SearchSpace, criterion: Cal
 def global_start_policy(model: nn.Module, space: SearchSpace, calib, *, macs_target: float,
                         options: GlobalOptions) -> Policy:
     """The start policy of the ``global`` searcher, from its options (criterion, floor)."""
-    from pruning.importance import get_criterion
+    from prunetune.pruning.importance import get_criterion
 
     return global_threshold_policy(model, space, get_criterion(options.criterion), calib, macs_target,
                                    floor=options.floor)

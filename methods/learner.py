@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
 
 if TYPE_CHECKING:  # this module imports no torch, so config validation can use HParamRange
     from torch import nn
     from torch.utils.data import Dataset
 
-    from pruning.train import TrainRecipe
+    from prunetune.pruning.train import TrainRecipe
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from methods.searcher import Proposal, Searcher, check_state
-from pruning.errors import UserError
+from prunetune.methods.searcher import Proposal, Searcher, check_state
+from prunetune.pruning.errors import UserError
 
 
 def _positive_int(value: object, what: str) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from pruning.space import SearchSpace
+from prunetune.pruning.space import SearchSpace
 
 
 class MacsTerm(nn.Module):

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from methods.uniform import largest_fitting
-from pruning.space import Group, SearchSpace, policy_from_channels
+from prunetune.methods.uniform import largest_fitting
+from prunetune.pruning.space import Group, SearchSpace, policy_from_channels
 
 Channels = dict[str, int]
 

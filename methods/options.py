@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from methods.searcher import DEFAULT_TOLERANCE
-from pruning.errors import UserError
+from prunetune.methods.searcher import DEFAULT_TOLERANCE
+from prunetune.pruning.errors import UserError
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 PROXY_BN = "bn"
 _EPOCHS = re.compile(r"epochs:([0-9]+)")

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from methods.options import SearcherOptions, check_fraction
-from methods.searcher import Proposal, Searcher, check_state
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace, policy_from_channels
+from prunetune.methods.options import SearcherOptions, check_fraction
+from prunetune.methods.searcher import Proposal, Searcher, check_state
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace, policy_from_channels
 
 BISECTION_STEPS = 40
 

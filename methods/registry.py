@@ -16,19 +16,19 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from methods.arpruning import ArpruningOptions, arpruning_start_policy, make_arpruning_searcher
-from methods.dcm import make_dcm_learner
-from methods.dcm_options import DcmOptions
-from methods.global_threshold import GlobalOptions, global_start_policy, make_global_searcher
-from methods.learner import Learner
-from methods.limiters import ConcurrencyLimiter, TrialBudget
-from methods.options import SearcherOptions, check_fraction, parse_options
-from methods.random_search import RandomOptions, make_random_searcher
-from methods.searcher import Searcher
-from methods.uniform import make_uniform_searcher
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace
+from prunetune.methods.arpruning import ArpruningOptions, arpruning_start_policy, make_arpruning_searcher
+from prunetune.methods.dcm import make_dcm_learner
+from prunetune.methods.dcm_options import DcmOptions
+from prunetune.methods.global_threshold import GlobalOptions, global_start_policy, make_global_searcher
+from prunetune.methods.learner import Learner
+from prunetune.methods.limiters import ConcurrencyLimiter, TrialBudget
+from prunetune.methods.options import SearcherOptions, check_fraction, parse_options
+from prunetune.methods.random_search import RandomOptions, make_random_searcher
+from prunetune.methods.searcher import Searcher
+from prunetune.methods.uniform import make_uniform_searcher
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
 
 NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
 

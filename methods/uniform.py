@@ -7,11 +7,11 @@ r = k * round_to_l / C_l. Bisection over those breakpoints finds the largest fea
 
 from __future__ import annotations
 
-from methods.fixed_policy import FixedPolicySearcher
-from methods.options import SearcherOptions, check_fraction
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace
+from prunetune.methods.fixed_policy import FixedPolicySearcher
+from prunetune.methods.options import SearcherOptions, check_fraction
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
 
 
 def uniform_breakpoints(space: SearchSpace) -> list[float]:

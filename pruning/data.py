@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 AUGMENTS = ("crop_flip", "crop", "none")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -151,7 +151,7 @@ class FolderImages(Dataset):
 
 def _folder_transform(info: DatasetInfo, augment: str):
     """torchvision transforms for a folder: random resized crop (and flip) to train, centre crop to eval."""
-    from pruning.torchvision_compat import import_torchvision
+    from prunetune.pruning.torchvision_compat import import_torchvision
 
     T = import_torchvision().transforms
     size = info.image_size
@@ -365,7 +365,7 @@ def _build_cifar(name: str) -> _Builder:
     """A builder for CIFAR-10 or CIFAR-100 through torchvision, held in memory as uint8 tensors."""
 
     def build(request: _Request) -> tuple[DatasetInfo, Dataset, Dataset]:
-        from pruning.torchvision_compat import import_torchvision
+        from prunetune.pruning.torchvision_compat import import_torchvision
 
         if request.root is None and not request.download:
             raise UserError(f"{name} needs its files: pass --data-root DIR holding them, or --download")
@@ -392,7 +392,7 @@ def _build_cifar(name: str) -> _Builder:
 
 def _build_imagefolder(request: _Request) -> tuple[DatasetInfo, Dataset, Dataset]:
     """An ImageNet-style folder: ``root/train/CLASS/*`` and ``root/val/CLASS/*`` (val serves as test)."""
-    from pruning.torchvision_compat import import_torchvision
+    from prunetune.pruning.torchvision_compat import import_torchvision
 
     if request.root is None:
         raise UserError(

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning.errors import UserError
-from pruning.space import Group, LayerCost, SearchSpace
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.space import Group, LayerCost, SearchSpace
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -94,8 +94,8 @@ def build_space(model: nn.Module, model_name: str, input_shape: tuple[int, int, 
     The final classifier keeps its outputs (they are the classes). ``min_channels`` is the fewest
     channels a group may keep; ``round_to`` rounds kept channels up to a multiple (e.g. 8 for GPUs).
     """
-    from pruning.measure import count_params, layer_macs
-    from pruning.models import classifier_layer, droppable_blocks
+    from prunetune.pruning.measure import count_params, layer_macs
+    from prunetune.pruning.models import classifier_layer, droppable_blocks
 
     if round_to < 1 or min_channels < 1:
         raise UserError("round_to and min_channels must be at least 1")

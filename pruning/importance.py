@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Scores = dict[str, torch.Tensor]

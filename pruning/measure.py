@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
@@ -255,7 +255,7 @@ class ConcatNet(nn.Module):
 def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     """torchvision's ``name`` with random weights (never downloads); a new first convolution
     of the same geometry takes ``in_channels`` when that is not 3."""
-    from pruning.torchvision_compat import import_torchvision
+    from prunetune.pruning.torchvision_compat import import_torchvision
 
     tv = import_torchvision()
     model = getattr(tv.models, name)(weights=None, num_classes=num_classes)

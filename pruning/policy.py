@@ -17,10 +17,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 if TYPE_CHECKING:
-    from pruning.space import SearchSpace
+    from prunetune.pruning.space import SearchSpace
 
 KEY_DECIMALS = 6
 

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pruning.errors import UserError
-from pruning.policy import Policy, check_keep_ratio
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy, check_keep_ratio
 
 SPACE_FORMAT = 1
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning.dependency import tp_group, trace_graph, trace_groups
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.space import SearchSpace
+from prunetune.pruning.dependency import tp_group, trace_graph, trace_groups
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
 
 PRUNED_FORMAT = 1
 
@@ -41,8 +41,8 @@ def prune(model: nn.Module, space: SearchSpace, policy: Policy, importance="l1",
     ``importance`` is a criterion name (see ``pruning.importance``) or a criterion callable;
     ``calib`` holds the calibration batches that activation- and gradient-based criteria need.
     """
-    from pruning.importance import get_criterion
-    from pruning.models import classifier_layer, drop_blocks
+    from prunetune.pruning.importance import get_criterion
+    from prunetune.pruning.models import classifier_layer, drop_blocks
 
     planned = space.channels(policy)
     criterion = get_criterion(importance) if isinstance(importance, str) else importance
@@ -87,7 +87,7 @@ def check_pruned(model: nn.Module, space: SearchSpace, policy: Policy) -> None:
     with torch.no_grad():
         out = model(torch.zeros(2, *space.input_shape, device=device))
     model.train(was_training)
-    from pruning.models import classifier_layer
+    from prunetune.pruning.models import classifier_layer
 
     classes = classifier_layer(model).out_features
     if tuple(out.shape) != (2, classes):
@@ -118,7 +118,7 @@ def save_pruned(path: str | Path, model: nn.Module, *, arch: dict, space: Search
 
 def load_pruned(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model saved by ``save_pruned``; returns it and ``{"arch", "space", "policy", "extra"}``."""
-    from pruning.models import create_model
+    from prunetune.pruning.models import create_model
 
     try:
         payload = torch.load(Path(path), map_location=map_location, weights_only=True)

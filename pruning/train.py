@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pruning.data import Splits, make_loader
-from pruning.errors import UserError
-from pruning.models import create_model
+from prunetune.pruning.data import Splits, make_loader
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.models import create_model
 
 SCHEDULES = ("cosine", "step")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ray.tune.search import Searcher as RaySearcher
 
-from methods.searcher import Searcher
+from prunetune.methods.searcher import Searcher
 
 
 class PolicySearcherAdapter(RaySearcher):

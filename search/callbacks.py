@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from search.trial import COMPLETE_KEY
-from tracking.rundir import TRIALS_FILE, read_trials
+from prunetune.search.trial import COMPLETE_KEY
+from prunetune.tracking.rundir import TRIALS_FILE, read_trials
 
 STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED = "finished", "stopped", "failed"
 RECORDED_METRICS = ("val_accuracy", "val_loss", "train_loss", "macs", "params", "latency_ms",
@@ -96,7 +96,7 @@ class TrialRecorder(Callback):
             return
         try:
             if self._tracker is None:
-                from tracking.tracker import Tracker
+                from prunetune.tracking.tracker import Tracker
 
                 self._tracker = Tracker(self.tracking_uri, self.experiment)
             self._tracker.log_trial(self.parent_run_id, record)

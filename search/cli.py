@@ -15,8 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pruning.errors import UserError
-from search.commands import (
+from prunetune.pruning.errors import UserError
+from prunetune.search.commands import (
     cluster_cmd,
     export_cmd,
     prune_cmd,

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 SCHEDULES = ("cosine", "step")  # pruning.train.SCHEDULES
 SCHEDULERS = ("auto", "asha", "none")
@@ -53,7 +53,7 @@ ARPRUNING_STARTS = ("global", "uniform")  # methods.arpruning.STARTS
 ASHA_MIN_EPOCHS = 3  # scheduler auto picks ASHA from this many fine-tuning epochs on
 DEFAULT_CONFIG = "default"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_CONFIG_PACKAGE = "search"
+_CONFIG_PACKAGE = "prunetune.search"
 _CONFIG_FOLDER = "configs"
 
 Scalar = int | float | bool | str | None
@@ -407,7 +407,7 @@ class ArpruningOptions(_Section):
     )
 
     def __post_init__(self) -> None:
-        from methods.proxy import proxy_epochs
+        from prunetune.methods.proxy import proxy_epochs
 
         super().__post_init__()
         proxy_epochs(self.proxy, f"config key '{self.section}.proxy'")
@@ -451,7 +451,7 @@ class DcmSection(_Section):
                                     check=_Range(0, 0.5, high_open=True))
 
     def __post_init__(self) -> None:
-        from methods.dcm_options import DcmOptions  # no torch: the cross-key rules live there
+        from prunetune.methods.dcm_options import DcmOptions  # no torch: the cross-key rules live there
 
         super().__post_init__()
         DcmOptions(**{spec.name: getattr(self, spec.name) for spec in fields(self)})
@@ -618,10 +618,10 @@ def check_names(cfg: SearchConfig) -> None:
     The registries import torch, so this runs apart from the structural checks; ``load_config``
     and ``config_from_dict`` call it unless told not to.
     """
-    from methods.registry import method_names
-    from pruning.data import dataset_names
-    from pruning.importance import criterion_names
-    from pruning.models import model_names
+    from prunetune.methods.registry import method_names
+    from prunetune.pruning.data import dataset_names
+    from prunetune.pruning.importance import criterion_names
+    from prunetune.pruning.models import model_names
 
     for key, value, valid, what in (
         ("model", cfg.model, model_names(), "model"),
@@ -734,7 +734,7 @@ def resolved_importance(cfg: SearchConfig) -> str:
     """The criterion trials rank channels by: ``importance``, or when null the method's default."""
     if cfg.importance is not None:
         return cfg.importance
-    from methods.registry import METHODS
+    from prunetune.methods.registry import METHODS
 
     spec = METHODS.get(cfg.method)
     return spec.default_importance if spec is not None else "l1"

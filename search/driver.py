@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from pruning.errors import UserError
-from search.prepare import Log, log_to_stderr
-from search.ray_storage import check_ray_storage, experiment_location
+from prunetune.pruning.errors import UserError
+from prunetune.search.prepare import Log, log_to_stderr
+from prunetune.search.ray_storage import check_ray_storage, experiment_location
 
 INTERRUPTED = 130
 
@@ -52,17 +52,17 @@ def check_target(cfg, space) -> None:
 
 def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
     """Load the data, build the space, train or load the base model, and make the trial setup."""
-    from pruning.data import load_dataset
-    from pruning.train import TrainRecipe
-    from search.config import resolved_importance
-    from search.prepare import (
+    from prunetune.pruning.data import load_dataset
+    from prunetune.pruning.train import TrainRecipe
+    from prunetune.search.config import resolved_importance
+    from prunetune.search.prepare import (
         dataset_cache_key,
         model_space,
         prepare_base_model,
         resolve_device,
         trial_device,
     )
-    from search.trial import TrialSetup, calibration_batches
+    from prunetune.search.trial import TrialSetup, calibration_batches
 
     d = cfg.dataset
     splits = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
@@ -90,23 +90,23 @@ def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
 
 def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     """``prunetune run``: a new search from a validated config; returns the exit status."""
-    from search.config import config_to_dict, default_run_name
-    from search.prepare import model_space
-    from search.rundir import (
+    from prunetune.search.config import config_to_dict, default_run_name
+    from prunetune.search.prepare import model_space
+    from prunetune.search.rundir import (
         check_new_run_dir,
         create_run_dir,
         new_meta,
         remove_unstarted_run_dir,
         write_meta,
     )
-    from tracking.uri import check_tracking_uri, default_tracking_uri
+    from prunetune.tracking.uri import check_tracking_uri, default_tracking_uri
 
     storage = storage_dir(cfg)
     name = cfg.name or default_run_name(cfg, datetime.now())
     cfg = replace(cfg, name=name)
     run_dir = storage / name
     check_new_run_dir(run_dir)
-    from pruning.data import load_dataset
+    from prunetune.pruning.data import load_dataset
 
     d = cfg.dataset
     info = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
@@ -117,7 +117,7 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
     check_tracking_uri(tracking_uri)
     if cfg.address:
-        from search.ray_session import start_ray
+        from prunetune.search.ray_session import start_ray
 
         start_ray(address=cfg.address, temp_dir=None)
     create_run_dir(run_dir, cfg=cfg, space=space.to_json())
@@ -135,11 +135,11 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
 
 def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     """``prunetune resume``: continue an interrupted search from its run directory."""
-    from search.config import load_config
-    from search.ray_session import kill_leftover_ray
-    from search.rundir import driver_alive
-    from tracking.rundir import CONFIG_FILE, SUMMARY_FILE, read_meta
-    from tracking.uri import check_tracking_uri
+    from prunetune.search.config import load_config
+    from prunetune.search.ray_session import kill_leftover_ray
+    from prunetune.search.rundir import driver_alive
+    from prunetune.tracking.rundir import CONFIG_FILE, SUMMARY_FILE, read_meta
+    from prunetune.tracking.uri import check_tracking_uri
 
     run_dir = Path(run_dir).expanduser().resolve()
     meta = read_meta(run_dir)
@@ -156,7 +156,7 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
         log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
     base, setup, calib = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log)
     meta["parent_run_id"] = _start_parent(meta, _config_dict(cfg), base.space.to_json(), base.metrics, log)
-    from search.rundir import write_meta
+    from prunetune.search.rundir import write_meta
 
     write_meta(run_dir, meta)
     _log_recorded_trials(run_dir, log)
@@ -170,7 +170,7 @@ def _log_recorded_trials(run_dir: Path, log: Log) -> None:
     The recorder appends a trial to trials.jsonl before it logs it, and Ray does not report an
     ended trial again on resume, so without this such a trial would be missing from MLflow.
     """
-    from tracking.sync import sync_run_dir
+    from prunetune.tracking.sync import sync_run_dir
 
     try:
         report = sync_run_dir(run_dir)
@@ -183,13 +183,13 @@ def _log_recorded_trials(run_dir: Path, log: Log) -> None:
 
 
 def _config_dict(cfg) -> dict:
-    from search.config import config_to_dict
+    from prunetune.search.config import config_to_dict
 
     return config_to_dict(cfg)
 
 
 def _start_parent(meta: dict, config: dict, space: dict, base_metrics: dict, log: Log) -> str:
-    from tracking.tracker import Tracker
+    from prunetune.tracking.tracker import Tracker
 
     tracker = Tracker(meta["tracking_uri"], meta["experiment"])
     parent = tracker.start_parent(meta["run_uid"], meta["name"], config,
@@ -199,13 +199,13 @@ def _start_parent(meta: dict, config: dict, space: dict, base_metrics: dict, log
 
 
 def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, restore: bool) -> int:
-    from search.callbacks import ProgressLine, TrialRecorder
-    from search.config import resolved_importance
-    from search.interrupt import CtrlC
-    from search.ray_session import new_temp_dir, start_ray, stop_ray
-    from search.rundir import clear_driver, mark_driver, update_meta
-    from search.search_path import SearchPathLogger
-    from search.tuner import build_search_algorithm, build_tuner, can_restore, restore_tuner
+    from prunetune.search.callbacks import ProgressLine, TrialRecorder
+    from prunetune.search.config import resolved_importance
+    from prunetune.search.interrupt import CtrlC
+    from prunetune.search.ray_session import new_temp_dir, start_ray, stop_ray
+    from prunetune.search.rundir import clear_driver, mark_driver, update_meta
+    from prunetune.search.search_path import SearchPathLogger
+    from prunetune.search.tuner import build_search_algorithm, build_tuner, can_restore, restore_tuner
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall trials
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -255,7 +255,7 @@ def _interrupted(results) -> bool:
 
 
 def _interrupted_exit(run_dir: Path, meta: dict, log: Log) -> int:
-    from tracking.tracker import Tracker
+    from prunetune.tracking.tracker import Tracker
 
     with contextlib.suppress(Exception):  # the message below matters more than the MLflow status
         Tracker(meta["tracking_uri"], meta["experiment"]).set_status(meta["parent_run_id"], "KILLED")
@@ -265,10 +265,10 @@ def _interrupted_exit(run_dir: Path, meta: dict, log: Log) -> int:
 
 def finish_search(cfg, run_dir: Path, meta: dict, baseline: dict, *, wall_s: float, log: Log) -> int:
     """Write summary.json and the Pareto plot, close the parent MLflow run, print the front."""
-    from search.rundir import write_summary
-    from search.summary import build_summary, format_summary
-    from tracking.plots import plot_pareto
-    from tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials
+    from prunetune.search.rundir import write_summary
+    from prunetune.search.summary import build_summary, format_summary
+    from prunetune.tracking.plots import plot_pareto
+    from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials
 
     records = read_trials(run_dir / TRIALS_FILE)
     summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,
@@ -279,7 +279,7 @@ def finish_search(cfg, run_dir: Path, meta: dict, baseline: dict, *, wall_s: flo
                       title=f"{meta['name']}: validation accuracy against MACs")
     write_summary(run_dir, summary)
     try:
-        from tracking.tracker import Tracker
+        from prunetune.tracking.tracker import Tracker
 
         tracker = Tracker(meta["tracking_uri"], meta["experiment"])
         for point in summary["pareto"]:

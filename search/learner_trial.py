@@ -24,7 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from search.trial import CHECKPOINT_MODEL, Report, TrialSetup
+from prunetune.search.trial import CHECKPOINT_MODEL, Report, TrialSetup
 
 LEARNER_STATE = "learner.pt"
 LEARNED_FILE = "learned.json"
@@ -45,7 +45,7 @@ class LearnerJob:
         return (LearnerJob, (self.method, dict(self.options), self.macs_target))
 
     def learner(self):
-        from methods.registry import make_learner
+        from prunetune.methods.registry import make_learner
 
         return make_learner(self.method, self.options)
 
@@ -57,8 +57,8 @@ def run_learner_trial(setup: TrialSetup, job: LearnerJob, config: Mapping[str, A
     ``config`` holds the hyperparameters (other keys are ignored). Returns ``run_trial``'s result
     with ``policy`` and ``learning`` added.
     """
-    from methods.learner import Learned
-    from search.trial import run_trial
+    from prunetune.methods.learner import Learned
+    from prunetune.search.trial import run_trial
 
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None and (checkpoint / LEARNED_FILE).exists():
@@ -85,8 +85,8 @@ def learn(setup: TrialSetup, job: LearnerJob, config: Mapping[str, Any], *, seed
     """Run the learner on a copy of the base model, reporting progress with its state as checkpoints."""
     import torch
 
-    from methods.learner import LearnData
-    from search.trial import build_base_model
+    from prunetune.methods.learner import LearnData
+    from prunetune.search.trial import build_base_model
 
     learner = job.learner()
     hparams = {r.name: config[r.name] for r in learner.hparam_ranges() if r.name in config}

@@ -17,9 +17,9 @@ import functools
 
 from ray.tune.search import Searcher as RaySearcher
 
-from methods.learner import HParamRange
-from pruning.policy import Policy
-from pruning.space import SearchSpace
+from prunetune.methods.learner import HParamRange
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
 
 CONSTRAINT_KEY = "macs"
 LEARNER_KEY = "learner"  # in a learner trial's config: the method that learns the policy

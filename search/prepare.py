@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 Log = Callable[[str], None]
 
@@ -71,8 +71,8 @@ class BaseModel:
 
 def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int = 1):
     """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size."""
-    from pruning.dependency import build_space
-    from pruning.models import create_model
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.models import create_model
 
     model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
     shape = (info.in_channels, info.image_size, info.image_size)
@@ -82,9 +82,9 @@ def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int =
 def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir: Path, data_key: str,
                        device: str, space=None, log: Log = log_to_stderr) -> BaseModel:
     """Train (or load from the cache) the base model and measure it: MACs, params, latency."""
-    from pruning.dependency import build_space
-    from pruning.measure import measure
-    from pruning.train import pretrain, pretrain_path
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.measure import measure
+    from prunetune.pruning.train import pretrain, pretrain_path
 
     path = pretrain_path(model_name, data_key, recipe, seed, cache_dir)
     cached = path.exists()

@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 
 def new_temp_dir() -> str:
@@ -34,7 +34,12 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                   configure_logging=True)
     if address:
-        from cluster.loopback import host_of, is_loopback, keep_loopback_addresses, nodes_on_loopback
+        from prunetune.cluster.loopback import (
+            host_of,
+            is_loopback,
+            keep_loopback_addresses,
+            nodes_on_loopback,
+        )
 
         check_reachable(address)
         if is_loopback(host_of(address)) and nodes_on_loopback(address):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 
 def join_uri(uri: str, name: str) -> str:

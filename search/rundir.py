@@ -16,8 +16,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pruning.errors import UserError
-from tracking.rundir import CONFIG_FILE, META_FILE, META_FORMAT, SPACE_FILE, SUMMARY_FILE, read_meta
+from prunetune.pruning.errors import UserError
+from prunetune.tracking.rundir import CONFIG_FILE, META_FILE, META_FORMAT, SPACE_FILE, SUMMARY_FILE, read_meta
 
 DRIVER_FILE = "driver.json"
 
@@ -41,7 +41,7 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 def create_run_dir(run_dir: Path, *, cfg, space: dict) -> None:
     """Make the directory with the resolved config and the space (not yet a run: no prunetune.json)."""
-    from search.config import dump_config
+    from prunetune.search.config import dump_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / CONFIG_FILE)
@@ -102,7 +102,7 @@ def _is_prunetune_process(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return True  # no /proc: trust the pid
-    return "prunetune" in cmdline or "search.cli" in cmdline or "pytest" in cmdline
+    return "prunetune" in cmdline or "prunetune.search.cli" in cmdline or "pytest" in cmdline
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

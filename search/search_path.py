@@ -40,7 +40,7 @@ class SearchPathLogger:
             return
         try:
             if self._tracker is None:
-                from tracking.tracker import Tracker
+                from prunetune.tracking.tracker import Tracker
 
                 self._tracker = Tracker(self.tracking_uri, self.experiment)
             self._tracker.log_parent_step(self.parent_run_id, path_metrics(row), step=int(row["round"]))

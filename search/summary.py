@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from search.callbacks import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
-from tracking.pareto import pareto_front
+from prunetune.search.callbacks import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
+from prunetune.tracking.pareto import pareto_front
 
 
 def _point(record: Mapping) -> dict:

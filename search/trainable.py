@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from search.trial import TrialSetup
+from prunetune.search.trial import TrialSetup
 
 
 def policy_trainable(config: dict, setup: TrialSetup) -> None:
@@ -26,8 +26,8 @@ def policy_trainable(config: dict, setup: TrialSetup) -> None:
     import torch
     from ray import tune
 
-    from pruning.policy import Policy
-    from search.trial import run_trial
+    from prunetune.pruning.policy import Policy
+    from prunetune.search.trial import run_trial
 
     torch.set_num_threads(max(1, setup.threads))
     policy = Policy.from_json(config["policy"])
@@ -47,7 +47,7 @@ def learner_trainable(config: dict, setup: TrialSetup, job) -> None:
     import torch
     from ray import tune
 
-    from search.learner_trial import run_learner_trial
+    from prunetune.search.learner_trial import run_learner_trial
 
     torch.set_num_threads(max(1, setup.threads))
     checkpoint = tune.get_checkpoint()

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruning.data import Splits, make_loader
-from pruning.policy import Policy
-from pruning.space import SearchSpace
-from pruning.train import TrainRecipe
+from prunetune.pruning.data import Splits, make_loader
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace
+from prunetune.pruning.train import TrainRecipe
 
 CHECKPOINT_MODEL = "model.pt"
 CHECKPOINT_STATE = "trainer.pt"
@@ -50,7 +50,7 @@ Report = Callable[[dict, Callable[[Path], None] | None], None]
 
 
 def build_base_model(setup: TrialSetup) -> nn.Module:
-    from pruning.models import create_model
+    from prunetune.pruning.models import create_model
 
     model = create_model(setup.arch["name"], num_classes=setup.arch["num_classes"],
                          in_channels=setup.arch["in_channels"])
@@ -71,8 +71,8 @@ def calibration_batches(setup: TrialSetup) -> list[tuple[torch.Tensor, torch.Ten
 
 def prune_for_trial(setup: TrialSetup, policy: Policy) -> nn.Module:
     """The base model pruned to ``policy`` with the search's criterion, BatchNorm recalibrated."""
-    from pruning.surgery import prune
-    from pruning.train import recalibrate_bn
+    from prunetune.pruning.surgery import prune
+    from prunetune.pruning.train import recalibrate_bn
 
     base = build_base_model(setup)
     pruned = prune(base, setup.space, policy, setup.importance, calibration_batches(setup))
@@ -91,9 +91,9 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
     only; None with ``evaluate_test=False``, a searcher's proxy trial), ``macs``, ``params``,
     ``latency_ms`` and their ratios to the base model.
     """
-    from pruning.measure import measure
-    from pruning.surgery import load_pruned
-    from pruning.train import Trainer, evaluate
+    from prunetune.pruning.measure import measure
+    from prunetune.pruning.surgery import load_pruned
+    from prunetune.pruning.train import Trainer, evaluate
 
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -142,7 +142,7 @@ def _size_metrics(setup: TrialSetup, policy: Policy) -> dict:
 
 def _checkpoint_writer(setup: TrialSetup, policy: Policy, trainer, history: list[dict]):
     """A function that writes the pruned model and the trainer state into a checkpoint directory."""
-    from pruning.surgery import save_pruned
+    from prunetune.pruning.surgery import save_pruned
 
     def write(directory: Path) -> None:
         save_pruned(Path(directory) / CHECKPOINT_MODEL, trainer.model, arch=setup.arch,

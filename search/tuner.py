@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from search.trial import TrialSetup
+from prunetune.search.trial import TrialSetup
 
 
 def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink=None):
@@ -19,10 +19,10 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
     A searcher whose options take a ``criterion`` ranks by the search's importance; ``path_sink``
     receives the searcher's path rows (``search.search_path``).
     """
-    from methods.registry import get_method, make_searcher, start_policy_for
-    from search.adapter import PolicySearcherAdapter
-    from search.config import resolved_importance
-    from search.optuna_space import make_optuna_search
+    from prunetune.methods.registry import get_method, make_searcher, start_policy_for
+    from prunetune.search.adapter import PolicySearcherAdapter
+    from prunetune.search.config import resolved_importance
+    from prunetune.search.optuna_space import make_optuna_search
 
     spec = get_method(cfg.method)
     options = {**(asdict(cfg.method_options) if cfg.method_options is not None else {})}
@@ -47,8 +47,8 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
 
 def learner_job(cfg):
     """The learner, its options (the config's section, criterion from ``importance``) and the target."""
-    from search.config import resolved_importance
-    from search.learner_trial import LearnerJob
+    from prunetune.search.config import resolved_importance
+    from prunetune.search.learner_trial import LearnerJob
 
     options = asdict(cfg.method_options) if cfg.method_options is not None else {}
     return LearnerJob(cfg.method, {**options, "criterion": resolved_importance(cfg)}, cfg.macs_target)
@@ -56,7 +56,7 @@ def learner_job(cfg):
 
 def build_learner_search(cfg, space):
     """OptunaSearch over the learner's hyperparameter ranges, with the ``optuna`` section's sampler."""
-    from search.optuna_space import make_learner_search
+    from prunetune.search.optuna_space import make_learner_search
 
     learner = learner_job(cfg).learner()
     learner.check(space, cfg.macs_target)  # before any trial: can it meet the target at all?
@@ -69,8 +69,8 @@ def build_scheduler(cfg):
     """ASHA on validation accuracy, one rung per fine-tuning epoch (searchers' proxy trials exempt), or FIFO."""
     from ray.tune.schedulers import FIFOScheduler
 
-    from search.config import resolved_scheduler
-    from search.schedulers import FullLengthASHA
+    from prunetune.search.config import resolved_scheduler
+    from prunetune.search.schedulers import FullLengthASHA
 
     if resolved_scheduler(cfg) != "asha":
         return FIFOScheduler()
@@ -84,8 +84,8 @@ def trainable_with_resources(cfg, setup: TrialSetup):
     """The trial function bound to the shared setup (stored once in Ray's object store)."""
     from ray import tune
 
-    from methods.registry import get_method
-    from search.trainable import learner_trainable, policy_trainable
+    from prunetune.methods.registry import get_method
+    from prunetune.search.trainable import learner_trainable, policy_trainable
 
     resources = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
     if get_method(cfg.method).kind == "learner":  # learn the policy first (search.learner_trial)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.processes import ProcessRecord, session_members
+from prunetune.cluster.processes import ProcessRecord, session_members
 
 # Nodes declared dead after ~1.5 s of failed health checks instead of Ray's ~15 s: the cluster
 # tests kill nodes on purpose. Read by the head's GCS, so it is set when the cluster starts.
@@ -32,14 +32,14 @@ def base_env(cache: Path) -> dict:
 
 def cli(args: list[str], *, env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``prunetune ARGS`` in a fresh process with ``env``; returns the completed process (text output)."""
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "prunetune.search.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def start_cli(args: list[str], *, env: dict, cwd: Path, log: Path) -> subprocess.Popen:
     """``prunetune ARGS`` in the background, output to ``log``, in its own process group."""
     handle = open(log, "w")  # noqa: SIM115 - closed with the process by the caller's cleanup
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=env, stdout=handle,
+    return subprocess.Popen([sys.executable, "-m", "prunetune.search.cli", *args], cwd=cwd, env=env, stdout=handle,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -100,7 +100,7 @@ def recorded_processes(state: dict) -> list[ProcessRecord]:
 
 def all_members(state: dict) -> dict[int, int]:
     """``{pid: start time}`` of every live process in the sessions of the recorded processes."""
-    from cluster.processes import start_time
+    from prunetune.cluster.processes import start_time
 
     members = {}
     for record in recorded_processes(state):
@@ -113,7 +113,7 @@ def all_members(state: dict) -> dict[int, int]:
 
 def still_running(members: dict[int, int]) -> list[int]:
     """The PIDs of ``members`` that still run as the same process (same start time), zombies aside."""
-    from cluster.processes import PROC, start_time
+    from prunetune.cluster.processes import PROC, start_time
 
     alive = []
     for pid, started in members.items():

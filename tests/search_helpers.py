@@ -23,14 +23,14 @@ def cli_env(cache: Path) -> dict:
 
 def run_cli(args: list[str], *, cache: Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``prunetune ARGS`` in a fresh process; returns the completed process (text output)."""
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=cli_env(cache),
+    return subprocess.run([sys.executable, "-m", "prunetune.search.cli", *args], cwd=cwd, env=cli_env(cache),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def start_cli(args: list[str], *, cache: Path, cwd: Path, log: Path) -> subprocess.Popen:
     """``prunetune ARGS`` in the background, output to ``log``, in its own process group."""
     handle = open(log, "w")  # noqa: SIM115 - closed with the process by the caller's cleanup
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd, env=cli_env(cache),
+    return subprocess.Popen([sys.executable, "-m", "prunetune.search.cli", *args], cwd=cwd, env=cli_env(cache),
                             stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 

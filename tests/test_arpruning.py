@@ -13,13 +13,13 @@ import json
 import pytest
 import torch
 
-from methods.arpruning import ArpruningOptions, ArpruningSearcher
-from methods.neighbourhood import is_finest_step, macs_ratio_of, move_channels, neighbour
-from methods.proxy import proxy_epochs
-from methods.registry import make_searcher, start_policy_for
-from pruning.errors import UserError
-from pruning.importance import attention_scores, get_criterion
-from pruning.space import Group, LayerCost, SearchSpace, policy_from_channels
+from prunetune.methods.arpruning import ArpruningOptions, ArpruningSearcher
+from prunetune.methods.neighbourhood import is_finest_step, macs_ratio_of, move_channels, neighbour
+from prunetune.methods.proxy import proxy_epochs
+from prunetune.methods.registry import make_searcher, start_policy_for
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.importance import attention_scores, get_criterion
+from prunetune.pruning.space import Group, LayerCost, SearchSpace, policy_from_channels
 from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli
 
 # -- a hand-built space: one linear layer per group, so MACs are a weighted count of channels ----
@@ -74,8 +74,8 @@ def test_attention_p_must_be_one_or_two():
 
 def test_attention_criterion_ranks_the_channels_of_a_model_by_their_batchnorm_outputs():
     """In a conv-BN net, a channel whose BN output is zero scores 0; one that alone lights a spot ranks first."""
-    from pruning.dependency import tp_group, trace_graph, trace_groups
-    from pruning.models import classifier_layer
+    from prunetune.pruning.dependency import tp_group, trace_graph, trace_groups
+    from prunetune.pruning.models import classifier_layer
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
@@ -245,8 +245,8 @@ def test_a_search_killed_mid_round_and_resumed_makes_the_same_moves(cut):
 
 
 def test_start_policies_global_with_attention_and_uniform():
-    from pruning.dependency import build_space
-    from pruning.models import create_model
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.models import create_model
 
     model = create_model("tiny_resnet")
     space = build_space(model, "tiny_resnet", (3, 16, 16))
@@ -267,7 +267,7 @@ def test_start_policies_global_with_attention_and_uniform():
 
 
 def test_config_section_importance_default_and_bad_values():
-    from search.config import load_config, resolved_importance
+    from prunetune.search.config import load_config, resolved_importance
 
     cfg = load_config(sets=["method=arpruning", "arpruning.proxy=epochs:2", "arpruning.neighbours=4"])
     assert resolved_importance(cfg) == "attention"
@@ -286,8 +286,8 @@ def test_config_section_importance_default_and_bad_values():
 
 
 def test_adapter_passes_the_proxy_length_and_hands_each_path_row_on_once(tmp_path):
-    from search.adapter import PolicySearcherAdapter
-    from search.search_path import path_metrics
+    from prunetune.search.adapter import PolicySearcherAdapter
+    from prunetune.search.search_path import path_metrics
 
     space, searcher = synthetic_searcher(budget=8, concurrency=2)
     rows = []
@@ -328,7 +328,7 @@ def test_asha_leaves_proxy_trials_alone():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from search.schedulers import FullLengthASHA
+    from prunetune.search.schedulers import FullLengthASHA
 
     scheduler = FullLengthASHA(time_attr="training_iteration", metric="val_accuracy", mode="max", max_t=4,
                                grace_period=1, reduction_factor=2)

@@ -8,21 +8,21 @@ from functools import cache
 import pytest
 import torch
 
-from methods.global_threshold import (
+from prunetune.methods.global_threshold import (
     global_threshold_policy,
     group_scores,
     normalise_by_mean,
     threshold_policy,
     threshold_policy_for_target,
 )
-from methods.random_search import RandomOptions, RandomSearcher
-from methods.registry import make_searcher
-from methods.uniform import uniform_breakpoints, uniform_policy_for_target
-from pruning.dependency import build_space
-from pruning.errors import UserError
-from pruning.importance import get_criterion
-from pruning.models import create_model
-from pruning.policy import Policy
+from prunetune.methods.random_search import RandomOptions, RandomSearcher
+from prunetune.methods.registry import make_searcher
+from prunetune.methods.uniform import uniform_breakpoints, uniform_policy_for_target
+from prunetune.pruning.dependency import build_space
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.importance import get_criterion
+from prunetune.pruning.models import create_model
+from prunetune.pruning.policy import Policy
 
 SPACES = [("tiny_resnet", 1, 1), ("resnet20", 1, 1), ("resnet20", 4, 1), ("resnet20", 1, 4)]
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from pruning.dependency import build_space
-from pruning.models import create_model
-from pruning.surgery import load_pruned
-from search.cli import COMMANDS, build_parser, main
+from prunetune.pruning.dependency import build_space
+from prunetune.pruning.models import create_model
+from prunetune.pruning.surgery import load_pruned
+from prunetune.search.cli import COMMANDS, build_parser, main
 
 MODEL = "tiny_resnet"
 DATA = ["--dataset", "digits", "--image-size", "8"]
@@ -77,7 +77,7 @@ def test_help_answers_fast_and_lists_the_commands():
 
 
 def test_importing_the_cli_imports_no_heavy_package():
-    code = ("import sys, search.cli; "
+    code = ("import sys, prunetune.search.cli; "
             "print(sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow', 'optuna') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr

@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.local import start_tracking_server, stop_tracking_server
-from cluster.processes import ProcessRecord, signal_session, wait_gone
+from prunetune.cluster.local import start_tracking_server, stop_tracking_server
+from prunetune.cluster.processes import ProcessRecord, signal_session, wait_gone
 from tests.cluster_helpers import (
     all_members,
     base_env,

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from cluster.postgres import find_binaries
+from prunetune.cluster.postgres import find_binaries
 from tests.cluster_helpers import all_members, base_env, cli, listening_sockets, still_running
 
 pytestmark = [
@@ -22,7 +22,7 @@ pytestmark = [
 def test_a_postgres_backed_cluster_keeps_runs_in_postgres_and_stops_whole(tmp_path):
     import psycopg2
 
-    from tracking import Tracker
+    from prunetune.tracking import Tracker
 
     directory = tmp_path / "cluster"
     env = {**base_env(tmp_path / "cache"), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.auth import Auth, cluster_auth, driver_environment, node_environment
-from cluster.loopback import host_of, is_loopback
-from cluster.ports import free_ports, listening
-from cluster.processes import ProcessRecord, is_running, session_members, spawn, stop
-from cluster.ray_nodes import NODE_PORTS, node_spec, ray_start_command
-from cluster.state import ClusterState, TrackingService, read_state, write_state
-from pruning.errors import UserError
-from search.cli import main
+from prunetune.cluster.auth import Auth, cluster_auth, driver_environment, node_environment
+from prunetune.cluster.loopback import host_of, is_loopback
+from prunetune.cluster.ports import free_ports, listening
+from prunetune.cluster.processes import ProcessRecord, is_running, session_members, spawn, stop
+from prunetune.cluster.ray_nodes import NODE_PORTS, node_spec, ray_start_command
+from prunetune.cluster.state import ClusterState, TrackingService, read_state, write_state
+from prunetune.pruning.errors import UserError
+from prunetune.search.cli import main
 
 
 def test_a_spawned_session_is_found_whole_and_stopped_by_pid(tmp_path):
@@ -80,7 +80,7 @@ def test_a_cluster_gets_an_owner_only_token_unless_auth_is_off(tmp_path):
 def _state(tmp_path: Path) -> ClusterState:
     head = node_spec("head", head=True, cpus=0, gpus=0, temp_dir="/tmp/ptc-x/h", object_store_bytes=1 << 27,
                      host="127.0.0.1")
-    from cluster.ray_nodes import RayNode
+    from prunetune.cluster.ray_nodes import RayNode
 
     record = ProcessRecord(name="ray node head", pid=123, start_time=456, log=str(tmp_path / "head.log"))
     tracking = TrackingService(uri="http://127.0.0.1:5000", port=5000, backend="sqlite",
@@ -115,7 +115,7 @@ def test_node_command_lines_name_every_port_and_keep_loopback():
     head_command = ray_start_command(head, host="127.0.0.1", head_port=7000)
     worker_command = ray_start_command(worker, host="127.0.0.1", address="127.0.0.1:7000")
     for command, spec in ((head_command, head), (worker_command, worker)):
-        assert command[:3] == [sys.executable, "-m", "cluster.ray_start"] and "--block" in command
+        assert command[:3] == [sys.executable, "-m", "prunetune.cluster.ray_start"] and "--block" in command
         assert command[command.index("--node-ip-address") + 1] == "127.0.0.1"
         assert command[command.index("--temp-dir") + 1] == spec.temp_dir
         for flag, port in spec.ports.items():
@@ -155,7 +155,7 @@ def test_status_and_down_without_a_cluster_say_so(tmp_path, capsys):
 
 
 def test_the_cluster_directory_comes_from_the_environment(tmp_path, monkeypatch):
-    from cluster.state import cluster_dir
+    from prunetune.cluster.state import cluster_dir
 
     monkeypatch.setenv("PRUNETUNE_CLUSTER_DIR", str(tmp_path / "env"))
     assert cluster_dir(None) == (tmp_path / "env").resolve()
@@ -168,13 +168,13 @@ def test_the_cluster_directory_comes_from_the_environment(tmp_path, monkeypatch)
     ("auto", 0.5, "cuda"), ("auto", 1.0, "cuda"), ("cuda", 0.25, "cuda"), ("cpu", 0.5, "cpu"), ("auto", 0.0, "cpu"),
 ])
 def test_a_trial_uses_the_gpu_ray_gave_it_whatever_the_drivers_machine_has(device, gpus, expected):
-    from search.prepare import trial_device
+    from prunetune.search.prepare import trial_device
 
     assert trial_device(device, gpus=gpus) == expected  # decided without torch.cuda on the driver
 
 
 def test_workers_get_disjoint_gpus_or_a_clear_error(monkeypatch):
-    import cluster.local as local
+    import prunetune.cluster.local as local
 
     monkeypatch.setattr(local, "_gpu_count", lambda: 4)
     assert local._gpu_assignment(local.LocalClusterSpec(workers=2, gpus_per_worker=2)) == ["0,1", "2,3"]

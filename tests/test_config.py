@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pruning.errors import UserError
-from search.config import (
+from prunetune.pruning.errors import UserError
+from prunetune.search.config import (
     METHOD_SECTIONS,
     FinetuneSection,
     MethodSections,
@@ -415,7 +415,7 @@ def test_describe_config_documents_every_key():
 
 
 def test_recipe_kwargs_match_the_train_recipe():
-    from pruning.train import TrainRecipe
+    from prunetune.pruning.train import TrainRecipe
 
     cfg = _cfg()
     assert TrainRecipe(**cfg.pretrain.recipe_kwargs()).epochs == 15
@@ -450,7 +450,7 @@ def test_config_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, search.config; sys.exit(1 if {'torch', 'ray', 'mlflow'} & set(sys.modules) else 0)"
+    code = "import sys, prunetune.search.config; sys.exit(1 if {'torch', 'ray', 'mlflow'} & set(sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pruning.data import (
+from prunetune.pruning.data import (
     AUGMENTS,
     TensorImages,
     dataset_names,
@@ -17,7 +17,7 @@ from pruning.data import (
     random_crop,
     random_flip,
 )
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 
 def _row_hashes(dataset: TensorImages) -> set[str]:

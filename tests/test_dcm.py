@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods.channel_mask import ChannelMasks, ranks_from_scores, soft_mask
-from methods.dcm import DcmLearner, policy_meeting_target, rounded_policy
-from methods.dcm_options import DcmOptions
-from methods.learner import HParamRange, LearnData
-from methods.macs_term import MacsTerm
-from methods.registry import make_learner
-from pruning.data import load_dataset
-from pruning.errors import UserError
-from pruning.policy import Policy
-from pruning.train import TrainRecipe, pretrain
-from search.prepare import model_space
+from prunetune.methods.channel_mask import ChannelMasks, ranks_from_scores, soft_mask
+from prunetune.methods.dcm import DcmLearner, policy_meeting_target, rounded_policy
+from prunetune.methods.dcm_options import DcmOptions
+from prunetune.methods.learner import HParamRange, LearnData
+from prunetune.methods.macs_term import MacsTerm
+from prunetune.methods.registry import make_learner
+from prunetune.pruning.data import load_dataset
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.train import TrainRecipe, pretrain
+from prunetune.search.prepare import model_space
 
 TARGET = 0.5
 HPARAMS = {"lambda": 200.0, "k": 1, "temperature_start": 1.0, "temperature_end": 0.02, "target_margin": 0.0}
@@ -55,9 +55,9 @@ def learn(digits, options: DcmOptions, hparams: dict, reports: list | None = Non
 
 @pytest.mark.parametrize("model_name", ["small_cnn", "tiny_resnet", "tiny_mobilenet", "tiny_concat"])
 def test_macs_term_is_the_space_estimate_and_the_measured_macs(model_name):
-    from pruning.measure import count_macs
-    from pruning.models import create_model
-    from pruning.surgery import prune
+    from prunetune.pruning.measure import count_macs
+    from prunetune.pruning.models import create_model
+    from prunetune.pruning.surgery import prune
 
     info = load_dataset("digits", image_size=8).info
     model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
@@ -123,7 +123,7 @@ def test_ranks_follow_a_weight_change(digits):
 
 def test_masks_cut_channels_as_pruning_would(digits):
     """A hard mask on every group gives the pruned model's outputs (before any retraining)."""
-    from pruning.surgery import prune
+    from prunetune.pruning.surgery import prune
 
     model, splits, space, _ = digits
     copy = pickle.loads(pickle.dumps(model)).eval()
@@ -200,7 +200,7 @@ def test_bad_options_are_one_line_user_errors(bad):
 
 
 def test_config_section_checks_the_ranges_before_anything_starts():
-    from search.config import load_config
+    from prunetune.search.config import load_config
 
     cfg = load_config(sets=["method=dcm", "dcm.k_max=2", "dcm.lambda_min=5"], names=False)
     assert cfg.method_options.k_max == 2 and cfg.method_options.lambda_min == 5.0
@@ -222,7 +222,7 @@ def test_hparams_outside_their_ranges_and_unreachable_targets_are_refused(digits
 def test_optuna_samples_the_declared_ranges():
     import optuna
 
-    from search.optuna_space import define_learner_space, make_learner_search
+    from prunetune.search.optuna_space import define_learner_space, make_learner_search
 
     ranges = DcmOptions(k_min=2, k_max=2).hparam_ranges()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
@@ -246,8 +246,8 @@ def test_asha_counts_fine_tuning_epochs_not_learning_reports():
 
     from ray.tune.schedulers import TrialScheduler
 
-    from search.config import load_config
-    from search.tuner import build_scheduler
+    from prunetune.search.config import load_config
+    from prunetune.search.tuner import build_scheduler
 
     scheduler = build_scheduler(load_config(sets=["method=dcm", "finetune.epochs=4", "scheduler=asha"],
                                             names=False))
@@ -269,7 +269,8 @@ def test_the_learner_path_imports_neither_ray_nor_mlflow():
     import subprocess
     import sys
 
-    code = ("import sys, methods.registry, methods.dcm, search.learner_trial, tracking.learning; "
+    code = ("import sys, prunetune.methods.registry, prunetune.methods.dcm, prunetune.search.learner_trial, "
+            "prunetune.tracking.learning; "
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -280,8 +281,8 @@ def test_the_learner_path_imports_neither_ray_nor_mlflow():
 
 @pytest.fixture(scope="module")
 def trial_setup(digits):
-    from pruning.measure import measure
-    from search.trial import TrialSetup
+    from prunetune.pruning.measure import measure
+    from prunetune.search.trial import TrialSetup
 
     model, splits, space, metrics = digits
     measured = measure(model, space.input_shape, batch_size=64, repeats=2)
@@ -299,7 +300,7 @@ class Interrupted(RuntimeError):
 def run_and_keep_checkpoints(setup, job, config, folder: Path, *, stop_after: int | None = None,
                              checkpoint_dir: Path | None = None):
     """Run a learner trial; every checkpoint is written to ``folder/<n>``; stop after ``stop_after``."""
-    from search.learner_trial import run_learner_trial
+    from prunetune.search.learner_trial import run_learner_trial
 
     reports = []
 
@@ -320,7 +321,7 @@ def run_and_keep_checkpoints(setup, job, config, folder: Path, *, stop_after: in
 
 
 def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(trial_setup, tmp_path):
-    from search.learner_trial import LEARNED_FILE, LEARNER_STATE, LearnerJob
+    from prunetune.search.learner_trial import LEARNED_FILE, LEARNER_STATE, LearnerJob
 
     job = LearnerJob("dcm", {"checkpoint_every": 4, "rank_every": 3, "criterion": "bn_scale"}, TARGET)
     config = {**HPARAMS, "k": 2, "learner": "dcm", "seed": 0}
@@ -350,7 +351,7 @@ def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(trial
 
 
 def test_a_learner_trial_refuses_another_learners_checkpoint(trial_setup, tmp_path):
-    from search.learner_trial import LEARNER_STATE, LearnerJob
+    from prunetune.search.learner_trial import LEARNER_STATE, LearnerJob
 
     job = LearnerJob("dcm", {"checkpoint_every": 4}, TARGET)
     run_and_keep_checkpoints(trial_setup, job, {**HPARAMS}, tmp_path / "a", stop_after=1)

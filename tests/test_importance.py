@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pruning.dependency import tp_group, trace_graph, trace_groups
-from pruning.errors import UserError
-from pruning.importance import attention_scores, criterion_names, get_criterion
-from pruning.models import classifier_layer, create_model
+from prunetune.pruning.dependency import tp_group, trace_graph, trace_groups
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.importance import attention_scores, criterion_names, get_criterion
+from prunetune.pruning.models import classifier_layer, create_model
 
 
 def test_attention_ranks_the_channel_that_shapes_the_map_first():

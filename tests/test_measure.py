@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.errors import UserError
-from pruning.measure import Measurement, count_macs, count_params, layer_macs, measure, measure_latency
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.measure import (
+    Measurement,
+    count_macs,
+    count_params,
+    layer_macs,
+    measure,
+    measure_latency,
+)
 
 
 def tiny_net() -> nn.Sequential:

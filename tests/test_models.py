@@ -5,8 +5,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from pruning.errors import UserError
-from pruning.models import (
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.models import (
     classifier_layer,
     create_model,
     drop_blocks,

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from pruning.dependency import build_space
-from pruning.errors import UserError
-from pruning.models import create_model
-from pruning.policy import Policy
+from prunetune.pruning.dependency import build_space
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.models import create_model
+from prunetune.pruning.policy import Policy
 
 
 @pytest.fixture(scope="module")

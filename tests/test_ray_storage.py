@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from search.ray_session import kill_leftover_ray
-from search.ray_storage import join_uri
+from prunetune.search.ray_session import kill_leftover_ray
+from prunetune.search.ray_storage import join_uri
 from tests.search_helpers import QUICK, assert_user_error, read_jsonl, run_cli, start_cli, wait_for_records
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from search.ray_session import kill_leftover_ray, processes_using
+from prunetune.search.ray_session import kill_leftover_ray, processes_using
 from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli, start_cli, wait_for_records
 
 pytestmark = pytest.mark.slow

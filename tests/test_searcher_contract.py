@@ -15,11 +15,11 @@ from functools import cache
 
 import pytest
 
-from methods.registry import METHODS, get_method, make_searcher, method_names, start_policy_for
-from methods.searcher import DEFAULT_TOLERANCE, Proposal, Searcher
-from pruning.dependency import build_space
-from pruning.errors import UserError
-from pruning.models import create_model
+from prunetune.methods.registry import METHODS, get_method, make_searcher, method_names, start_policy_for
+from prunetune.methods.searcher import DEFAULT_TOLERANCE, Proposal, Searcher
+from prunetune.pruning.dependency import build_space
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.models import create_model
 
 TARGET = 0.5
 BUDGET = 6

@@ -4,12 +4,12 @@ import random
 
 import pytest
 
-from pruning.dependency import build_space
-from pruning.measure import count_macs, count_params
-from pruning.models import create_model
-from pruning.policy import Policy
-from pruning.space import SearchSpace, policy_from_channels
-from pruning.surgery import prune
+from prunetune.pruning.dependency import build_space
+from prunetune.pruning.measure import count_macs, count_params
+from prunetune.pruning.models import create_model
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import SearchSpace, policy_from_channels
+from prunetune.pruning.surgery import prune
 
 
 def make_space(name, size=16):

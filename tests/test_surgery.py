@@ -5,12 +5,12 @@ import random
 import pytest
 import torch
 
-from pruning.dependency import build_space
-from pruning.errors import UserError
-from pruning.measure import count_params
-from pruning.models import create_model
-from pruning.policy import Policy
-from pruning.surgery import load_pruned, prune, realized_channels, save_pruned
+from prunetune.pruning.dependency import build_space
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.measure import count_params
+from prunetune.pruning.models import create_model
+from prunetune.pruning.policy import Policy
+from prunetune.pruning.surgery import load_pruned, prune, realized_channels, save_pruned
 
 MODELS = ["tiny_resnet", "tiny_mobilenet", "tiny_concat", "resnet20", "vgg11", "mobilenetv2"]
 

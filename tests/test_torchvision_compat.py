@@ -23,7 +23,7 @@ def _run_fresh(code: str) -> str:
 def test_resnet18_runs_a_forward_pass_and_a_second_import_is_harmless():
     out = _run_fresh(
         "import torch\n"
-        "from pruning.torchvision_compat import import_torchvision\n"
+        "from prunetune.pruning.torchvision_compat import import_torchvision\n"
         "tv = import_torchvision()\n"
         "again = import_torchvision()\n"
         "assert again is tv\n"
@@ -38,7 +38,7 @@ def test_resnet18_runs_a_forward_pass_and_a_second_import_is_harmless():
 def test_schemas_are_defined_at_most_once_and_only_when_ops_are_missing():
     out = _run_fresh(
         "import torch\n"
-        "from pruning import torchvision_compat as compat\n"
+        "from prunetune.pruning import torchvision_compat as compat\n"
         "loads = compat._torchvision_ops_available()\n"
         "compat.import_torchvision()\n"
         "first = compat._SCHEMA_LIBRARY\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pruning.errors import UserError
-from tracking import (
+from prunetune.pruning.errors import UserError
+from prunetune.tracking import (
     Tracker,
     check_tracking_uri,
     default_tracking_uri,
@@ -20,8 +20,8 @@ from tracking import (
     plot_pareto,
     sync_run_dir,
 )
-from tracking.names import flatten, mlflow_key
-from tracking.rundir import read_trials
+from prunetune.tracking.names import flatten, mlflow_key
+from prunetune.tracking.rundir import read_trials
 
 GROUPS = ("layer1.0.conv1", "features[3]", "fc/out")
 STATUSES = ("finished", "failed", "stopped")
@@ -359,7 +359,7 @@ def test_names_are_made_valid_mlflow_keys() -> None:
 
 
 def test_importing_tracking_imports_neither_mlflow_nor_matplotlib() -> None:
-    code = "import sys, tracking; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
+    code = "import sys, prunetune.tracking; print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

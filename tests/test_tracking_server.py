@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.ports import free_ports
-from cluster.processes import session_members, stop
-from cluster.tracking_server import server_uri, start_tracking_server
-from tracking import Tracker, check_tracking_uri
+from prunetune.cluster.ports import free_ports
+from prunetune.cluster.processes import session_members, stop
+from prunetune.cluster.tracking_server import server_uri, start_tracking_server
+from prunetune.tracking import Tracker, check_tracking_uri
 
 pytestmark = pytest.mark.slow
 

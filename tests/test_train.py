@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.data import load_dataset
-from pruning.errors import UserError
-from pruning.train import (
+from prunetune.pruning.data import load_dataset
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.train import (
     EpochReport,
     Trainer,
     TrainRecipe,

@@ -6,11 +6,11 @@ runs (one parent run, one child run per trial, found again by tags, never duplic
 only inside functions, so importing it is cheap.
 """
 
-from tracking.pareto import pareto_front
-from tracking.plots import plot_pareto
-from tracking.sync import SyncReport, sync_run_dir
-from tracking.tracker import Tracker
-from tracking.uri import check_tracking_uri, default_tracking_uri
+from prunetune.tracking.pareto import pareto_front
+from prunetune.tracking.plots import plot_pareto
+from prunetune.tracking.sync import SyncReport, sync_run_dir
+from prunetune.tracking.tracker import Tracker
+from prunetune.tracking.uri import check_tracking_uri, default_tracking_uri
 
 __all__ = [
     "SyncReport",

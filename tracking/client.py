@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pruning.errors import UserError
-from tracking.uri import sqlite_file, uri_scheme
+from prunetune.pruning.errors import UserError
+from prunetune.tracking.uri import sqlite_file, uri_scheme
 
 if TYPE_CHECKING:
     from mlflow.entities import Run

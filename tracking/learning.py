@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tracking.names import metric_value, mlflow_key
-from tracking.trial_payload import MetricPoint, duration_ms
+from prunetune.tracking.names import metric_value, mlflow_key
+from prunetune.tracking.trial_payload import MetricPoint, duration_ms
 
 PREFIX = "learn."
 KEEP_PREFIX = "keep."

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tracking.names import is_number
+from prunetune.tracking.names import is_number
 
 
 def pareto_front(

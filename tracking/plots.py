@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tracking.names import is_number
-from tracking.pareto import pareto_front
+from prunetune.tracking.names import is_number
+from prunetune.tracking.pareto import pareto_front
 
 
 def plot_pareto(

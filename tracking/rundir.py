@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracking.rundir import PARETO_PNG, RunDirContents, read_run_dir, write_parent_run_id
-from tracking.tags import TAG_LOGGED
-from tracking.tracker import Tracker
-from tracking.uri import check_tracking_uri
+from prunetune.tracking.rundir import PARETO_PNG, RunDirContents, read_run_dir, write_parent_run_id
+from prunetune.tracking.tags import TAG_LOGGED
+from prunetune.tracking.tracker import Tracker
+from prunetune.tracking.uri import check_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def _sync_summary(tracker: Tracker, parent_id: str, run_dir: Path, contents: Run
 
 def _render_pareto(contents: RunDirContents, out_png: Path) -> Path:
     """Draw the Pareto plot from the finished trials' metrics."""
-    from tracking.plots import plot_pareto
+    from prunetune.tracking.plots import plot_pareto
 
     points = [record.get("metrics") or {} for record in contents.trials if record.get("status") == "finished"]
     summary = contents.summary or {}

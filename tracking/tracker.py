@@ -19,10 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tracking.client import ensure_experiment, make_client, search_runs_by_tags
-from tracking.learning import keep_ratio_curves, learning_metrics, trajectory
-from tracking.names import flatten, metric_value, mlflow_key, param_dict
-from tracking.tags import (
+from prunetune.tracking.client import ensure_experiment, make_client, search_runs_by_tags
+from prunetune.tracking.learning import keep_ratio_curves, learning_metrics, trajectory
+from prunetune.tracking.names import flatten, metric_value, mlflow_key, param_dict
+from prunetune.tracking.tags import (
     TAG_BEST_TRIAL,
     TAG_FINAL_STEP,
     TAG_LOGGED,
@@ -31,7 +31,7 @@ from tracking.tags import (
     TAG_RUN_UID,
     TAG_TRIAL_KEY,
 )
-from tracking.trial_payload import (
+from prunetune.tracking.trial_payload import (
     detail_tags,
     duration_ms,
     identity_tags,
@@ -221,7 +221,7 @@ class Tracker:
 
     def _log_learning_plot(self, run_id: str, record: Mapping[str, Any]) -> None:
         """A learner's keep-ratio curves as ``keep_ratios.png`` (drawn from the record's trajectory)."""
-        from tracking.plots import plot_keep_ratio_curves
+        from prunetune.tracking.plots import plot_keep_ratio_curves
 
         steps, curves = keep_ratio_curves(record)
         learning = record.get("learning") or {}

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from tracking.names import metric_value, mlflow_key, param_dict, param_value
-from tracking.tags import (
+from prunetune.tracking.names import metric_value, mlflow_key, param_dict, param_value
+from prunetune.tracking.tags import (
     TAG_FINAL_STEP,
     TAG_NODE,
     TAG_PARENT,

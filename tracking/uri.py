@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 HTTP_SCHEMES = ("http", "https")

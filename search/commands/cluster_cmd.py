@@ -14,8 +14,8 @@ import json
 import shlex
 import sys
 
-from pruning.errors import UserError
-from search.commands.common import positive_int
+from prunetune.pruning.errors import UserError
+from prunetune.search.commands.common import positive_int
 
 NAME = "cluster"
 
@@ -73,9 +73,9 @@ def _log(message: str) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from cluster.local import LocalClusterSpec, up
-    from cluster.loopback import is_loopback
-    from cluster.state import cluster_dir
+    from prunetune.cluster.local import LocalClusterSpec, up
+    from prunetune.cluster.loopback import is_loopback
+    from prunetune.cluster.state import cluster_dir
 
     if not args.local:
         raise UserError("only local clusters start from this command: add --local; for the cloud run "
@@ -96,7 +96,7 @@ def run_up(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"address": state.address, "tracking_uri": state.tracking.uri}))
         return 0
-    from cluster.auth import driver_environment
+    from prunetune.cluster.auth import driver_environment
 
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in driver_environment(state.auth).items())
     print(f"Ray address:   {state.address}")
@@ -112,8 +112,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from cluster.local import down
-    from cluster.state import cluster_dir
+    from prunetune.cluster.local import down
+    from prunetune.cluster.state import cluster_dir
 
     directory = cluster_dir(args.dir)
     stopped = down(directory, log=_log)
@@ -125,8 +125,8 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from cluster.local import status
-    from cluster.state import cluster_dir
+    from prunetune.cluster.local import status
+    from prunetune.cluster.state import cluster_dir
 
     directory = cluster_dir(args.dir)
     report = status(directory)

@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from pruning.data import DatasetInfo, Splits
-    from pruning.space import SearchSpace
-    from pruning.train import EpochReport, TrainRecipe
+    from prunetune.pruning.data import DatasetInfo, Splits
+    from prunetune.pruning.space import SearchSpace
+    from prunetune.pruning.train import EpochReport, TrainRecipe
 
 CACHE_ENV = "PRUNETUNE_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/prunetune"
@@ -106,7 +106,7 @@ def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_model_name(name: str) -> None:
     """UserError listing the registered models unless ``name`` is one."""
-    from pruning.models import model_names
+    from prunetune.pruning.models import model_names
 
     if name not in model_names():
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_names())}")
@@ -151,7 +151,7 @@ def resolve_device(name: str) -> str:
 def load_splits(args: argparse.Namespace) -> Splits:
     """The dataset's train/val/test splits for --dataset, --data-root, --image-size (and, where the
     command has them, --seed and --data-fraction)."""
-    from pruning.data import load_dataset
+    from prunetune.pruning.data import load_dataset
 
     return load_dataset(args.dataset, root=args.data_root, seed=getattr(args, "seed", 0),
                         data_fraction=getattr(args, "data_fraction", 1.0), image_size=args.image_size)
@@ -164,8 +164,8 @@ def input_shape(info: DatasetInfo) -> tuple[int, int, int]:
 
 def build_model_space(model_name: str, info: DatasetInfo) -> SearchSpace:
     """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size."""
-    from pruning.dependency import build_space
-    from pruning.models import create_model
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.models import create_model
 
     model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
     return build_space(model, model_name, input_shape(info))
@@ -182,7 +182,7 @@ def dataset_key(args: argparse.Namespace, info: DatasetInfo) -> str:
 
 def pretrain_recipe(args: argparse.Namespace) -> TrainRecipe:
     """The base model's recipe: --pretrain-epochs of SGD with the default cosine schedule."""
-    from pruning.train import TrainRecipe
+    from prunetune.pruning.train import TrainRecipe
 
     return TrainRecipe(epochs=args.pretrain_epochs)
 
@@ -190,7 +190,7 @@ def pretrain_recipe(args: argparse.Namespace) -> TrainRecipe:
 def pretrained_base(args: argparse.Namespace, splits: Splits, device: str) -> tuple[nn.Module, dict]:
     """The trained base model and its {val_accuracy, test_accuracy, val_loss}: from the cache, or
     trained now (progress on stderr) and cached. A corrupt cache file is a UserError naming it."""
-    from pruning.train import pretrain, pretrain_path
+    from prunetune.pruning.train import pretrain, pretrain_path
 
     recipe = pretrain_recipe(args)
     key = dataset_key(args, splits.info)

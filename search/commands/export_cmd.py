@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pruning.errors import UserError
+from prunetune.pruning.errors import UserError
 
 NAME = "export"
 FORMATS = ("state", "torchscript")
@@ -32,9 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def find_trial(run_dir: Path, trial: str) -> dict:
     """The trials.jsonl record of ``trial`` ('best' or an id), which must have finished."""
-    from search.config import load_config
-    from search.summary import best_trial
-    from tracking.rundir import CONFIG_FILE, TRIALS_FILE, read_meta, read_trials
+    from prunetune.search.config import load_config
+    from prunetune.search.summary import best_trial
+    from prunetune.tracking.rundir import CONFIG_FILE, TRIALS_FILE, read_meta, read_trials
 
     read_meta(run_dir)
     records = read_trials(run_dir / TRIALS_FILE)
@@ -55,7 +55,7 @@ def find_trial(run_dir: Path, trial: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.trial import CHECKPOINT_MODEL
+    from prunetune.search.trial import CHECKPOINT_MODEL
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     out = Path(args.out).expanduser()
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     record = find_trial(run_dir, args.trial)
     with tempfile.TemporaryDirectory(prefix="prunetune-export-") as fetched:
         source = _checkpoint_model(run_dir, record, Path(fetched), CHECKPOINT_MODEL)
-        from pruning.surgery import load_pruned
+        from prunetune.pruning.surgery import load_pruned
 
         model, meta = load_pruned(source)
         model.eval()
@@ -88,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _checkpoint_model(run_dir: Path, record: dict, fetched: Path, filename: str) -> Path:
     """The trial's saved model: in its checkpoint folder, or fetched into ``fetched`` from ray_storage."""
-    from search.config import load_config
-    from tracking.rundir import CONFIG_FILE
+    from prunetune.search.config import load_config
+    from prunetune.tracking.rundir import CONFIG_FILE
 
     ray_storage = load_config(run_dir / CONFIG_FILE).ray_storage
     if ray_storage:
-        from search.ray_storage import fetch_checkpoint_file
+        from prunetune.search.ray_storage import fetch_checkpoint_file
 
         return fetch_checkpoint_file(ray_storage, record["checkpoint"], filename, fetched)
     source = Path(record["checkpoint"]) / filename
@@ -111,11 +111,11 @@ def check_test_accuracy(run_dir: Path, path: Path, fmt: str) -> float:
     """The exported model's accuracy on the run's test split."""
     import torch
 
-    from pruning.data import load_dataset
-    from pruning.surgery import load_pruned
-    from pruning.train import evaluate
-    from search.config import load_config
-    from tracking.rundir import CONFIG_FILE
+    from prunetune.pruning.data import load_dataset
+    from prunetune.pruning.surgery import load_pruned
+    from prunetune.pruning.train import evaluate
+    from prunetune.search.config import load_config
+    from prunetune.tracking.rundir import CONFIG_FILE
 
     cfg = load_config(run_dir / CONFIG_FILE)
     d = cfg.dataset

@@ -14,17 +14,17 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from pruning.errors import UserError
-from search.commands import common
+from prunetune.pruning.errors import UserError
+from prunetune.search.commands import common
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from torch import nn
 
-    from pruning.data import Splits
-    from pruning.policy import Policy
-    from pruning.space import SearchSpace
+    from prunetune.pruning.data import Splits
+    from prunetune.pruning.policy import Policy
+    from prunetune.pruning.space import SearchSpace
 
 NAME = "prune"
 DEFAULT_IMPORTANCE = "l1"
@@ -95,8 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Check every input, then pretrain (or load), prune, recover, score, save and print."""
-    from pruning.importance import get_criterion
-    from pruning.policy import Policy, check_keep_ratio
+    from prunetune.pruning.importance import get_criterion
+    from prunetune.pruning.policy import Policy, check_keep_ratio
 
     out = common.check_output_file(args.out)
     common.check_model_name(args.model)
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _policy_for(space: SearchSpace, requested: Policy | None, uniform: float | None) -> Policy:
     """The policy to apply, validated against ``space`` and stamped with its id."""
-    from pruning.policy import Policy
+    from prunetune.pruning.policy import Policy
 
     if requested is None:
         return Policy.uniform(space, uniform)
@@ -137,9 +137,9 @@ def _prune_and_recover(base_model: nn.Module, splits: Splits, space: SearchSpace
     """Prune to ``policy``, recalibrate BatchNorm, then fine-tune for --finetune-epochs."""
     from itertools import islice
 
-    from pruning.data import make_loader
-    from pruning.surgery import prune
-    from pruning.train import TrainRecipe, evaluate, recalibrate_bn, train
+    from prunetune.pruning.data import make_loader
+    from prunetune.pruning.surgery import prune
+    from prunetune.pruning.train import TrainRecipe, evaluate, recalibrate_bn, train
 
     batch_size = common.pretrain_recipe(args).batch_size
     calib = None
@@ -161,7 +161,7 @@ def _prune_and_recover(base_model: nn.Module, splits: Splits, space: SearchSpace
 
 def _score(model: nn.Module, splits: Splits, space: SearchSpace, device: str) -> Scores:
     """Evaluate ``model`` on the validation and test splits, then measure it."""
-    from pruning.train import evaluate
+    from prunetune.pruning.train import evaluate
 
     val_accuracy, _ = evaluate(model, splits.val, device=device)
     test_accuracy, _ = evaluate(model, splits.test, device=device)
@@ -171,7 +171,7 @@ def _score(model: nn.Module, splits: Splits, space: SearchSpace, device: str) ->
 def _measure(model: nn.Module, space: SearchSpace, val_accuracy: float, test_accuracy: float,
              device: str) -> Scores:
     """Scores from known accuracies plus measured MACs, parameters and batch-1 latency."""
-    from pruning.measure import count_macs, count_params, measure_latency
+    from prunetune.pruning.measure import count_macs, count_params, measure_latency
 
     return Scores(val_accuracy=val_accuracy, test_accuracy=test_accuracy,
                   macs=count_macs(model, space.input_shape), params=count_params(model),
@@ -181,7 +181,7 @@ def _measure(model: nn.Module, space: SearchSpace, val_accuracy: float, test_acc
 def _save(out: Path, model: nn.Module, args: argparse.Namespace, splits: Splits, space: SearchSpace,
           policy: Policy, base: Scores, pruned: Scores) -> None:
     """Write the pruned model with ``save_pruned`` (atomically), its scores in ``extra``."""
-    from pruning.surgery import save_pruned
+    from prunetune.pruning.surgery import save_pruned
 
     arch = {"name": args.model, "num_classes": splits.info.num_classes, "in_channels": splits.info.in_channels}
     extra = {"dataset": splits.info.name, "image_size": splits.info.image_size, "importance": args.importance,

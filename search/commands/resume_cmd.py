@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.commands.run_cmd import cache_dir
-    from search.driver import resume_search
+    from prunetune.search.commands.run_cmd import cache_dir
+    from prunetune.search.driver import resume_search
 
     return resume_search(args.run_dir, cache_dir=cache_dir(args.cache_dir))

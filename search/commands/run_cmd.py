@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from search.commands.common import positive_float, positive_int
+from prunetune.search.commands.common import positive_float, positive_int
 
 NAME = "run"
 
@@ -57,8 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.config import load_config
-    from search.driver import start_search
+    from prunetune.search.config import load_config
+    from prunetune.search.driver import start_search
 
     overrides = {key: getattr(args, key) for key, *_ in FLAGS.values() if getattr(args, key) is not None}
     cfg = load_config(args.config, overrides=overrides, sets=args.sets)
@@ -68,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
 def cache_dir(path: str | None):
     from pathlib import Path
 
-    from search.prepare import default_cache_dir
+    from prunetune.search.prepare import default_cache_dir
 
     return Path(path).expanduser() if path else default_cache_dir()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from search.commands import common
+from prunetune.search.commands import common
 
 NAME = "space"
 

@@ -17,8 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracking.sync import sync_run_dir
-    from tracking.uri import check_tracking_uri
+    from prunetune.tracking.sync import sync_run_dir
+    from prunetune.tracking.uri import check_tracking_uri
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     if args.tracking_uri:

@@ -1,0 +1,14 @@
+"""prunetune: layer-wise channel-pruning policy search for CNNs on Ray Tune, Optuna and MLflow.
+
+The repository's top-level folders install under this one namespace (pyproject.toml's
+``package-dir``): ``prunetune.pruning`` (the core), ``prunetune.methods``, ``prunetune.search``,
+``prunetune.cluster`` and ``prunetune.tracking``. A user's own ``search.py`` or ``methods/`` in the
+working directory therefore never shadows them, in the driver or in a Ray worker.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("prunetune")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
