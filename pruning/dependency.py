@@ -6,9 +6,10 @@ layers whose input channels it feeds (with how many). ``build_space`` turns that
 ``SearchSpace``; ``pruning.surgery`` uses the same groups to cut channels.
 
 A group is named after its first member in the model's module order (e.g. ``conv1`` for the
-residual stream of a CIFAR ResNet's first stage). That name is stable: the same architecture
-traced again, even with residual blocks dropped, gives the same names, because a group's first
-member is never inside a droppable block (that block would not have an identity shortcut).
+residual stream of a CIFAR ResNet's first stage), traced on the whole model. A model with blocks
+dropped can trace a group under another first member (a dropped downsampling block's stream
+group starts at its shortcut), so ``space_group_names`` maps traced groups to the space's names
+by their members, whose module paths dropping keeps (``models.drop_blocks``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from prunetune.pruning.errors import UserError
-from prunetune.pruning.space import Group, LayerCost, SearchSpace
+from prunetune.pruning.space import Block, Group, LayerCost, SearchSpace
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
@@ -95,14 +96,14 @@ def build_space(model: nn.Module, model_name: str, input_shape: tuple[int, int, 
     channels a group may keep; ``round_to`` rounds kept channels up to a multiple (e.g. 8 for GPUs).
     """
     from prunetune.pruning.measure import count_params, layer_macs
-    from prunetune.pruning.models import classifier_layer, droppable_blocks
+    from prunetune.pruning.models import classifier_layer, residual_blocks
 
     if round_to < 1 or min_channels < 1:
         raise UserError("round_to and min_channels must be at least 1")
     graph = trace_graph(model, input_shape)
     traced = trace_groups(model, graph, ignored=[classifier_layer(model)])
     macs = layer_macs(model, input_shape)
-    blocks = tuple(droppable_blocks(model))
+    found = residual_blocks(model)
 
     out_group, in_parts = {}, {}
     for tg in traced:
@@ -118,7 +119,7 @@ def build_space(model: nn.Module, model_name: str, input_shape: tuple[int, int, 
         parts = in_parts.get(name, [])
         fixed = in_total - sum(c for _, c in parts)
         all_parts = tuple(parts) + (((None, fixed),) if fixed > 0 else ())
-        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        block = next((b.name for b in found if not b.why_not and _in_branch(name, b)), None)
         layers.append(LayerCost(name, int(layer_cost), out_group.get(name), _out_channels(module),
                                 all_parts, is_depthwise(module), block))
 
@@ -129,8 +130,27 @@ def build_space(model: nn.Module, model_name: str, input_shape: tuple[int, int, 
                       if layer.out_group == tg.name or any(g == tg.name for g, _ in layer.in_parts))
         groups.append(Group(tg.name, tg.channels, min(min_channels, tg.channels), round_to,
                             round(touched / base_macs, 6), tg.out_members))
+    blocks = tuple(Block(b.name, b.stage, b.shortcut, not b.why_not, b.why_not,
+                         tuple(g.name for g in groups if all(_in_branch(m, b) for m in g.members)))
+                   for b in found)
     return SearchSpace(model_name, tuple(input_shape), tuple(groups), tuple(layers), blocks,
                        int(base_macs), count_params(model))
+
+
+def _in_branch(module_name: str, block) -> bool:
+    """Whether ``module_name`` lies in ``block``'s residual branch: inside it, not in its shortcut."""
+    inside = module_name.startswith(block.name + ".")
+    return inside and not (block.shortcut_path and module_name.startswith(block.shortcut_path + "."))
+
+
+def space_group_names(traced: list[TracedGroup], space: SearchSpace) -> dict[str, TracedGroup]:
+    """The groups traced on a (possibly depth-pruned) copy of the space's model, by space group name.
+
+    Each traced group is the space group that owns its first member; dropping blocks keeps the
+    module paths of everything it keeps, so every traced group has one.
+    """
+    owner = {member: g.name for g in space.groups for member in g.members}
+    return {owner[tg.out_members[0]]: tg for tg in traced if tg.out_members[0] in owner}
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -9,12 +9,14 @@ accept any spatial size from 8x8 up, because they end in a global average pool a
 downsampling never shrinks a map below 1x1. Each one traces through Torch-Pruning's
 ``DependencyGraph``: no lambdas or zero-padding shortcuts (He et al.'s "option A"), only modules.
 
-Depth pruning: ``droppable_blocks`` lists the residual blocks whose shortcut is the identity, so
-the block computes ``x + f(x)`` with the shape of ``x``; replacing one by ``nn.Identity()``
-(``drop_blocks``) keeps the network valid and removes ``f``.
+Depth pruning: ``residual_blocks`` lists every residual block with its stage and shortcut;
+``drop_blocks`` replaces a block by its shortcut: ``nn.Identity()`` for a block computing
+``x + f(x)`` with ``x``'s shape, its projection (1x1 conv + BatchNorm, then ReLU) for a downsampling
+block. A block without a shortcut (MobileNetV2's stride-2 blocks) cannot be dropped.
 """
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,11 +54,6 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
 
-    @property
-    def identity_shortcut(self) -> bool:
-        """True when the block maps x to x + f(x) with x's shape, so it can be dropped."""
-        return isinstance(self.shortcut, nn.Identity)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -80,11 +77,6 @@ class InvertedResidual(nn.Module):
         layers += _conv_bn(hidden, out_channels, 1)
         self.conv = nn.Sequential(*layers)
         self.use_res_connect = stride == 1 and in_channels == out_channels
-
-    @property
-    def identity_shortcut(self) -> bool:
-        """True when the block maps x to x + f(x) with x's shape, so it can be dropped."""
-        return self.use_res_connect
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
@@ -366,42 +358,116 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
 # Depth pruning
 # --------------------------------------------------------------------------------------------
 
+IDENTITY, PROJECTION, NO_SHORTCUT = "identity", "projection", "none"
+NO_SHORTCUT_REASON = ("it has no shortcut (it changes the shape: stride or channels), so nothing could "
+                      "replace it")
 
-def _is_droppable(module: nn.Module) -> bool:
-    """A residual block whose shortcut is the identity, ours or torchvision's.
 
-    torchvision's classes are recognised by module path and name, so torchvision is never
-    imported just to ask.
+@dataclass(frozen=True)
+class ResidualBlock:
+    """One block of a residual network as the model declares it (the space adds its groups).
+
+    ``shortcut`` is ``identity``, ``projection`` (a 1x1 convolution + BatchNorm at
+    ``shortcut_path``) or ``none``; ``why_not`` is empty when the block can be dropped.
     """
-    if isinstance(module, BasicBlock | InvertedResidual):
-        return module.identity_shortcut
+
+    name: str
+    stage: str
+    shortcut: str
+    shortcut_path: str | None
+    activation: bool  # the block ends with a ReLU after its sum (ResNets; not MobileNetV2)
+
+    @property
+    def why_not(self) -> str:
+        return NO_SHORTCUT_REASON if self.shortcut == NO_SHORTCUT else ""
+
+
+class ShortcutBlock(nn.Module):
+    """A dropped projection block: ``relu(shortcut(x))``, the block with its residual branch removed.
+
+    The shortcut keeps its attribute name (``shortcut`` or torchvision's ``downsample``), so its
+    parameters keep their module paths (``layer2.0.shortcut.0``) in a pruned model's state_dict.
+    """
+
+    def __init__(self, attr: str, shortcut: nn.Module, activation: bool):
+        super().__init__()
+        self.attr = attr
+        self.add_module(attr, shortcut)
+        self.relu = nn.ReLU() if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self._modules[self.attr](x))
+
+
+def _block_kind(name: str, module: nn.Module) -> tuple[str, str | None, bool] | None:
+    """(shortcut kind, shortcut path, ends with a ReLU) of a residual block, ours or torchvision's;
+    None for any other module. torchvision's classes are recognised by module path and name, so
+    torchvision is never imported just to ask."""
     kind = type(module)
-    if not kind.__module__.startswith("torchvision.models."):
-        return False
-    if kind.__name__ in ("BasicBlock", "Bottleneck"):
-        return module.downsample is None
-    if kind.__name__ == "InvertedResidual":
-        return bool(module.use_res_connect)
-    return False
+    ours = kind.__module__ == __name__
+    tv = kind.__module__.startswith("torchvision.models.")
+    if (ours and kind is BasicBlock) or (tv and kind.__name__ in ("BasicBlock", "Bottleneck")):
+        attr = "shortcut" if ours else "downsample"
+        shortcut = getattr(module, attr)
+        if shortcut is None or isinstance(shortcut, nn.Identity):
+            return IDENTITY, None, True
+        return PROJECTION, f"{name}.{attr}", True
+    if (ours or tv) and kind.__name__ == "InvertedResidual":
+        return (IDENTITY if module.use_res_connect else NO_SHORTCUT), None, False
+    return None
+
+
+def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
+    """Every residual block of ``model`` in forward (``named_modules``) order, with its stage.
+
+    A stage is a run of blocks in one container that starts with the container or with a block
+    that changes the shape (no identity shortcut): ``layer1``..``layer3`` of a ResNet, the
+    configured stages of MobileNetV2's ``features``. It is named after its container when that
+    holds one stage (``layer2``), else after its first block (``features.4``).
+    """
+    found = [(name, _block_kind(name, module)) for name, module in model.named_modules() if name]
+    found = [(name, kind) for name, kind in found if kind is not None]
+    runs: list[list] = []
+    for name, (shortcut, path, activation) in found:
+        parent = name.rpartition(".")[0]
+        if not runs or runs[-1][0] != parent or shortcut != IDENTITY:
+            runs.append([parent, []])
+        runs[-1][1].append((name, shortcut, path, activation))
+    per_parent = {parent: sum(1 for p, _ in runs if p == parent) for parent, _ in runs}
+    blocks = []
+    for parent, members in runs:
+        stage = parent if per_parent[parent] == 1 and parent else members[0][0]
+        blocks += [ResidualBlock(name, stage, shortcut, path, act) for name, shortcut, path, act in members]
+    return blocks
 
 
 def droppable_blocks(model: nn.Module) -> list[str]:
     """Qualified names (``named_modules`` order) of the blocks ``drop_blocks`` may replace."""
-    return [name for name, module in model.named_modules() if name and _is_droppable(module)]
+    return [block.name for block in residual_blocks(model) if not block.why_not]
 
 
 def drop_blocks(model: nn.Module, names: Iterable[str]) -> None:
-    """Replace each named residual block of ``model`` by ``nn.Identity()``, in place.
+    """Replace each named residual block of ``model`` by its shortcut, in place.
 
-    Only identity-shortcut blocks qualify: the block computes ``x + f(x)`` with ``x``'s shape, so
-    the identity is a valid shallower network (the block's ``f`` is removed).
+    An identity-shortcut block computes ``x + f(x)`` with ``x``'s shape and becomes
+    ``nn.Identity()``. A downsampling block with a projection shortcut becomes that shortcut (its
+    1x1 convolution + BatchNorm, then the block's ReLU: ``ShortcutBlock``), which has the block's
+    output shape by construction, since the block adds the two. A block without a shortcut cannot
+    be dropped.
     """
     names = list(dict.fromkeys(names))
-    droppable = droppable_blocks(model)
+    blocks = {block.name: block for block in residual_blocks(model)}
+    droppable = [name for name, block in blocks.items() if not block.why_not]
     for name in names:
         if name not in droppable:
-            raise UserError(f"cannot drop '{name}': not a droppable block of this model; "
-                            f"choose from: {', '.join(droppable) or '(none)'}")
+            reason = f"{blocks[name].why_not}" if name in blocks else "not a residual block of this model"
+            raise UserError(f"cannot drop '{name}': {reason}; choose from: {', '.join(droppable) or '(none)'}")
     for name in names:
+        block = blocks[name]
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, nn.Identity())
+        if block.shortcut == IDENTITY:
+            replacement = nn.Identity()
+        else:
+            path = block.shortcut_path
+            replacement = ShortcutBlock(path.rpartition(".")[2], model.get_submodule(path), block.activation)
+        setattr(model.get_submodule(parent_name), attr, replacement)

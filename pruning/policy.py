@@ -1,5 +1,8 @@
 """A pruning policy: the keep ratio of every prunable group, plus the residual blocks to drop.
 
+The groups inside a dropped block vanish with it, so a policy may leave their keep ratios out
+(``SearchSpace.canonical`` does, so that policies that prune alike share one ``key()``).
+
 A ``Policy`` is a frozen value. The code speaks only of *keep* ratios: 1.0 keeps every channel of a
 group, 0.25 keeps a quarter. It is made for one search space (``space_id``), validates against it,
 turns into channel counts through it, has a stable ``key()`` for de-duplication, and round-trips
@@ -63,9 +66,12 @@ class Policy:
     @classmethod
     def uniform(cls, space: SearchSpace, keep_ratio: float,
                 dropped_blocks: Iterable[str] = ()) -> Policy:
-        """The policy that keeps the same fraction ``keep_ratio`` of every group of ``space``."""
+        """The policy that keeps the same fraction ``keep_ratio`` of every group of ``space`` (but
+        those inside ``dropped_blocks``, which it leaves out)."""
         ratio = check_keep_ratio(keep_ratio)
-        return cls({g.name: ratio for g in space.groups}, tuple(dropped_blocks), space.space_id)
+        dropped = tuple(dropped_blocks)
+        gone = space.omittable_groups(dropped) if dropped else set()
+        return cls({g.name: ratio for g in space.groups if g.name not in gone}, dropped, space.space_id)
 
     def key(self) -> str:
         """A short stable hash: equal policies (to 1e-6 in every ratio) share a key."""
@@ -80,7 +86,8 @@ class Policy:
         return Policy({**self.keep_ratios, **updates}, self.dropped_blocks, self.space_id)
 
     def validate(self, space: SearchSpace) -> None:
-        """Raise UserError unless this policy names exactly the groups and blocks of ``space``."""
+        """Raise UserError unless this policy names the groups and blocks of ``space``: a keep ratio
+        for every group, except that groups inside a dropped block (``Block.groups``) may be left out."""
         if self.space_id is not None and self.space_id != space.space_id:
             raise UserError(f"the policy was made for space '{self.space_id}', not '{space.space_id}' "
                             f"of this model; make one with `prunetune space --json` for this model")
@@ -89,14 +96,17 @@ class Policy:
         if unknown:
             raise UserError(f"the policy names unknown groups {unknown[:5]}; valid groups are listed "
                             f"by `prunetune space` for this model")
-        missing = sorted(names - set(self.keep_ratios))
-        if missing:
-            raise UserError(f"the policy misses groups {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
-                            f"give a keep ratio for every group listed by `prunetune space`")
         bad_blocks = sorted(set(self.dropped_blocks) - set(space.droppable_blocks))
         if bad_blocks:
-            raise UserError(f"the policy drops blocks {bad_blocks} that cannot be dropped; droppable "
-                            f"blocks are {list(space.droppable_blocks)}")
+            reasons = {b.name: b.why_not for b in space.blocks if b.name in bad_blocks}
+            why = "; ".join(f"{name}: {reasons.get(name) or 'not a residual block'}" for name in bad_blocks)
+            raise UserError(f"the policy drops blocks {bad_blocks} that cannot be dropped ({why}); "
+                            f"droppable blocks are {list(space.droppable_blocks)}")
+        missing = sorted(names - set(self.keep_ratios) - space.omittable_groups(self.dropped_blocks))
+        if missing:
+            raise UserError(f"the policy misses groups {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                            f"give a keep ratio for every group listed by `prunetune space` (only the "
+                            f"groups inside a dropped block may be left out)")
 
     def to_json(self) -> dict:
         return {"space_id": self.space_id, "keep_ratios": dict(self.keep_ratios),

@@ -3,13 +3,19 @@
 Torch-Pruning's dependency graph finds coupled channels: every convolution that feeds one residual
 sum (or a depthwise convolution and the layer before it) lands in one group, which shares one keep
 ratio. For each group the space records its channel count, the minimum it may keep, the rounding
-unit, and its share of the base MACs; droppable residual blocks are listed too.
+unit, and its share of the base MACs.
+
+Depth is part of the space too: every residual block is listed (``blocks``, in forward order), by
+stage (``stages``), with its shortcut and whether it can be dropped (replaced by its identity or
+projection shortcut) or why not. A policy that drops a block may leave out the groups whose
+channels live only inside it (``Block.groups``).
 
 The space also estimates the MACs of any policy without building the pruned model. A Conv2d or
 Linear layer costs ``MACs_0 * (n_out / C_out) * (n_in / C_in)``, where the kept output channels
 come from the group that owns them and the kept input channels from the groups that feed them
 (a concatenation feeds one layer from several groups). A depthwise convolution has one factor only,
-and layers inside a dropped block cost nothing. The estimate is exact for conv and linear layers,
+and the layers of a dropped block's residual branch cost nothing (its projection shortcut, if it
+has one, stays and is counted). The estimate is exact for conv and linear layers,
 so a searcher can reject a policy over budget before a trial is spent on it.
 """
 
@@ -25,7 +31,8 @@ from pathlib import Path
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy, check_keep_ratio
 
-SPACE_FORMAT = 1
+SPACE_FORMAT = 2  # 2: ``blocks`` (every residual block, its stage, shortcut, groups); 1 is still read
+IDENTITY, PROJECTION, NO_SHORTCUT = "identity", "projection", "none"
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,8 @@ class LayerCost:
     """The base MACs of one Conv2d or Linear and the groups its channels belong to.
 
     ``in_parts`` lists (group name or None for fixed inputs such as image channels, input
-    channel count); ``block`` is the droppable block containing the layer, if any.
+    channel count); ``block`` is the droppable block whose drop removes the layer (a layer of its
+    residual branch; not its projection shortcut, which stays), if any.
     """
 
     name: str
@@ -68,6 +76,33 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
+class Block:
+    """One residual block, in forward order: ``name`` is its module path (``layer2.0``).
+
+    ``shortcut`` is ``identity``, ``projection`` (a 1x1 convolution + BatchNorm: a downsampling
+    block) or ``none``. A droppable block is replaced by its shortcut when a policy drops it;
+    ``why_not`` says why a block cannot be dropped ("" when it can). ``groups`` are the groups
+    whose channels live only inside the block's residual branch: they vanish with it, so a policy
+    dropping the block may leave out their keep ratios.
+    """
+
+    name: str
+    stage: str
+    shortcut: str
+    droppable: bool
+    why_not: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A residual stage: its blocks' names in forward order (``layer2``: ``layer2.0`` ... )."""
+
+    name: str
+    blocks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     """The prunable groups of one model at one input shape, and the MACs model built on them."""
 
@@ -75,9 +110,39 @@ class SearchSpace:
     input_shape: tuple[int, int, int]
     groups: tuple[Group, ...]
     layers: tuple[LayerCost, ...]
-    droppable_blocks: tuple[str, ...]
+    blocks: tuple[Block, ...]
     base_macs: int
     base_params: int
+
+    @property
+    def droppable_blocks(self) -> tuple[str, ...]:
+        """The names of the blocks a policy may drop, in forward order."""
+        return tuple(b.name for b in self.blocks if b.droppable)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The residual stages in forward order, each with its blocks in order."""
+        order: dict[str, list[str]] = {}
+        for b in self.blocks:
+            order.setdefault(b.stage, []).append(b.name)
+        return tuple(Stage(name, tuple(names)) for name, names in order.items())
+
+    def block(self, name: str) -> Block:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise UserError(f"unknown block '{name}'; blocks are {[b.name for b in self.blocks]}")
+
+    def omittable_groups(self, dropped_blocks: Iterable[str]) -> set[str]:
+        """The groups that vanish with ``dropped_blocks``: a policy dropping them may omit these."""
+        return {g for name in dropped_blocks for g in self.block(name).groups}
+
+    def canonical(self, policy: Policy) -> Policy:
+        """``policy`` without the keep ratios of groups inside its dropped blocks (they prune nothing),
+        so that two policies that prune alike share one ``key()``."""
+        gone = self.omittable_groups(policy.dropped_blocks)
+        ratios = {g: r for g, r in policy.keep_ratios.items() if g not in gone}
+        return Policy(ratios, policy.dropped_blocks, policy.space_id)
 
     @property
     def space_id(self) -> str:
@@ -96,9 +161,11 @@ class SearchSpace:
         raise UserError(f"unknown group '{name}'; groups are {self.group_names()}")
 
     def channels(self, policy: Policy) -> dict[str, int]:
-        """Kept channels per group under ``policy`` (validated against this space)."""
+        """Kept channels per group under ``policy`` (validated against this space); groups that
+        vanish with a dropped block and have no keep ratio in the policy are left out."""
         policy.validate(self)
-        return {g.name: g.kept_channels(policy.keep_ratios[g.name]) for g in self.groups}
+        return {g.name: g.kept_channels(policy.keep_ratios[g.name]) for g in self.groups
+                if g.name in policy.keep_ratios}
 
     def estimate_macs(self, policy: Policy) -> int:
         """MACs (conv and linear, one sample) of the model pruned by ``policy``; see the module doc."""
@@ -123,7 +190,8 @@ class SearchSpace:
         return self.estimate_macs(policy) / self.base_macs
 
     def min_macs_ratio(self, *, drop_blocks: bool = False) -> float:
-        """The smallest MACs ratio any policy reaches: every group at its minimum channels."""
+        """The smallest MACs ratio a policy reaches: every group at its minimum channels, and with
+        ``drop_blocks`` (a search over depth) every droppable block dropped too."""
         floor = Policy({g.name: max(g.min_channels / g.channels, 1e-6) for g in self.groups},
                        self.droppable_blocks if drop_blocks else (), self.space_id)
         return self.macs_ratio(floor)
@@ -136,6 +204,7 @@ class SearchSpace:
             "format": SPACE_FORMAT, "space_id": self.space_id, "model_name": self.model_name,
             "input_shape": list(self.input_shape), "base_macs": self.base_macs,
             "base_params": self.base_params, "droppable_blocks": list(self.droppable_blocks),
+            "blocks": [asdict(b) for b in self.blocks],
             "groups": [asdict(g) for g in self.groups],
             "layers": [asdict(layer) for layer in self.layers],
         }
@@ -146,8 +215,12 @@ class SearchSpace:
             groups = tuple(Group(**{**g, "members": tuple(g["members"])}) for g in data["groups"])
             layers = tuple(LayerCost(**{**lc, "in_parts": tuple((p[0], p[1]) for p in lc["in_parts"])})
                            for lc in data["layers"])
-            space = cls(data["model_name"], tuple(data["input_shape"]), groups, layers,
-                        tuple(data["droppable_blocks"]), int(data["base_macs"]), int(data["base_params"]))
+            if data.get("format", 1) == 1:
+                blocks = _format1_blocks(data["droppable_blocks"], groups)
+            else:
+                blocks = tuple(Block(**{**b, "groups": tuple(b["groups"])}) for b in data["blocks"])
+            space = cls(data["model_name"], tuple(data["input_shape"]), groups, layers, blocks,
+                        int(data["base_macs"]), int(data["base_params"]))
         except (KeyError, TypeError) as exc:
             raise UserError(f"not a prunetune search space (missing or bad field {exc}); "
                             f"write one with `prunetune space --json`") from None
@@ -168,11 +241,24 @@ class SearchSpace:
                             f"`prunetune space --json`") from None
 
 
+def _format1_blocks(droppable: Iterable[str], groups: tuple[Group, ...]) -> tuple[Block, ...]:
+    """The blocks of a format-1 space, which listed only its droppable (identity-shortcut) blocks:
+    each is its own container's block (stage = the container) and owns the groups inside it."""
+    return tuple(Block(name, name.rpartition(".")[0], IDENTITY, True, "",
+                       tuple(g.name for g in groups if all(m.startswith(name + ".") for m in g.members)))
+                 for name in droppable)
+
+
 def policy_from_channels(space: SearchSpace, channels: Mapping[str, int],
                          dropped_blocks: Iterable[str] = ()) -> Policy:
-    """The policy whose kept channels are exactly ``channels`` (per group)."""
+    """The policy whose kept channels are exactly ``channels`` (per group); groups inside
+    ``dropped_blocks`` are left out of it (canonical, see ``SearchSpace.canonical``)."""
+    dropped_blocks = tuple(dropped_blocks)
+    gone = space.omittable_groups(dropped_blocks)
     ratios = {}
     for g in space.groups:
+        if g.name in gone:
+            continue
         n = int(channels[g.name])
         if not g.min_channels <= n <= g.channels:
             raise UserError(f"group '{g.name}' cannot keep {n} channels; it keeps "

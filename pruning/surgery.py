@@ -1,10 +1,11 @@
 """Physical pruning: cut a model down to a policy, then check the result.
 
-``prune`` copies the model, drops the policy's residual blocks (each replaced by its identity
-shortcut), ranks every group's channels with an importance criterion, and removes the lowest-ranked
+``prune`` copies the model, drops the policy's residual blocks (each replaced by its identity or
+projection shortcut, ``models.drop_blocks``), ranks every group's channels with an importance criterion, and removes the lowest-ranked
 ones through Torch-Pruning's dependency graph, so that coupled layers (a residual sum, a depthwise
 convolution, a concatenation) lose the same channels. It then checks that every group kept exactly
-the planned channels and that the output shape is unchanged.
+the planned channels and that the output shape is unchanged. Groups inside dropped blocks vanish
+with them; the policy may leave them out.
 
 A pruned model is saved as (architecture, space, policy, state_dict): no pickled modules. Loading
 rebuilds the architecture, applies the policy keeping the first channels of every group (which
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunetune.pruning.dependency import tp_group, trace_graph, trace_groups
+from prunetune.pruning.dependency import space_group_names, tp_group, trace_graph, trace_groups
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
@@ -49,7 +50,7 @@ def prune(model: nn.Module, space: SearchSpace, policy: Policy, importance="l1",
     pruned = copy.deepcopy(model)
     drop_blocks(pruned, policy.dropped_blocks)
     graph = trace_graph(pruned, space.input_shape)
-    traced = {g.name: g for g in trace_groups(pruned, graph, ignored=[classifier_layer(pruned)])}
+    traced = space_group_names(trace_groups(pruned, graph, ignored=[classifier_layer(pruned)]), space)
     to_cut = {name: g for name, g in traced.items() if name in planned and planned[name] < g.channels}
     if to_cut:
         tp_groups = {name: tp_group(graph, g.root) for name, g in to_cut.items()}
@@ -63,14 +64,14 @@ def prune(model: nn.Module, space: SearchSpace, policy: Policy, importance="l1",
 
 
 def realized_channels(model: nn.Module, space: SearchSpace, policy: Policy) -> dict[str, int]:
-    """The output channels each group's root layer has in ``model`` (groups in dropped blocks skipped)."""
-    dropped = set(policy.dropped_blocks)
+    """The output channels of each group in ``model``, read off its first surviving conv or linear
+    member (groups that vanished with a dropped block are skipped)."""
+    modules = dict(model.named_modules())
     result = {}
     for group in space.groups:
-        if any(group.name.startswith(block + ".") for block in dropped):
-            continue
-        layer = model.get_submodule(group.name)
-        result[group.name] = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+        layer = next((modules[m] for m in group.members if isinstance(modules.get(m), nn.Conv2d | nn.Linear)), None)
+        if layer is not None:
+            result[group.name] = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
     return result
 
 
@@ -78,7 +79,11 @@ def check_pruned(model: nn.Module, space: SearchSpace, policy: Policy) -> None:
     """Raise PruningCheckError unless every group has its planned channels and outputs keep their shape."""
     planned = space.channels(policy)
     realized = realized_channels(model, space, policy)
-    wrong = {name: (n, planned[name]) for name, n in realized.items() if n != planned[name]}
+    gone = space.omittable_groups(policy.dropped_blocks)
+    lost = sorted(set(space.group_names()) - set(realized) - gone)
+    if lost:
+        raise PruningCheckError(f"groups outside the dropped blocks vanished from the pruned model: {lost}")
+    wrong = {name: (n, planned[name]) for name, n in realized.items() if name in planned and n != planned[name]}
     if wrong:
         raise PruningCheckError(f"groups with the wrong channel count (realized, planned): {wrong}")
     device = next(model.parameters()).device

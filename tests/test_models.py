@@ -12,6 +12,7 @@ from prunetune.pruning.models import (
     drop_blocks,
     droppable_blocks,
     model_names,
+    residual_blocks,
 )
 
 SMALL_INPUT_MODELS = ["resnet20", "resnet32", "resnet56", "resnet110", "vgg11", "vgg16", "mobilenetv2",
@@ -105,16 +106,29 @@ def test_classifier_layer_of_torchvision_mobilenet_is_inside_its_classifier():
 
 @pytest.mark.parametrize(
     ("name", "count"),
-    [("resnet20", 7), ("resnet110", 52), ("tiny_resnet", 2), ("mobilenetv2", 10), ("tiny_mobilenet", 1),
-     ("resnet18", 5), ("resnet50", 12), ("mobilenet_v2", 10), ("vgg11", 0), ("small_cnn", 0), ("tiny_concat", 0)],
+    [("resnet20", 9), ("resnet110", 54), ("tiny_resnet", 3), ("mobilenetv2", 10), ("tiny_mobilenet", 1),
+     ("resnet18", 8), ("resnet50", 16), ("mobilenet_v2", 10), ("vgg11", 0), ("small_cnn", 0), ("tiny_concat", 0)],
 )
-def test_droppable_blocks_are_exactly_the_identity_shortcut_blocks(name, count):
+def test_droppable_blocks_are_exactly_the_blocks_with_a_shortcut(name, count):
     assert len(droppable_blocks(create_model(name))) == count
 
 
-def test_droppable_blocks_of_resnet20_skip_each_downsampling_block():
-    droppable = droppable_blocks(create_model("resnet20"))
-    assert droppable == ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+def test_residual_blocks_of_resnet20_by_stage_with_their_shortcuts():
+    blocks = residual_blocks(create_model("resnet20"))
+    assert [b.name for b in blocks] == droppable_blocks(create_model("resnet20"))
+    assert [b.stage for b in blocks] == ["layer1"] * 3 + ["layer2"] * 3 + ["layer3"] * 3
+    assert [b.name for b in blocks if b.shortcut == "projection"] == ["layer2.0", "layer3.0"]
+    assert blocks[3].shortcut_path == "layer2.0.shortcut" and all(not b.why_not for b in blocks)
+
+
+def test_mobilenetv2_stages_start_at_each_block_without_a_shortcut():
+    blocks = residual_blocks(create_model("mobilenetv2"))
+    stages = {}
+    for b in blocks:
+        stages.setdefault(b.stage, []).append(b.name)
+    assert [len(names) for names in stages.values()] == [1, 2, 3, 4, 3, 3, 1]  # MOBILENETV2_CIFAR_STAGES
+    assert all(("shortcut" in b.why_not) == (b.shortcut == "none") for b in blocks)
+    assert all(b.shortcut == "none" for b in blocks if b.name == b.stage)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "tiny_resnet", "tiny_mobilenet", "mobilenetv2", "resnet18", "mobilenet_v2"])
@@ -127,12 +141,28 @@ def test_drop_blocks_keeps_the_output_shape_and_removes_parameters(name):
     assert run(model, torch.randn(2, 1, input_side(name), input_side(name))).shape == (2, 10)
 
 
-def test_drop_blocks_rejects_a_downsampling_block_and_changes_nothing():
-    model = create_model("tiny_resnet")
+def test_drop_blocks_rejects_a_block_without_shortcut_and_changes_nothing():
+    model = create_model("tiny_mobilenet")
     before = parameter_count(model)
-    with pytest.raises(UserError, match=r"cannot drop 'layer2.0'.*choose from: layer1.0, layer1.1"):
-        drop_blocks(model, ["layer1.0", "layer2.0"])
+    with pytest.raises(UserError, match=r"cannot drop 'features.4': it has no shortcut.*choose from: features.3$"):
+        drop_blocks(model, ["features.3", "features.4"])
     assert parameter_count(model) == before
+
+
+@pytest.mark.parametrize(("name", "attr"), [("tiny_resnet", "shortcut"), ("resnet18", "downsample")])
+def test_a_dropped_downsampling_block_becomes_relu_of_its_shortcut(name, attr):
+    model = create_model(name).eval()
+    side = input_side(name)
+    seen = []
+    model.layer2.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    run(model, torch.randn(2, 3, side, side))
+    shortcut = getattr(model.layer2[0], attr)
+    drop_blocks(model, ["layer2.0"])
+    assert getattr(model.layer2[0], attr) is shortcut  # same module, same path in the state_dict
+    assert not any(n.startswith("layer2.0.conv") for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model.layer2[0](seen[0]), torch.relu(shortcut(seen[0])))
+    assert run(model, torch.randn(2, 3, side, side)).shape == (2, 10)
 
 
 def test_drop_blocks_rejects_an_unknown_name():

@@ -64,7 +64,35 @@ def test_validation_names_the_problem(space):
     with pytest.raises(UserError, match="made for space"):
         Policy(full, (), "resnet20:0123456789").validate(space)
     with pytest.raises(UserError, match="cannot be dropped"):
-        Policy(full, ("layer2.0",)).validate(space)
+        Policy(full, ("layer9.0",)).validate(space)
+    mobile = build_space(create_model("tiny_mobilenet", 10, 3), "tiny_mobilenet", (3, 16, 16))
+    with pytest.raises(UserError, match=r"cannot be dropped \(features.4: it has no shortcut"):
+        Policy.uniform(mobile, 0.5, ("features.4",)).validate(mobile)
+
+
+def test_a_policy_may_leave_out_only_the_groups_inside_its_dropped_blocks(space):
+    full = dict(Policy.uniform(space, 0.5).keep_ratios)
+    inner = space.block("layer1.1").groups
+    assert inner == ("layer1.1.conv1",)
+    without = {g: r for g, r in full.items() if g not in inner}
+    Policy(without, ("layer1.1",), space.space_id).validate(space)
+    assert space.channels(Policy(without, ("layer1.1",), space.space_id)).keys() == without.keys()
+    with pytest.raises(UserError, match=r"misses groups \['layer1.1.conv1'\]"):
+        Policy(without, ("layer1.0",), space.space_id).validate(space)  # layer1.1 is kept
+    stream = {g: r for g, r in full.items() if g != "conv1"}
+    with pytest.raises(UserError, match="misses groups"):
+        Policy(stream, ("layer1.0", "layer1.1"), space.space_id).validate(space)  # the stream stays
+
+
+def test_canonical_policies_share_a_key(space):
+    full = Policy.uniform(space, 0.5)
+    dropping = Policy(full.keep_ratios, ("layer1.1",), space.space_id)
+    canonical = space.canonical(dropping)
+    assert "layer1.1.conv1" not in canonical.keep_ratios
+    assert canonical.key() == Policy.uniform(space, 0.5, ("layer1.1",)).key()
+    assert canonical.key() == space.canonical(canonical).key()
+    assert Policy.from_json(json.loads(json.dumps(canonical.to_json()))).key() == canonical.key()
+    assert space.estimate_macs(canonical) == space.estimate_macs(dropping) < space.estimate_macs(full)
 
 
 def test_unreadable_policy_files(tmp_path):

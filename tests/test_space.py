@@ -24,7 +24,7 @@ def test_residual_channels_share_one_group():
     assert {"layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"} <= set(stage1.members)
     # 3 residual streams + one inner group per basic block (9 blocks)
     assert len(space.groups) == 12
-    assert len(space.droppable_blocks) == 7
+    assert len(space.droppable_blocks) == 9  # every block: 7 identity, 2 projection shortcuts
 
 
 def test_depthwise_conv_is_coupled_with_its_expansion():
