@@ -122,31 +122,46 @@ class FolderImages(Dataset):
     The same files serve training (random resized crop and flip) and evaluation (resize and centre
     crop); ``with_augment`` picks which, so the loader's ``augment`` argument decides for folders
     as it does for tensors.
+
+    It keeps the folder's ``(path, label)`` samples, not torchvision objects, and pickles without
+    its transform, which is rebuilt through ``import_torchvision`` when unpickled: a Ray worker
+    that unpickles it has not imported torchvision yet, and a plain ``import torchvision`` fails
+    there on CPU torch (``pruning.torchvision_compat``).
     """
 
     def __init__(self, folder, indices: Sequence[int], *, info: DatasetInfo, augment: str = "none"):
-        self.folder = folder
+        self.samples = [(str(path), int(label)) for path, label in getattr(folder, "samples", folder)]
         self.indices = [int(i) for i in indices]
         self.info = info
         self.augment = augment
         self.transform = _folder_transform(info, augment)
 
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "transform"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.transform = _folder_transform(self.info, self.augment)
+
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.folder.samples[self.indices[index]]
-        return self.transform(self.folder.loader(path)), label
+        from PIL import Image
+
+        path, label = self.samples[self.indices[index]]
+        with Image.open(path) as image:  # as torchvision's default loader: decoded as RGB
+            return self.transform(image.convert("RGB")), label
 
     def subset(self, indices: Tensor) -> FolderImages:
         """The images at positions ``indices`` of this subset."""
         return FolderImages(
-            self.folder, [self.indices[int(i)] for i in indices], info=self.info, augment=self.augment
+            self.samples, [self.indices[int(i)] for i in indices], info=self.info, augment=self.augment
         )
 
     def with_augment(self, augment: str) -> FolderImages:
         """The same images, read with the training (``augment != "none"``) or evaluation transform."""
-        return FolderImages(self.folder, self.indices, info=self.info, augment=augment)
+        return FolderImages(self.samples, self.indices, info=self.info, augment=augment)
 
 
 def _folder_transform(info: DatasetInfo, augment: str):

@@ -252,6 +252,29 @@ def test_imagefolder_loads_train_val_test_through_a_dataloader(tmp_path):
     assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 0, 1, 1]
 
 
+def test_an_imagefolder_split_unpickles_where_torchvision_was_never_imported(tmp_path):
+    """A Ray worker unpickles the trial setup before anything imports torchvision; a pickled
+    torchvision object would import it directly there and fail on CPU torch ('torchvision::nms')."""
+    import pickle
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / part / label).mkdir(parents=True)
+            Image.new("RGB", (6, 6), (200, 10, 10)).save(tmp_path / part / label / "0.png")
+    splits = load_dataset("imagefolder", root=str(tmp_path), image_size=4, val_fraction=0.5)
+    (tmp_path / "split.pkl").write_bytes(pickle.dumps(splits.test))
+    code = ("import pickle, sys; data = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "assert 'torchvision' not in sys.modules or data.transform; x, y = data[1]; print(tuple(x.shape), y)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "split.pkl")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["(3,", "4,", "4)", "1"]
+
+
 def test_imagefolder_without_its_subfolders_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="train/ and val/"):
         load_dataset("imagefolder", root=str(tmp_path))
