@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -48,6 +49,7 @@ from prunetune.methods.searcher import Proposal, Searcher, check_state, require_
 from prunetune.methods.uniform import uniform_policy_for_target
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
+from prunetune.pruning.schema import AT_LEAST_ONE, FRACTION, Range, option
 from prunetune.pruning.space import SearchSpace, policy_from_channels
 
 KIND = "arpruning"
@@ -57,37 +59,32 @@ SEARCH, FINAL, DONE = "search", "final", "done"
 
 @dataclass(frozen=True)
 class ArpruningOptions(SearcherOptions):
-    """The search's options (README, config section ``arpruning``).
+    """The search's options (config section ``arpruning``); ``criterion`` ranks channels for the global start."""
 
-    ``start``: ``global`` or ``uniform``; ``floor``: the lowest keep ratio of a group (the global
-    start's floor and the giver's limit in a move); ``step``: the keep ratio d a move shifts;
-    ``neighbours``: K per round (None: the search's concurrency); ``proxy``: ``bn`` or
-    ``epochs:N``; ``criterion``: the importance that ranks channels for the global start.
-    """
-
-    start: str = "global"
-    floor: float = 0.1
-    step: float = 0.05
-    neighbours: int | None = None
-    proxy: str = "bn"
-    criterion: str = "attention"
+    section: ClassVar[str] = "arpruning"
+    start: str = option("global", "start policy: global (an importance threshold over all groups) or uniform",
+                        choices=STARTS)
+    floor: float = option(0.1, "lowest keep ratio of a group, at the start and in every move", check=FRACTION)
+    step: float = option(0.05, "keep ratio a move shifts from one group to another; halved when no neighbour "
+                         "at it improves", check=Range(0, 0.5, low_open=True))
+    neighbours: int | None = option(None, "neighbours scored per round, in parallel; null = concurrency",
+                                    check=AT_LEAST_ONE)
+    proxy: str = option("bn", "how neighbours are scored: bn (BatchNorm recalibration only) or epochs:N "
+                        "(N fine-tuning epochs)")
+    criterion: str = option("attention", "importance criterion of the global start", from_config="importance")
 
     def __post_init__(self) -> None:
-        from prunetune.pruning.importance import criterion_names
-
         super().__post_init__()
-        if self.start not in STARTS:
-            raise UserError(f"arpruning start '{self.start}' is unknown; choose one of: {', '.join(STARTS)}")
-        check_fraction(self.floor, "floor")
-        check_fraction(self.step, "step", high=0.5)
-        if self.neighbours is not None and (isinstance(self.neighbours, bool)
-                                            or not isinstance(self.neighbours, int) or self.neighbours < 1):
-            raise UserError(f"neighbours must be a whole number of at least 1 (or null: the concurrency), "
-                            f"got {self.neighbours!r}")
-        proxy_epochs(self.proxy)
-        if self.criterion not in criterion_names():
-            raise UserError(f"unknown importance criterion '{self.criterion}'; choose one of: "
-                            f"{', '.join(criterion_names())}")
+        proxy_epochs(self.proxy, f"config key '{self.section}.proxy'")
+
+    def check_search(self, cfg) -> None:
+        """A ``bn`` proxy scores neighbours after BatchNorm recalibration, so it needs some."""
+        if cfg.method == "arpruning" and self.proxy == "bn" and cfg.finetune.bn_recalibration_batches == 0:
+            raise UserError(
+                "config key 'arpruning.proxy' is bn but finetune.bn_recalibration_batches is 0, so neighbours "
+                "would be scored on raw pruned models (near chance); set --set finetune.bn_recalibration_batches=20 "
+                "or --set arpruning.proxy=epochs:1"
+            )
 
 
 def _score(result: Mapping[str, float] | None) -> float | None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from prunetune.methods.fixed_policy import FixedPolicySearcher
 from prunetune.methods.options import SearcherOptions, check_fraction
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
+from prunetune.pruning.schema import FRACTION, option
 from prunetune.pruning.space import SearchSpace, policy_from_channels
 
 if TYPE_CHECKING:  # torch is imported where it is used, so listing the methods stays quick
@@ -29,19 +30,11 @@ DEFAULT_FLOOR = 0.1
 
 @dataclass(frozen=True)
 class GlobalOptions(SearcherOptions):
-    """``floor``: the smallest keep ratio of any group; ``criterion``: the importance to rank by."""
+    """The global baseline's options (config section ``global``); ``criterion`` ranks the channels."""
 
-    floor: float = DEFAULT_FLOOR
-    criterion: str = "l1"
-
-    def __post_init__(self) -> None:
-        from prunetune.pruning.importance import criterion_names
-
-        super().__post_init__()
-        check_fraction(self.floor, "floor")
-        if self.criterion not in criterion_names():
-            raise UserError(f"unknown importance criterion '{self.criterion}'; choose one of: "
-                            f"{', '.join(criterion_names())}")
+    section: ClassVar[str] = "global"
+    floor: float = option(DEFAULT_FLOOR, "lowest keep ratio a group is cut to", check=FRACTION)
+    criterion: str = option("l1", "importance criterion that ranks the channels", from_config="importance")
 
 
 def group_scores(model: nn.Module, space: SearchSpace, criterion: Callable,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from prunetune.methods.options import SearcherOptions, check_fraction
 from prunetune.methods.searcher import Proposal, Searcher, check_state
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
+from prunetune.pruning.schema import AT_LEAST_ONE, FRACTION, option
 from prunetune.pruning.space import SearchSpace, policy_from_channels
 
 BISECTION_STEPS = 40
@@ -26,16 +28,12 @@ BISECTION_STEPS = 40
 
 @dataclass(frozen=True)
 class RandomOptions(SearcherOptions):
-    """``floor``: the smallest keep ratio drawn; ``max_tries``: rejections in a row before giving up."""
+    """Random search's options (config section ``random``)."""
 
-    floor: float = 0.1
-    max_tries: int = 200
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_fraction(self.floor, "floor")
-        if isinstance(self.max_tries, bool) or not isinstance(self.max_tries, int) or self.max_tries < 1:
-            raise UserError(f"max_tries must be a whole number of at least 1, got {self.max_tries!r}")
+    section: ClassVar[str] = "random"
+    floor: float = option(0.1, "lowest keep ratio drawn for a group", check=FRACTION)
+    max_tries: int = option(200, "rejected draws in a row before the space counts as exhausted",
+                            check=AT_LEAST_ONE)
 
 
 def rescaled_policy(space: SearchSpace, draws: np.ndarray, macs_target: float, tolerance: float,

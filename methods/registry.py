@@ -1,8 +1,15 @@
-"""The method registry: every pruning method by name, its kind, and how to build it.
+"""The method registry: every pruning method by name, its kind, its options and how to build it.
 
 Three kinds (DESIGN.md, concept 5): a ``searcher`` proposes whole policies (``make_searcher``
-builds it); ``optuna`` proposals come from Ray Tune's ``OptunaSearch`` in ``search/`` (no factory
-here); a ``learner`` learns a policy by training. Adding a method is one line in ``METHODS``.
+builds it); ``optuna`` proposals come from Ray Tune's ``OptunaSearch`` in ``search/``; a
+``learner`` learns a policy by training (``make_learner``). Each entry names the method's options
+class (declared beside the method: ``methods/options.py`` says how), from which the search config
+builds the method's section, ``describe_config`` and README document it, and ``--help`` lists
+the methods. Adding a method is its module, its options class, one entry here and its tests (the
+contract suite, ``tests/test_method_contract.py``, runs over every entry).
+
+This module imports no torch: factories are named ``"module:function"`` and imported when a
+method is built, so the config can read the registry before anything heavy is imported.
 
 A method whose searcher starts from a policy computed on the trained model (``global``,
 ``arpruning``) has a ``start`` function; ``start_policy_for`` calls it, and ``make_searcher``
@@ -11,37 +18,50 @@ refuses to build that method without the policy it returns.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from prunetune.methods.arpruning import ArpruningOptions, arpruning_start_policy, make_arpruning_searcher
-from prunetune.methods.dcm import make_dcm_learner
+from prunetune.methods.arpruning import ArpruningOptions
 from prunetune.methods.dcm_options import DcmOptions
-from prunetune.methods.global_threshold import GlobalOptions, global_start_policy, make_global_searcher
-from prunetune.methods.learner import Learner
+from prunetune.methods.global_threshold import GlobalOptions
 from prunetune.methods.limiters import ConcurrencyLimiter, TrialBudget
 from prunetune.methods.options import SearcherOptions, check_fraction, parse_options
-from prunetune.methods.random_search import RandomOptions, make_random_searcher
-from prunetune.methods.searcher import Searcher
-from prunetune.methods.uniform import make_uniform_searcher
+from prunetune.methods.optuna_options import OptunaOptions
+from prunetune.methods.random_search import RandomOptions
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
+from prunetune.pruning.schema import user_keys
 from prunetune.pruning.space import SearchSpace
 
+if TYPE_CHECKING:
+    from prunetune.methods.learner import Learner
+    from prunetune.methods.searcher import Searcher
+
 NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+_PACKAGE = "prunetune.methods"
+
+
+def _load(ref: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` reference names (the module under prunetune.methods)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(f"{_PACKAGE}.{module}"), name)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its kind, a one-line summary, its factory and options type, its start."""
+    """A registered method: its kind, a one-line summary, its factory and options type, its start.
+
+    ``factory`` and ``start`` are ``"module:function"`` references within prunetune.methods.
+    """
 
     kind: Literal["searcher", "optuna", "learner"]
     summary: str
-    factory: Callable[..., Any] | None = None
+    factory: str | None = None
     options: type = SearcherOptions
-    start: Callable[..., Policy] | None = None
+    start: str | None = None
     default_importance: str = "l1"  # the criterion when the config's ``importance`` is null
     context: tuple[str, ...] = ()  # search settings its factory takes too: "budget", "concurrency"
 
@@ -49,21 +69,38 @@ class MethodSpec:
     def needs_start_policy(self) -> bool:
         return self.start is not None
 
+    @property
+    def section(self) -> str | None:
+        """The method's config section (its options' keys), or None when it has no keys to set."""
+        return self.options.section if user_keys(self.options) else None
+
+    def build(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the method's factory (imported now)."""
+        return _load(self.factory)(*args, **kwargs)
+
 
 METHODS: dict[str, MethodSpec] = {
     "uniform": MethodSpec("searcher", "every group keeps the same ratio, the largest meeting the target",
-                          make_uniform_searcher),
+                          "uniform:make_uniform_searcher"),
     "global": MethodSpec("searcher", "one importance threshold over all channels, with a floor per group",
-                         make_global_searcher, GlobalOptions, global_start_policy),
+                         "global_threshold:make_global_searcher", GlobalOptions,
+                         "global_threshold:global_start_policy"),
     "random": MethodSpec("searcher", "distinct random policies rescaled into the MACs band",
-                         make_random_searcher, RandomOptions),
+                         "random_search:make_random_searcher", RandomOptions),
     "arpruning": MethodSpec("searcher", "ARPruning: a neighbourhood search from the global attention policy",
-                            make_arpruning_searcher, ArpruningOptions, arpruning_start_policy,
-                            default_importance="attention", context=("budget", "concurrency")),
-    "optuna": MethodSpec("optuna", "Ray Tune's OptunaSearch over one keep ratio per group (search/)"),
+                            "arpruning:make_arpruning_searcher", ArpruningOptions,
+                            "arpruning:arpruning_start_policy", default_importance="attention",
+                            context=("budget", "concurrency")),
+    "optuna": MethodSpec("optuna", "Ray Tune's OptunaSearch over one keep ratio per group (search/)",
+                         options=OptunaOptions),
     "dcm": MethodSpec("learner", "DCM: learns every group's keep ratio with dynamic channel masks",
-                      make_dcm_learner, DcmOptions, default_importance="bn_scale"),
+                      "dcm:make_dcm_learner", DcmOptions, default_importance="bn_scale"),
 }
+
+
+def method_sections() -> dict[str, type]:
+    """Config section name -> options class, for every method with keys to set (registry order)."""
+    return {spec.section: spec.options for spec in METHODS.values() if spec.section is not None}
 
 
 def method_names() -> list[str]:
@@ -93,8 +130,8 @@ def start_policy_for(name: str, model, space: SearchSpace, *, macs_target: float
     spec = searcher_spec(name)
     if spec.start is None:
         return None
-    return spec.start(model, space, calib, macs_target=check_fraction(macs_target, "macs_target"),
-                      options=parse_options(spec.options, options, name))
+    return _load(spec.start)(model, space, calib, macs_target=check_fraction(macs_target, "macs_target"),
+                             options=parse_options(spec.options, options, name))
 
 
 def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: int, budget: int,
@@ -115,7 +152,7 @@ def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: in
     if not spec.needs_start_policy and start_policy is not None:
         raise UserError(f"method '{name}' takes no start policy; leave it out")
     settings = {"budget": budget, "concurrency": concurrency}
-    searcher = spec.factory(space, macs_target=target, seed=seed, options=parsed, start_policy=start_policy,
+    searcher = spec.build(space, macs_target=target, seed=seed, options=parsed, start_policy=start_policy,
                             **{key: settings[key] for key in spec.context})
     return ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)
 
@@ -126,4 +163,4 @@ def make_learner(name: str, options: Mapping[str, Any] = NO_OPTIONS) -> Learner:
     if spec.kind != "learner":
         learners = [n for n in method_names() if METHODS[n].kind == "learner"]
         raise UserError(f"method '{name}' is a {spec.kind}, not a learner; learners are: {', '.join(learners)}")
-    return spec.factory(parse_options(spec.options, options, name))
+    return spec.build(parse_options(spec.options, options, name))

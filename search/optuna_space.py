@@ -23,7 +23,6 @@ from prunetune.pruning.space import SearchSpace
 
 CONSTRAINT_KEY = "macs"
 LEARNER_KEY = "learner"  # in a learner trial's config: the method that learns the policy
-SAMPLERS = ("tpe", "cmaes", "gp", "nsga2")
 
 
 def define_policy_space(trial, *, space: SearchSpace, macs_target: float, min_keep_ratio: float,

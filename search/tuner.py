@@ -7,7 +7,7 @@ trial process would import torch again), and our callbacks instead of Ray's tabl
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from prunetune.search.trial import TrialSetup
@@ -16,16 +16,15 @@ from prunetune.search.trial import TrialSetup
 def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink=None):
     """Ray Tune search algorithm for ``cfg.method``: OptunaSearch, or one of our searchers adapted.
 
-    A searcher whose options take a ``criterion`` ranks by the search's importance; ``path_sink``
-    receives the searcher's path rows (``search.search_path``).
+    ``cfg.method_options`` carries the search's tolerance and criterion; ``path_sink`` receives the
+    searcher's path rows (``search.search_path``).
     """
     from prunetune.methods.registry import get_method, make_searcher, start_policy_for
     from prunetune.search.adapter import PolicySearcherAdapter
-    from prunetune.search.config import resolved_importance
     from prunetune.search.optuna_space import make_optuna_search
 
     spec = get_method(cfg.method)
-    options = {**(asdict(cfg.method_options) if cfg.method_options is not None else {})}
+    options = asdict(cfg.method_options)  # tolerance and criterion filled from the config
     if spec.kind == "optuna":
         return make_optuna_search(space, macs_target=cfg.macs_target, objective=cfg.objective,
                                   sampler=options["sampler"], seed=cfg.seed,
@@ -33,9 +32,6 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
                                   min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance)
     if spec.kind == "learner":
         return build_learner_search(cfg, space)
-    options["tolerance"] = cfg.macs_tolerance
-    if "criterion" in {spec_field.name for spec_field in fields(spec.options)}:
-        options["criterion"] = resolved_importance(cfg)
     start = None
     if spec.needs_start_policy:
         start = start_policy_for(cfg.method, base_model, space, macs_target=cfg.macs_target, calib=calib,
@@ -47,11 +43,9 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
 
 def learner_job(cfg):
     """The learner, its options (the config's section, criterion from ``importance``) and the target."""
-    from prunetune.search.config import resolved_importance
     from prunetune.search.learner_trial import LearnerJob
 
-    options = asdict(cfg.method_options) if cfg.method_options is not None else {}
-    return LearnerJob(cfg.method, {**options, "criterion": resolved_importance(cfg)}, cfg.macs_target)
+    return LearnerJob(cfg.method, asdict(cfg.method_options), cfg.macs_target)
 
 
 def build_learner_search(cfg, space):

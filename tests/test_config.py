@@ -455,7 +455,11 @@ def test_config_module_imports_no_torch():
 
 
 def test_readme_documents_every_key():
-    root = Path(__file__).parents[1]
-    text = (root / "README.md").read_text()
+    """README's reference table is exactly what the schema builds (python -m prunetune.search.config_reference)."""
+    from prunetune.search.config_reference import with_reference
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    assert text == with_reference(text), "README's config reference is stale: run python -m " \
+        "prunetune.search.config_reference README.md"
     missing = [row.key for row in describe_config() if f"`{row.key}`" not in text]
     assert not missing, f"README lacks config keys {missing}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from prunetune.search.commands.common import positive_float, positive_int
+from prunetune.search.commands.common import add_download_argument, positive_float, positive_int
 
 NAME = "run"
 
@@ -19,7 +19,7 @@ FLAGS = {
     "--dataset": ("dataset.name", str, "dataset name"),
     "--data-root": ("dataset.root", str, "folder holding the dataset's files"),
     "--image-size": ("dataset.image_size", positive_int, "image side in pixels"),
-    "--method": ("method", str, "search method: uniform, global, random, optuna, ..."),
+    "--method": ("method", str, "pruning method (see `prunetune run --help`'s list below)"),
     "--importance": ("importance", str, "channel importance criterion"),
     "--macs-target": ("macs_target", positive_float, "kept fraction of the base model's MACs, in (0, 1]"),
     "--objective": ("objective", str, "constrained or pareto"),
@@ -41,13 +41,17 @@ FLAGS = {
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from prunetune.methods.registry import METHODS  # no torch: listing the methods stays quick
+
+    methods = "; ".join(f"{name} ({spec.kind}): {spec.summary}" for name, spec in METHODS.items())
     parser = subparsers.add_parser(
         NAME, help="search pruning policies (the main job)",
         description="Run a pruning-policy search on Ray Tune, logged to MLflow. With no CONFIG, the "
-                    "embedded default runs: digits, small_cnn, Optuna TPE, 16 trials.")
+                    f"embedded default runs: digits, small_cnn, Optuna TPE, 16 trials. Methods: {methods}.")
     parser.add_argument("config", nargs="?", help="a YAML config (default: the embedded default)")
     for flag, (key, kind, text) in FLAGS.items():
         parser.add_argument(flag, dest=key, type=kind, default=None, help=f"{text} [{key}]")
+    add_download_argument(parser, dest="dataset.download")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config key, e.g. --set optuna.sampler=nsga2 (repeatable)")
     parser.add_argument("--cache-dir", default=None, help="base model cache (default $PRUNETUNE_CACHE "
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from prunetune.search.driver import start_search
 
     overrides = {key: getattr(args, key) for key, *_ in FLAGS.values() if getattr(args, key) is not None}
+    if getattr(args, "dataset.download"):
+        overrides["dataset.download"] = True
     cfg = load_config(args.config, overrides=overrides, sets=args.sets)
     return start_search(cfg, cache_dir=cache_dir(args.cache_dir))
 

@@ -1,0 +1,48 @@
+"""Every list of methods a user reads agrees with the registry (issue: options declared once):
+`prunetune run --help`, the shipped default config's comment, README's table of methods and its
+config reference, and the config's method sections."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from prunetune.methods.registry import METHODS, method_sections
+from prunetune.search.config import METHOD_SECTIONS, describe_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_help_lists_every_method():
+    done = subprocess.run([sys.executable, "-m", "prunetune.search.cli", "run", "--help"], capture_output=True,
+                          text=True, timeout=60, check=True)
+    text = " ".join(done.stdout.split())
+    for name, spec in METHODS.items():
+        assert f"{name} ({spec.kind})" in text
+
+
+def test_the_default_config_names_every_method():
+    line = next(line for line in (ROOT / "search/configs/default.yaml").read_text().splitlines()
+                if line.startswith("method:"))
+    listed = re.search(r"#\s*([\w| -]+?)\s*\(", line).group(1)
+    assert sorted(name.strip() for name in listed.split("|")) == sorted(METHODS)
+
+
+def test_readme_has_a_row_per_method():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Methods"):]
+    table = section[:section.index("\n\n", section.index("| `--method`"))]
+    rows = [name for name in re.findall(r"^\| `([\w-]+)`", table, flags=re.M) if name != "--method"]
+    assert sorted(rows) == sorted(METHODS)
+
+
+def test_the_config_sections_are_the_registered_options():
+    assert METHOD_SECTIONS == method_sections()
+    for name, spec in METHODS.items():
+        if spec.section is not None:
+            assert METHOD_SECTIONS[spec.section] is spec.options, name
+            assert spec.section == name.replace("-", "_")
+    documented = {row.key.split(".")[0] for row in describe_config() if "." in row.key}
+    assert set(METHOD_SECTIONS) <= documented
