@@ -171,12 +171,3 @@ def child_with_argument(record: ProcessRecord, argument_prefix: str) -> str | No
             if text.startswith(argument_prefix):
                 return text[len(argument_prefix):]
     return None
-
-
-def process_names(pids: Iterable[int]) -> dict[int, str]:
-    """``{pid: comm}`` of the PIDs that still run."""
-    names = {}
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            names[pid] = (PROC / str(pid) / "comm").read_text().strip()
-    return names
