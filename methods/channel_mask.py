@@ -91,6 +91,11 @@ class ChannelMasks:
         self._masks = [soft_mask(ratios[i], ranks, temperature) for i, ranks in enumerate(self.ranks)]
         return self._masks
 
+    def use(self, masks: Sequence[torch.Tensor]) -> None:
+        """Apply ``masks`` (one per group, in ``space.groups`` order, any that the caller computed:
+        DCP-A's mixtures of prefix masks) in the next forward passes."""
+        self._masks = list(masks)
+
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()

@@ -1,0 +1,97 @@
+"""DCP-A's options: how it learns, and the ranges of the hyperparameters the search proposes.
+
+No torch here: the search config builds the ``dcpa`` section from this class before anything
+starts. The fields are the section's keys (``dcpa.<field>``), except ``criterion``, which comes
+from the search's ``importance``. Each searched hyperparameter has a ``<name>_min`` and a
+``<name>_max``; equal bounds fix it. The width choices are
+``rho in {width_min, width_min + width_step, ..., 1}`` (METHODS.md, DCP-A: Choices).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from prunetune.methods.learner import HParamRange
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.schema import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    TOLERANCE,
+    Section,
+    option,
+)
+
+SEARCHED = ("lambda", "target_margin", "tau_max", "warmup_epochs", "search_epochs")
+
+
+@dataclass(frozen=True)
+class DcpaOptions(Section):
+    """DCP-A's options (config section ``dcpa``; METHODS.md, DCP-A; methods/dcpa.py says what each does)."""
+
+    section: ClassVar[str] = "dcpa"
+    criterion: str = option("bn_scale", "importance criterion that orders each group's channels",
+                            from_config="importance")
+    width_min: float = option(0.25, "smallest width choice rho of a group (keeps ceil(rho * C) channels)",
+                              check=FRACTION)
+    width_step: float = option(0.125, "step between a group's width choices, from width_min up to 1",
+                               check=FRACTION)
+    depth: bool = option(True, "also learn each residual stage's depth (blocks past it skipped via their shortcut)")
+    hard: bool = option(True, "straight-through hard Gumbel-softmax samples (one choice forward, soft gradient)")
+    tolerance: float = option(0.03, "the MACs loss is 0 between loss target - tolerance and the loss target",
+                              check=TOLERANCE)
+    tau_min: float = option(0.1, "Gumbel-softmax temperature at the end of stage 2", check=POSITIVE)
+    arch_lr: float = option(0.05, "Adam learning rate of the attention and the logits", check=POSITIVE)
+    attention_dim: int = option(16, "width of the attention over the layer descriptors", check=AT_LEAST_ONE)
+    attention_heads: int = option(2, "heads of that attention (must divide attention_dim)", check=AT_LEAST_ONE)
+    checkpoint_every: int = option(20, "learning steps between progress reports with a checkpoint",
+                                   check=AT_LEAST_ONE)
+    record_every: int = option(5, "stage-2 steps between rows of the logged choice-probability trajectory",
+                               check=AT_LEAST_ONE)
+    lambda_min: float = option(1.0, "searched range of lambda, the MACs loss weight: lowest", check=NON_NEGATIVE)
+    lambda_max: float = option(10.0, "searched range of lambda: highest (log scale)", check=NON_NEGATIVE)
+    target_margin_min: float = option(0.0, "searched range of the margin below macs_target the loss aims at: "
+                                      "lowest", check=TOLERANCE)
+    target_margin_max: float = option(0.03, "searched range of the target margin: highest", check=TOLERANCE)
+    tau_max_min: float = option(2.0, "searched range of tau_max, the temperature at the start of stage 2: lowest",
+                                check=POSITIVE)
+    tau_max_max: float = option(8.0, "searched range of tau_max: highest (log scale)", check=POSITIVE)
+    warmup_epochs_min: int = option(1, "searched range of stage 1's epochs (weights, uniform widths): lowest",
+                                    check=NON_NEGATIVE)
+    warmup_epochs_max: int = option(2, "searched range of stage 1's epochs: highest", check=NON_NEGATIVE)
+    search_epochs_min: int = option(2, "searched range of stage 2's epochs (alternating steps): lowest",
+                                    check=AT_LEAST_ONE)
+    search_epochs_max: int = option(4, "searched range of stage 2's epochs: highest", check=AT_LEAST_ONE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.attention_dim % self.attention_heads:
+            raise UserError(f"config key 'dcpa.attention_dim' ({self.attention_dim}) must be a multiple of "
+                            f"'dcpa.attention_heads' ({self.attention_heads})")
+        for name in SEARCHED:
+            low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if low > high:
+                raise UserError(f"config key 'dcpa.{name}_min' ({low:g}) is above 'dcpa.{name}_max' ({high:g}); "
+                                f"give a range with min <= max (equal values fix {name})")
+        if self.tau_max_min < self.tau_min:
+            raise UserError(f"DCP-A anneals the temperature down: config key 'dcpa.tau_max_min' "
+                            f"({self.tau_max_min:g}) must be at least 'dcpa.tau_min' ({self.tau_min:g})")
+
+    def width_ratios(self) -> tuple[float, ...]:
+        """rho_k: from ``width_min`` by ``width_step`` up to 1 (1 always included), ascending."""
+        count = math.floor((1 - self.width_min) / self.width_step + 1e-9)
+        ratios = [round(self.width_min + k * self.width_step, 9) for k in range(count + 1)]
+        return tuple(sorted({*ratios, 1.0}))
+
+    def hparam_ranges(self) -> tuple[HParamRange, ...]:
+        """lambda and tau_max on a log scale (lambda linear when its range starts at 0), stage lengths in epochs."""
+        return (
+            HParamRange("lambda", self.lambda_min, self.lambda_max, log=self.lambda_min > 0),
+            HParamRange("target_margin", self.target_margin_min, self.target_margin_max),
+            HParamRange("tau_max", self.tau_max_min, self.tau_max_max, log=True),
+            HParamRange("warmup_epochs", self.warmup_epochs_min, self.warmup_epochs_max, integer=True),
+            HParamRange("search_epochs", self.search_epochs_min, self.search_epochs_max, integer=True),
+        )
