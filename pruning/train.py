@@ -9,7 +9,6 @@ that was never interrupted. :class:`Trainer` runs epoch by epoch for callers tha
 """
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -28,74 +27,7 @@ from torch.utils.data import Dataset
 from prunetune.pruning.data import Splits, make_loader
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.models import create_model
-
-SCHEDULES = ("cosine", "step")
-
-
-@dataclass(frozen=True)
-class TrainRecipe:
-    """How to train: SGD hyperparameters and the learning-rate schedule.
-
-    ``cosine`` anneals the rate from ``lr`` towards 0 over the whole run, batch by batch; ``step``
-    multiplies it by 0.1 from 50% of the epochs and by 0.01 from 75%.
-    """
-
-    epochs: int = 10
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine"
-    nesterov: bool = True
-    label_smoothing: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise UserError(f"recipe {name} must be an integer, got {getattr(self, name)!r}; fix it")
-        for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
-                raise UserError(f"recipe {name} must be a number, got {getattr(self, name)!r}; fix it")
-            object.__setattr__(self, name, float(getattr(self, name)))  # 1 and 1.0 share one key()
-        self._check_ranges()
-
-    def _check_ranges(self) -> None:
-        problems = {
-            "epochs": self.epochs < 0,
-            "lr": not 0 < self.lr < math.inf,
-            "momentum": not 0 <= self.momentum < 1,
-            "weight_decay": not 0 <= self.weight_decay < math.inf,
-            "batch_size": self.batch_size < 1,
-            "label_smoothing": not 0 <= self.label_smoothing < 1,
-        }
-        rules = {
-            "epochs": ">= 0",
-            "lr": "> 0",
-            "momentum": "in [0, 1)",
-            "weight_decay": ">= 0",
-            "batch_size": ">= 1",
-            "label_smoothing": "in [0, 1)",
-        }
-        for name, bad in problems.items():
-            if bad:
-                raise UserError(f"recipe {name}={getattr(self, name)!r} is invalid; it must be {rules[name]}")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule '{self.schedule}'; choose one of: {', '.join(SCHEDULES)}")
-        if self.nesterov and self.momentum == 0:
-            raise UserError("nesterov needs momentum > 0; set a momentum or nesterov: false")
-
-    def key(self) -> str:
-        """A short hash of every field, stable across processes: names caches of what it trained."""
-        text = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    def learning_rate(self, epoch: int, progress: float) -> float:
-        """The rate at ``progress`` in [0, 1) of the way through 0-based ``epoch``."""
-        if self.schedule == "cosine":
-            position = (epoch + progress) / max(self.epochs, 1)
-            return 0.5 * self.lr * (1.0 + math.cos(math.pi * position))
-        fraction = epoch / max(self.epochs, 1)
-        return self.lr * (0.1 ** ((fraction >= 0.5) + (fraction >= 0.75)))
+from prunetune.pruning.recipe import SCHEDULES, TrainRecipe  # noqa: F401 - re-exported: the recipe trains here
 
 
 @dataclass(frozen=True)

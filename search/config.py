@@ -40,10 +40,10 @@ import yaml
 
 from prunetune.methods.registry import METHODS, method_sections
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.recipe import TrainRecipe
 from prunetune.pruning.schema import (
     AT_LEAST_ONE,
     FRACTION,
-    MOMENTUM,
     NON_NEGATIVE,
     OPEN_FRACTION,
     POSITIVE,
@@ -61,7 +61,6 @@ from prunetune.pruning.schema import (
     section_field,
 )
 
-SCHEDULES = ("cosine", "step")  # pruning.train.SCHEDULES
 SCHEDULERS = ("auto", "asha", "none")
 OBJECTIVES = ("constrained", "pareto")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,40 +118,15 @@ class DatasetSection(Section):
 
 
 @dataclass(frozen=True)
-class TrainSection(Section):
-    """A training recipe: SGD with a learning-rate schedule (``pruning.train.TrainRecipe``'s fields)."""
-
-    epochs: int = option(15, "training epochs", check=AT_LEAST_ONE)
-    lr: float = option(0.05, "initial learning rate", check=POSITIVE)
-    momentum: float = option(0.9, "SGD momentum", check=MOMENTUM)
-    weight_decay: float = option(0.0005, "L2 weight decay", check=NON_NEGATIVE)
-    batch_size: int = option(128, "training batch size", check=AT_LEAST_ONE)
-    schedule: str = option("cosine", "learning-rate schedule", choices=SCHEDULES)
-    nesterov: bool = option(True, "Nesterov momentum (needs momentum > 0)")
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", check=MOMENTUM)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.nesterov and self.momentum == 0:
-            raise UserError(
-                f"config key '{self.section}.nesterov' is true but {self.section}.momentum is 0; "
-                f"set a momentum > 0 or --set {self.section}.nesterov=false"
-            )
-
-    def recipe_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``pruning.train.TrainRecipe`` for this recipe."""
-        return {spec.name: getattr(self, spec.name) for spec in fields(TrainSection)}
-
-
-@dataclass(frozen=True)
-class PretrainSection(TrainSection):
+class PretrainSection(TrainRecipe):
     """The base model's recipe: trained once per model, data, recipe and seed, then cached."""
 
     section: ClassVar[str] = "pretrain"
+    epochs: int = option(15, "training epochs", check=AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
-class FinetuneSection(TrainSection):
+class FinetuneSection(TrainRecipe):
     """Each trial's recovery training after pruning (0 epochs: BatchNorm recalibration only)."""
 
     section: ClassVar[str] = "finetune"

@@ -414,12 +414,13 @@ def test_describe_config_documents_every_key():
     )
 
 
-def test_recipe_kwargs_match_the_train_recipe():
+def test_the_sections_are_train_recipes():
     from prunetune.pruning.train import TrainRecipe
 
     cfg = _cfg()
-    assert TrainRecipe(**cfg.pretrain.recipe_kwargs()).epochs == 15
-    assert TrainRecipe(**cfg.finetune.recipe_kwargs()).lr == 0.01
+    assert type(cfg.pretrain.recipe()) is TrainRecipe and cfg.pretrain.recipe().epochs == 15
+    assert cfg.finetune.recipe().lr == 0.01 and cfg.finetune.recipe().key() == cfg.finetune.key()
+    assert TrainRecipe(epochs=15).key() == cfg.pretrain.key()  # the base-model cache key is the recipe's
 
 
 def test_default_run_name_is_safe_and_dated():

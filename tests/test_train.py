@@ -189,10 +189,10 @@ def test_recipe_is_frozen_and_its_key_stable():
         ({"weight_decay": -1e-4}, "weight_decay"),
         ({"batch_size": 0}, "batch_size"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
-        ({"schedule": "linear"}, "unknown schedule 'linear'; choose one of: cosine, step"),
+        ({"schedule": "linear"}, "'schedule' must be one of: cosine, step; got 'linear'"),
         ({"momentum": 0.0}, "nesterov needs momentum"),
-        ({"epochs": 2.5}, "epochs must be an integer"),
-        ({"lr": "0.1"}, "lr must be a number"),
+        ({"epochs": 2.5}, "'epochs' must be an integer"),
+        ({"lr": "0.1"}, "'lr' must be a number"),
     ],
 )
 def test_bad_recipes_are_user_errors(fields, message):
