@@ -27,6 +27,8 @@ class OptunaOptions(Section):
                           choices=SAMPLERS)
     n_startup_trials: int = option(4, "random trials before the sampler models the results", check=NON_NEGATIVE)
     min_keep_ratio: float = option(0.1, "lowest keep ratio sampled for a group", check=FRACTION)
+    search_depth: bool = option(False, "sample a drop flag per droppable block too",
+                                from_config="space.search_depth")
 
     def check_search(self, cfg) -> None:
         """The sampler must fit the objective: nsga2 is multi-objective, cmaes and gp single-objective."""

@@ -6,6 +6,10 @@ in [t - tolerance, t] (MACs rise with a). The policy is snapped to whole channel
 cannot land in the band (the steps of MACs(a) jump over it) or repeats an earlier policy's
 ``key()`` is rejected and drawn again. After ``max_tries`` rejections in a row the space is deemed
 exhausted: the searcher finishes early (or, before any proposal, raises a UserError).
+
+Depth (config ``space.search_depth``): a draw first drops each droppable block with probability
+``drop_probability``; the multiplier then rescales the remaining groups' ratios into the band,
+against the estimate with those blocks dropped (groups inside them are left out of the policy).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from prunetune.methods.options import SearcherOptions, check_fraction
 from prunetune.methods.searcher import Proposal, Searcher, check_state
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
-from prunetune.pruning.schema import AT_LEAST_ONE, FRACTION, option
+from prunetune.pruning.schema import AT_LEAST_ONE, FRACTION, Range, option
 from prunetune.pruning.space import SearchSpace, policy_from_channels
 
 BISECTION_STEPS = 40
@@ -34,18 +38,24 @@ class RandomOptions(SearcherOptions):
     floor: float = option(0.1, "lowest keep ratio drawn for a group", check=FRACTION)
     max_tries: int = option(200, "rejected draws in a row before the space counts as exhausted",
                             check=AT_LEAST_ONE)
+    drop_probability: float = option(0.3, "chance that a draw drops each droppable block (with "
+                                     "space.search_depth on)", check=Range(0, 1))
+    search_depth: bool = option(False, "propose dropped blocks too", from_config="space.search_depth")
 
 
 def rescaled_policy(space: SearchSpace, draws: np.ndarray, macs_target: float, tolerance: float,
-                    floor: float) -> Policy | None:
-    """Scale ``draws`` (one per group) by a common multiplier into [t - tolerance, t]; None if impossible."""
+                    floor: float, dropped_blocks: tuple[str, ...] = ()) -> Policy | None:
+    """Scale ``draws`` (one per group) by a common multiplier into [t - tolerance, t], with
+    ``dropped_blocks`` dropped; None if impossible."""
     names = space.group_names()
 
     def snapped(multiplier: float) -> Policy:
         ratios = {n: float(min(1.0, max(floor, multiplier * u))) for n, u in zip(names, draws, strict=True)}
-        return policy_from_channels(space, space.channels(Policy(ratios, (), space.space_id)))
+        policy = Policy(ratios, dropped_blocks, space.space_id)
+        return policy_from_channels(space, space.channels(policy), dropped_blocks)
 
-    low, high = 0.0, 1.0 / float(draws.min())  # snapped(low) fits (checked at construction); high keeps all
+    # snapped(low) fits without drops (checked at construction), maybe not with only some dropped
+    low, high = 0.0, 1.0 / float(draws.min())  # high keeps all
     best = snapped(low)
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
@@ -57,7 +67,7 @@ def rescaled_policy(space: SearchSpace, draws: np.ndarray, macs_target: float, t
                 break
         else:
             high = middle
-    return best if space.macs_ratio(best) >= macs_target - tolerance else None
+    return best if macs_target - tolerance <= space.macs_ratio(best) <= macs_target else None
 
 
 class RandomSearcher(Searcher):
@@ -67,10 +77,12 @@ class RandomSearcher(Searcher):
         self.space = space
         self.macs_target = check_fraction(macs_target, "macs_target")
         self.options = options
-        floor_ratio = space.macs_ratio(Policy.uniform(space, options.floor))
+        self._droppable = space.droppable_blocks if options.search_depth else ()
+        floor_ratio = space.macs_ratio(Policy.uniform(space, options.floor, self._droppable))
         if floor_ratio > self.macs_target:
             raise UserError(f"macs_target {self.macs_target:g} is below {floor_ratio:.4f}, what "
-                            f"{space.model_name} keeps with every group at the floor {options.floor:g}; "
+                            f"{space.model_name} keeps with every group at the floor {options.floor:g}"
+                            f"{' and every droppable block dropped' if self._droppable else ''}; "
                             f"raise the target or lower the floor")
         self._rng = np.random.default_rng(seed)
         self._counter = 0
@@ -83,8 +95,10 @@ class RandomSearcher(Searcher):
             return None
         for _ in range(self.options.max_tries):
             draws = self._rng.uniform(self.options.floor, 1.0, size=len(self.space.groups))
+            drops = self._rng.random(len(self._droppable)) < self.options.drop_probability
+            dropped = tuple(b for b, drop in zip(self._droppable, drops, strict=True) if drop)
             policy = rescaled_policy(self.space, draws, self.macs_target, self.options.tolerance,
-                                     self.options.floor)
+                                     self.options.floor, dropped)
             if policy is None or policy.key() in self._seen:
                 continue
             self._seen.add(policy.key())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -170,11 +171,12 @@ class ResourcesSection(Section):
 
 @dataclass(frozen=True)
 class SpaceSection(Section):
-    """How the search space rounds channel counts."""
+    """How the search space rounds channel counts, and whether depth is searched."""
 
     section: ClassVar[str] = "space"
     round_to: int = option(1, "kept channels are rounded to a multiple of this", check=AT_LEAST_ONE)
     min_channels: int = option(1, "fewest channels a group keeps", check=AT_LEAST_ONE)
+    search_depth: bool = option(False, "optuna and random also propose dropping residual blocks")
 
 
 @dataclass(frozen=True)
@@ -324,8 +326,8 @@ class SearchConfig(Section):
             source = spec_field.metadata.get("from_config")
             if source == "importance":
                 filled[spec_field.name] = resolved_importance(self)
-            elif source is not None:
-                filled[spec_field.name] = getattr(self, source)
+            elif source is not None:  # a key, or a dotted path into a section (space.search_depth)
+                filled[spec_field.name] = functools.reduce(getattr, source.split("."), self)
         changed = {name: value for name, value in filled.items() if getattr(options, name) != value}
         return replace(options, **changed) if changed else options
 

@@ -43,11 +43,14 @@ def storage_dir(cfg) -> Path:
 
 
 def check_target(cfg, space) -> None:
-    """Refuse a MACs target the space cannot reach, saying the reachable range."""
-    floor = space.min_macs_ratio()
+    """Refuse a MACs target the space cannot reach, saying the reachable range (with
+    ``space.search_depth``, dropping every droppable block too)."""
+    depth = cfg.space.search_depth
+    floor = space.min_macs_ratio(drop_blocks=depth)
     if cfg.macs_target < floor:
         raise UserError(f"macs_target {cfg.macs_target:g} is below what {cfg.model} can reach: MACs ratios "
-                        f"from {floor:.3f} to 1 (every group at its minimum channels); raise --macs-target")
+                        f"from {floor:.3f} to 1 (every group at its minimum channels"
+                        f"{', every droppable block dropped' if depth else ''}); raise --macs-target")
 
 
 def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):

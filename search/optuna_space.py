@@ -1,4 +1,5 @@
-"""Optuna through Ray Tune's ``OptunaSearch``: one keep ratio per group, the MACs budget as a constraint;
+"""Optuna through Ray Tune's ``OptunaSearch``: one keep ratio per group (and, with the config's
+``space.search_depth``, one drop flag per droppable block), the MACs budget as a constraint;
 or a learner's hyperparameters within its declared ranges (``make_learner_search``).
 
 The define-by-run space samples a keep ratio per group, builds the policy, and sets its estimated
@@ -26,10 +27,17 @@ LEARNER_KEY = "learner"  # in a learner trial's config: the method that learns t
 
 
 def define_policy_space(trial, *, space: SearchSpace, macs_target: float, min_keep_ratio: float,
-                        constrained: bool = True) -> dict:
-    """Sample ``keep.<group>`` for every group; return the policy and record its MACs constraint."""
+                        constrained: bool = True, search_depth: bool = False) -> dict:
+    """Sample ``keep.<group>`` for every group (and with ``search_depth`` a boolean ``drop.<block>``
+    for every droppable block); return the policy and record its MACs constraint.
+
+    The space stays the same whatever is dropped (define-by-run, but static): a dropped block's
+    groups are sampled too and left out of the policy, which prunes alike without them.
+    """
     ratios = {g.name: trial.suggest_float(f"keep.{g.name}", min_keep_ratio, 1.0) for g in space.groups}
-    policy = Policy(ratios, (), space.space_id)
+    dropped = tuple(b for b in space.droppable_blocks
+                    if search_depth and trial.suggest_categorical(f"drop.{b}", [False, True]))
+    policy = space.canonical(Policy(ratios, dropped, space.space_id))
     macs_ratio = space.macs_ratio(policy)
     if constrained:
         trial.set_constraint(CONSTRAINT_KEY, macs_ratio - macs_target)
@@ -69,10 +77,13 @@ def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_
 
 
 def make_optuna_search(space: SearchSpace, *, macs_target: float, objective: str, sampler: str, seed: int,
-                       n_startup_trials: int, min_keep_ratio: float, tolerance: float):
-    """Ray Tune's ``OptunaSearch`` over the keep ratios, wrapped so over-budget proposals cost no trial."""
+                       n_startup_trials: int, min_keep_ratio: float, tolerance: float,
+                       search_depth: bool = False):
+    """Ray Tune's ``OptunaSearch`` over the keep ratios (and with ``search_depth`` the dropped
+    blocks), wrapped so over-budget proposals cost no trial."""
     define = functools.partial(define_policy_space, space=space, macs_target=macs_target,
-                               min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes")
+                               min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes",
+                               search_depth=search_depth)
     search = optuna_search(define, objective=objective, sampler=sampler, seed=seed,
                            n_startup_trials=n_startup_trials)
     return FeasibleOnly(search, limit=macs_target + tolerance, pareto=objective == "pareto")

@@ -29,7 +29,8 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
         return make_optuna_search(space, macs_target=cfg.macs_target, objective=cfg.objective,
                                   sampler=options["sampler"], seed=cfg.seed,
                                   n_startup_trials=options["n_startup_trials"],
-                                  min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance)
+                                  min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance,
+                                  search_depth=options["search_depth"])
     if spec.kind == "learner":
         return build_learner_search(cfg, space)
     start = None

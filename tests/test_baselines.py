@@ -182,3 +182,26 @@ def test_random_target_below_the_floor_is_a_user_error():
 def test_random_bad_options_are_user_errors(bad):
     with pytest.raises(UserError):
         RandomOptions(**bad)
+
+
+def test_random_with_search_depth_drops_blocks_and_stays_in_the_band():
+    space = space_of("resnet20")
+    options = RandomOptions(tolerance=0.03, search_depth=True, drop_probability=0.3)
+    searcher = RandomSearcher(space, macs_target=0.5, seed=0, options=options)
+    policies = [searcher.ask().policy for _ in range(8)]
+    assert sum(bool(p.dropped_blocks) for p in policies) >= 4
+    assert any(b in ("layer2.0", "layer3.0") for p in policies for b in p.dropped_blocks)  # projections too
+    for policy in policies:
+        policy.validate(space)
+        assert 0.47 <= space.macs_ratio(policy) <= 0.5
+        assert space.canonical(policy) == policy  # the groups inside dropped blocks are left out
+    state = searcher.state_dict()
+    again = RandomSearcher(space, macs_target=0.5, seed=0, options=options)
+    again.load_state_dict(state)
+    assert again.ask().policy == searcher.ask().policy
+
+
+def test_random_without_search_depth_drops_nothing_whatever_the_probability():
+    space = space_of("tiny_resnet")
+    searcher = RandomSearcher(space, macs_target=0.5, seed=0, options=RandomOptions(drop_probability=1.0))
+    assert all(not searcher.ask().policy.dropped_blocks for _ in range(4))

@@ -114,3 +114,40 @@ def test_format_1_space_files_are_still_read():
     assert read.block("layer1.1").groups == space.block("layer1.1").groups
     policy = Policy.uniform(read, 0.5, ("layer1.1",))
     assert read.estimate_macs(policy) == space.estimate_macs(policy)
+
+
+def test_optuna_samples_a_drop_flag_per_droppable_block_and_prices_it():
+    import optuna
+
+    from prunetune.search.optuna_space import define_policy_space
+
+    _, space = make_space("tiny_resnet", 8)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    dropped = set()
+    for _ in range(6):
+        trial = study.ask()
+        config = define_policy_space(trial, space=space, macs_target=0.5, min_keep_ratio=0.1, search_depth=True)
+        policy = Policy.from_json(config["policy"])
+        policy.validate(space)
+        assert set(trial.params) == {f"keep.{g}" for g in space.group_names()} | {
+            f"drop.{b}" for b in space.droppable_blocks}
+        assert policy.dropped_blocks == tuple(b for b in space.droppable_blocks if trial.params[f"drop.{b}"])
+        assert policy == space.canonical(policy)
+        assert config["estimated_macs_ratio"] == space.macs_ratio(policy)
+        dropped |= set(policy.dropped_blocks)
+        study.tell(trial, 0.5)
+    assert dropped  # six draws of three fair coins
+    trial = study.ask()
+    config = define_policy_space(trial, space=space, macs_target=0.5, min_keep_ratio=0.1)
+    assert not any(name.startswith("drop.") for name in trial.params) and not config["policy"]["dropped_blocks"]
+
+
+@pytest.mark.parametrize("method", ["random", "optuna"])
+def test_space_search_depth_reaches_the_searchers_options(method):
+    from prunetune.search.config import config_from_dict
+
+    assert config_from_dict({"method": method}, names=False).method_options.search_depth is False
+    cfg = config_from_dict({"method": method, "space": {"search_depth": True}}, names=False)
+    assert cfg.method_options.search_depth is True
+    with pytest.raises(UserError, match="set space.search_depth instead"):
+        config_from_dict({"method": method, method: {"search_depth": True}}, names=False)
