@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from prunetune.pruning.errors import UserError
 from prunetune.search.commands import (
     cluster_cmd,
+    compare_cmd,
     export_cmd,
     prune_cmd,
     resume_cmd,
@@ -28,7 +29,8 @@ from prunetune.search.commands import (
 )
 
 PROG = "prunetune"
-COMMANDS = (run_cmd, resume_cmd, status_cmd, export_cmd, sync_cmd, space_cmd, prune_cmd, cluster_cmd)
+COMMANDS = (run_cmd, resume_cmd, status_cmd, compare_cmd, export_cmd, sync_cmd, space_cmd, prune_cmd,
+            cluster_cmd)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 

@@ -141,7 +141,6 @@ def test_parent_and_three_children_carry_params_metrics_artifacts_and_tags(
     for record, child_id in zip(records, child_ids, strict=True):
         child = tracker.client.get_run(child_id)
         assert child.info.status == RUN_STATUS[record["status"]]
-        assert child.info.run_name == record["trial_id"]
         assert child.info.end_time - child.info.start_time == round(record["seconds"] * 1000)
         tags = child.data.tags
         assert tags["mlflow.parentRunId"] == parent
@@ -151,8 +150,10 @@ def test_parent_and_three_children_carry_params_metrics_artifacts_and_tags(
         )
         assert tags["prunetune.node"] == record["node"] and tags["prunetune.logged"] == "1"
         params = child.data.params
-        ratio = str(record["policy"]["keep_ratios"][GROUPS[0]])
-        assert params["keep.layer1.0.conv1"] == params["keep.features_3_"] == params["keep.fc_out"] == ratio
+        ratio_text = str(record["policy"]["keep_ratios"][GROUPS[0]])
+        dropped = ", 1 block dropped" if record["policy"]["dropped_blocks"] else ""
+        assert child.info.run_name == f"random {record['trial_id']}: keep {float(ratio_text):.2f}{dropped}"
+        assert params["keep.layer1.0.conv1"] == params["keep.features_3_"] == params["keep.fc_out"] == ratio_text
         assert params["dropped_blocks"] == ",".join(record["policy"]["dropped_blocks"])
         assert (params["method"], params["importance"], params["seed"]) == (
             "random",

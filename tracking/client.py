@@ -27,6 +27,7 @@ def make_client(tracking_uri: str) -> MlflowClient:
     # MLflow prints "View run ... at: URL" on stdout for every run it ends on a server; stdout is
     # the search's result table. The user's own setting wins.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for our messages
     if uri_scheme(tracking_uri) == "sqlite":
         sqlite_file(tracking_uri).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=tracking_uri)

@@ -74,3 +74,34 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def param_dict(values: Mapping[str, Any]) -> dict[str, str]:
     """Sanitise the keys and stringify the values of a flat mapping, ready for MLflow params."""
     return {mlflow_key(key): param_value(value) for key, value in values.items()}
+
+
+def policy_summary(policy: Mapping[str, Any] | None) -> str:
+    """A policy at a glance: ``keep 0.50-0.83 mean 0.69`` and ``, 2 blocks dropped`` where some are."""
+    ratios = [float(r) for r in ((policy or {}).get("keep_ratios") or {}).values() if is_number(r)]
+    if not ratios:
+        return "no policy"
+    low, high, mean = min(ratios), max(ratios), sum(ratios) / len(ratios)
+    text = f"keep {low:.2f}" if high - low < 0.005 else f"keep {low:.2f}-{high:.2f} mean {mean:.2f}"
+    dropped = len((policy or {}).get("dropped_blocks") or [])
+    return text + (f", {dropped} block{'s' * (dropped != 1)} dropped" if dropped else "")
+
+
+def trial_run_name(record: Mapping[str, Any], method: str = "", fidelity: str = "full") -> str:
+    """A child run's name: method, trial id, policy summary, and ``(proxy)`` for a proxy trial.
+
+    E.g. ``arpruning 498f2a5e: keep 0.50-0.83 mean 0.69 (proxy)``, so MLflow's runs table tells
+    the trials apart without opening them.
+    """
+    head = " ".join(part for part in (method, str(record.get("trial_id", ""))) if part)
+    name = f"{head}: {policy_summary(record.get('policy'))}"
+    return name + (" (proxy)" if fidelity == "proxy" else "")
+
+
+OWN_LENGTH_PARAM = "finetune_epochs"  # a searcher sets it for its proxy trials (methods.proxy)
+
+
+def fidelity_of(params: Mapping[str, Any]) -> str:
+    """``proxy`` when a trial's params give it its own fine-tune length (a searcher's cheap score,
+    e.g. ARPruning's neighbours), else ``full``."""
+    return "proxy" if params.get(OWN_LENGTH_PARAM) not in (None, "", "None") else "full"

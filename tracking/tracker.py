@@ -20,12 +20,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prunetune.tracking.client import ensure_experiment, make_client, search_runs_by_tags
+from prunetune.tracking.experiment_view import mark_experiment, search_tags
 from prunetune.tracking.learning import keep_ratio_curves, learning_metrics, trajectory
-from prunetune.tracking.names import flatten, metric_value, mlflow_key, param_dict
+from prunetune.tracking.names import (
+    fidelity_of,
+    flatten,
+    metric_value,
+    mlflow_key,
+    param_dict,
+    param_value,
+    trial_run_name,
+)
 from prunetune.tracking.tags import (
     TAG_BEST_TRIAL,
+    TAG_DATASET,
+    TAG_FIDELITY,
     TAG_FINAL_STEP,
     TAG_LOGGED,
+    TAG_MACS_TARGET,
+    TAG_METHOD,
+    TAG_MODEL,
     TAG_PARENT,
     TAG_ROLE,
     TAG_RUN_UID,
@@ -36,6 +50,7 @@ from prunetune.tracking.trial_payload import (
     duration_ms,
     identity_tags,
     run_status,
+    test_metric,
     trial_metrics,
     trial_params,
     validate_record,
@@ -48,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 LEARNING_PNG = "keep_ratios.png"  # a learner's trajectory, in its trial's child run
+SEARCH_TAG_KEYS = (TAG_METHOD, TAG_MODEL, TAG_DATASET, TAG_MACS_TARGET)
 SUMMARY_BEST_METRICS = ("val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio")
 
 
@@ -67,6 +83,9 @@ class Tracker:
         self.experiment = experiment
         self.client = make_client(tracking_uri)
         self.experiment_id = ensure_experiment(self.client, experiment, tracking_uri)
+        mark_experiment(self.client, self.experiment_id)
+        self._parent_tags: dict[str, dict[str, str]] = {}  # parent run id -> what its children inherit
+        self._spaces: dict[str, Any] = {}  # parent run id -> its SearchSpace (None: not logged)
 
     # -- the parent run ------------------------------------------------------------------------
 
@@ -87,7 +106,7 @@ class Tracker:
         import yaml
 
         run_id = self.find_parent(run_uid)
-        extra_tags = {key: str(value) for key, value in (tags or {}).items()}
+        extra_tags = {**search_tags(config), **{key: str(value) for key, value in (tags or {}).items()}}
         if run_id is None:
             run = self.client.create_run(
                 self.experiment_id,
@@ -189,14 +208,53 @@ class Tracker:
         if run is not None and run.data.tags.get(TAG_LOGGED) == "1":
             return run.info.run_id
         if run is None:
+            inherited = self._inherited_tags(parent_id)
+            fidelity = fidelity_of(record.get("params") or {})
             run = self.client.create_run(
                 self.experiment_id,
                 start_time=_now_ms() - duration_ms(record),
-                tags=identity_tags(record, parent_id),
-                run_name=str(record["trial_id"]),
+                tags={**inherited, TAG_FIDELITY: fidelity, **identity_tags(record, parent_id)},
+                run_name=trial_run_name(record, inherited.get(TAG_METHOD, ""), fidelity),
             )
         self._complete_trial(run, record)
         return run.info.run_id
+
+    def _inherited_tags(self, parent_id: str) -> dict[str, str]:
+        """The parent's method, model, dataset and target tags, which every child carries too."""
+        if parent_id not in self._parent_tags:
+            parent_tags = self.client.get_run(parent_id).data.tags
+            self._parent_tags[parent_id] = {key: parent_tags[key] for key in SEARCH_TAG_KEYS if key in parent_tags}
+        return self._parent_tags[parent_id]
+
+    def _kept_channels(self, parent_id: str, record: Mapping[str, Any]) -> dict[str, str]:
+        """Params ``channels.<group>``: the channels the trial's policy keeps in every group, from the
+        parent's ``space.json`` (none when the parent has no space or the policy does not fit it)."""
+        policy = record.get("policy")
+        if not policy:
+            return {}
+        if parent_id not in self._spaces:
+            self._spaces[parent_id] = self._load_space(parent_id)
+        space = self._spaces[parent_id]
+        if space is None:
+            return {}
+        from prunetune.pruning.policy import Policy
+
+        try:
+            channels = space.channels(Policy.from_json(policy))
+        except (KeyError, ValueError, TypeError):  # a policy of another space: nothing to report
+            return {}
+        return {mlflow_key(f"channels.{group}"): param_value(count) for group, count in channels.items()}
+
+    def _load_space(self, parent_id: str):
+        """The SearchSpace the parent logged as ``space.json``, or None."""
+        from prunetune.pruning.space import SearchSpace
+
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                path = self.client.download_artifacts(parent_id, "space.json", folder)
+                return SearchSpace.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except Exception:  # noqa: BLE001 - no space logged (or unreadable): channels are optional
+            return None
 
     def log_test_accuracy(self, parent_id: str, trial_key: str, test_accuracy: float) -> None:
         """Add ``test_accuracy`` to a trial's child run (for the trials of the Pareto front)."""
@@ -210,8 +268,10 @@ class Tracker:
         """Log params, metrics, tags and ``policy.json``, set the final status, then ``logged=1``."""
         run_id = run.info.run_id
         start_ms = run.info.start_time
-        self._log_new_params(run, trial_params(record), tags=detail_tags(record))
-        self._log_batch(run_id, metrics=trial_metrics(record, start_ms) + learning_metrics(record, start_ms))
+        params = {**trial_params(record), **self._kept_channels(run.data.tags.get(TAG_PARENT, ""), record)}
+        self._log_new_params(run, params, tags=detail_tags(record))
+        self._log_batch(run_id, metrics=trial_metrics(record, start_ms) + learning_metrics(record, start_ms)
+                        + test_metric(record, start_ms))
         if record.get("policy") is not None:
             self.client.log_dict(run_id, dict(record["policy"]), "policy.json")
         if trajectory(record):
@@ -221,6 +281,7 @@ class Tracker:
 
     def _log_learning_plot(self, run_id: str, record: Mapping[str, Any]) -> None:
         """A learner's keep-ratio curves as ``keep_ratios.png`` (drawn from the record's trajectory)."""
+        from prunetune.tracking.choices import CHOICES_PNG, choice_rows, plot_choice_heatmap
         from prunetune.tracking.plots import plot_keep_ratio_curves
 
         steps, curves = keep_ratio_curves(record)
@@ -231,6 +292,11 @@ class Tracker:
                                          target=learning.get("loss_target"),
                                          title=f"trial {record['trial_id']}: keep ratio per group while learning")
             self.client.log_artifact(run_id, str(png))
+            rows = choice_rows(record)  # DCP-A: its final distribution over widths and depths
+            if rows:
+                heat = plot_choice_heatmap(rows, Path(folder) / CHOICES_PNG,
+                                           title=f"trial {record['trial_id']}: final choice probabilities")
+                self.client.log_artifact(run_id, str(heat))
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -93,6 +93,14 @@ def trial_metrics(record: Mapping[str, Any], start_ms: int) -> list[MetricPoint]
     return points
 
 
+def test_metric(record: Mapping[str, Any], start_ms: int) -> list[MetricPoint]:
+    """``test_accuracy`` at the final step, for a trial evaluated on the test split (not a proxy)."""
+    number = metric_value(record.get("test_accuracy"))
+    if number is None:
+        return []
+    return [MetricPoint("test_accuracy", number, start_ms + duration_ms(record), final_step(record))]
+
+
 def _points(
     values: Mapping[str, Any], timestamp: int, step: int, skip: tuple[str, ...] = ()
 ) -> list[MetricPoint]:
