@@ -43,14 +43,12 @@ from prunetune.methods.learner import (
     Learner,
     LearnProgress,
     LearnReport,
-    check_hparams,
 )
 from prunetune.methods.macs_term import MacsTerm
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
 
-STATE_FORMAT = 1
 HARD_TEMPERATURE = 1e-4  # evaluation and the final policy use the hard mask
 THETA_STEP_LIMIT = 1.0  # |d loss / d theta_l| is clipped here: a ratio step moves theta_l by at most ratio_lr
 
@@ -160,11 +158,9 @@ class DcmLearner(Learner):
             raise UserError(f"dcm.target_margin_max {self.options.target_margin_max:g} leaves no MACs target "
                             f"below {target:g}; lower it")
 
-    def learn(self, model: nn.Module, data: LearnData, target: float, hparams: Mapping[str, float],
-              report: LearnReport, *, state: Mapping | None = None) -> Learned:
-        hp = check_hparams(self.hparam_ranges(), hparams, self.name)
-        self.check(data.space, target)
-        run = DcmRun(self.options, model, data, hp, target)
+    def run(self, model: nn.Module, data: LearnData, target: float, hparams: dict, report: LearnReport, *,
+            state: Mapping | None = None) -> Learned:
+        run = DcmRun(self.options, model, data, hparams, target)
         try:
             if state is not None:
                 run.load_state_dict(state)
@@ -296,8 +292,7 @@ class DcmRun:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: tensors and plain data (``weights_only`` loads it)."""
         return {
-            "format": STATE_FORMAT, "method": "dcm", "space_id": self.data.space.space_id,
-            "hparams": dict(self.hp), "step": self.step, "reranks": self.reranks, "seconds": self.seconds,
+            "step": self.step, "reranks": self.reranks, "seconds": self.seconds,
             "theta": self.theta.detach().clone(), "model": self.model.state_dict(),
             "weight_optimizer": self.weight_optimizer.state_dict(),
             "ratio_optimizer": self.ratio_optimizer.state_dict(),
@@ -306,9 +301,7 @@ class DcmRun:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        if state.get("method") != "dcm" or state.get("space_id") != self.data.space.space_id:
-            raise UserError("the learning checkpoint is not DCM's on this model; resume with the same method and model")
-        if dict(state["hparams"]) != dict(self.hp) or not 0 <= int(state["step"]) <= self.total_steps:
+        if not 0 <= int(state["step"]) <= self.total_steps:  # the header is Learner.learn's to check
             raise UserError("the learning checkpoint was taken with other hyperparameters or options; "
                             "resume with the ones it started with")
         self.model.load_state_dict(state["model"])

@@ -51,7 +51,6 @@ from prunetune.methods.learner import (
     Learner,
     LearnProgress,
     LearnReport,
-    check_hparams,
 )
 from prunetune.methods.macs_term import MacsTerm
 from prunetune.pruning.errors import UserError
@@ -167,9 +166,10 @@ def block_gates(depth_g: torch.Tensor, stages: Sequence[DepthStage], droppable: 
 def macs_loss(expected_ratio: torch.Tensor, target: float, tolerance: float) -> torch.Tensor:
     """``log E[MACs]`` above t, ``-log E[MACs]`` below ``t - tolerance``, else 0 (METHODS.md, DCP-A:
     Cost; on the ratio to the base MACs, which shifts the log by a constant)."""
-    if float(expected_ratio) > target:
+    value = float(expected_ratio.detach())
+    if value > target:
         return torch.log(expected_ratio)
-    if float(expected_ratio) < target - tolerance:
+    if value < target - tolerance:
         return -torch.log(expected_ratio)
     return expected_ratio * 0.0
 
@@ -275,11 +275,9 @@ class DcpaLearner(Learner):
             raise UserError(f"dcpa.target_margin_max and dcpa.tolerance leave no MACs target below {target:g}; "
                             f"lower them")
 
-    def learn(self, model: nn.Module, data: LearnData, target: float, hparams: Mapping[str, float],
-              report: LearnReport, *, state: Mapping | None = None) -> Learned:
-        hp = check_hparams(self.hparam_ranges(), hparams, self.name)
-        self.check(data.space, target)
-        run = DcpaRun(self.options, model, data, hp, target)
+    def run(self, model: nn.Module, data: LearnData, target: float, hparams: dict, report: LearnReport, *,
+            state: Mapping | None = None) -> Learned:
+        run = DcpaRun(self.options, model, data, hparams, target)
         try:
             if state is not None:
                 run.load_state_dict(state)
@@ -511,7 +509,7 @@ class DcpaRun:
         cost = macs_loss(expected, self.loss_target, self.options.tolerance)
         loss = cross_entropy + self.hp["lambda"] * cost.to(cross_entropy.dtype)
         return loss, {"cross_entropy": cross_entropy.item(), "macs_loss": float(cost),
-                      "expected_macs_ratio": float(expected), "temperature": tau}
+                      "macs_ratio": float(expected), "temperature": tau}
 
     def arch_step(self) -> None:
         """One Adam step on the attention and the logits, weights fixed, on the other half (Two stages)."""

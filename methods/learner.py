@@ -108,9 +108,17 @@ LearnReport = Callable[[LearnProgress, dict | None], None]
 
 
 class Learner(ABC):
-    """Learns a policy by training (see the module doc)."""
+    """Learns a policy by training (see the module doc).
+
+    :meth:`learn` does what every learner shares, once: the hyperparameters checked against their
+    ranges, the target against the space (:meth:`check`), a state to resume from checked to be
+    this learner's on this space with these hyperparameters, and every reported state stamped
+    with that header (``format``, ``method``, ``space_id``, ``hparams``). A learner implements
+    :meth:`run`, which sees checked hyperparameters and reports its own state only.
+    """
 
     name: str = "learner"
+    state_format: int = 1  # raise it when a learner's state changes shape
 
     @abstractmethod
     def hparam_ranges(self) -> tuple[HParamRange, ...]:
@@ -120,11 +128,38 @@ class Learner(ABC):
     def check(self, space: SearchSpace, target: float) -> None:
         """Raise UserError if this learner cannot meet ``target`` on ``space`` (before any trial)."""
 
-    @abstractmethod
     def learn(self, model: nn.Module, data: LearnData, target: float, hparams: Mapping[str, float],
               report: LearnReport, *, state: Mapping | None = None) -> Learned:
         """Train ``model`` (a copy; changed in place) and return a policy whose MACs ratio is at most
         ``target``. ``state`` is one a ``report`` handed out: learning continues from there."""
+        hp = check_hparams(self.hparam_ranges(), hparams, self.name)
+        self.check(data.space, target)
+        header = {"format": self.state_format, "method": self.name, "space_id": data.space.space_id,
+                  "hparams": dict(hp)}
+        if state is not None:
+            self._check_state_header(state, header)
+
+        def stamped(progress: LearnProgress, body: dict | None) -> None:
+            report(progress, None if body is None else {**body, **header})
+
+        return self.run(model, data, target, hp, stamped, state=state)
+
+    @abstractmethod
+    def run(self, model: nn.Module, data: LearnData, target: float, hparams: dict, report: LearnReport, *,
+            state: Mapping | None = None) -> Learned:
+        """:meth:`learn` after its checks: ``hparams`` are checked, ``state`` (when given) is this
+        learner's on this space with these hyperparameters; ``report`` stamps the states it is given."""
+
+    def _check_state_header(self, state: Mapping, header: Mapping) -> None:
+        if state.get("method") != header["method"] or state.get("space_id") != header["space_id"]:
+            raise UserError(f"the learning checkpoint is not {self.name}'s on this model; resume with the same "
+                            "method and model")
+        if state.get("format") != header["format"]:
+            raise UserError(f"the learning checkpoint has format {state.get('format')!r}, this {self.name} writes "
+                            f"{header['format']}; start the trial afresh")
+        if dict(state.get("hparams") or {}) != header["hparams"]:
+            raise UserError("the learning checkpoint was taken with other hyperparameters or options; "
+                            "resume with the ones it started with")
 
 
 def check_hparams(ranges: tuple[HParamRange, ...], hparams: Mapping[str, float], learner: str) -> dict:
