@@ -7,7 +7,8 @@ activation-based criteria run the calibration batches once for the whole model.
 
 Registered: ``l1``, ``l2``, ``bn_scale``, ``fpgm``, ``taylor`` (Torch-Pruning's own group
 importances), ``random`` (seeded), and ``attention``, ARPruning's criterion (Yuan et al., Neural
-Networks 174, 2024; METHODS.md), with its p = 1 variant ``attention_p1``.
+Networks 174, 2024; METHODS.md), with its p = 1 variant ``attention_p1``, and ``texture``, CDP's
+skeleton-based criterion (Li et al., AI Communications 36(4), 2023; METHODS.md, CDP + DTC).
 """
 
 from __future__ import annotations
@@ -160,6 +161,49 @@ class AttentionCriterion:
         return {name: _finite(total / len(calib)) for name, total in totals.items()}
 
 
+def texture_pattern(weight: torch.Tensor) -> torch.Tensor:
+    """The K x K texture of every filter: ``P_n[i, j] = ||W[n, :, i, j]||_2`` (N x K x K; a Linear's
+    rows are 1 x 1 patterns). With a CDP filter skeleton the layer's ``weight`` is ``W * FS_n``
+    (methods/cdp_dtc.py), so ``P_n[i, j] = |FS_n[i, j]| * ||W[n, :, i, j]||_2``: a stripe the skeleton
+    zeroed has no texture."""
+    w = weight.detach().float()
+    if w.dim() == 2:
+        w = w[:, :, None, None]
+    return w.pow(2).sum(dim=1).sqrt()
+
+
+@dataclass(frozen=True)
+class TextureCriterion:
+    """CDP's skeleton-based importance (METHODS.md, CDP + DTC): filter n scores
+    ``sum_ij |FS_n[i, j]| * ||W[n, :, i, j]||_2``, the L1 norm of its texture (``texture_pattern``).
+
+    A layer with a skeleton (a CDP + DTC model while it learns) reads it through its ``weight``
+    (``W * FS``); a model without skeletons, or one whose skeletons were folded into the weights, is
+    scored on the weights' own K x K pattern norms, i.e. as if ``FS = 1`` (for a folded skeleton the
+    two agree: ``|FS| * ||W||`` is the norm of the folded stripe). A filter with no surviving stripe
+    scores 0. A group's channel sums its scores over the group's convolutions and linears, so a
+    channel of a coupled group scores 0 only when it is dead in every member.
+    """
+
+    needs_calibration = False
+
+    def __call__(self, model: nn.Module, groups: Mapping, calib: Sequence[Batch] | None = None) -> Scores:
+        import torch_pruning as tp
+
+        out_fns = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
+        scores = {}
+        for name, group in groups.items():
+            total = torch.zeros(len(group.items[0].idxs))
+            for item in group.items:
+                layer = item.dep.target.module
+                if item.dep.handler not in out_fns or not isinstance(layer, nn.Conv2d | nn.Linear):
+                    continue
+                per_filter = texture_pattern(layer.weight).flatten(1).sum(1).cpu()
+                total.scatter_add_(0, torch.tensor(item.root_idxs, dtype=torch.long), per_filter[item.idxs])
+            scores[name] = _finite(total)
+        return scores
+
+
 def _observed_layers(model: nn.Module, group) -> list[nn.Module]:
     """The modules whose outputs carry the group's channels: its BatchNorms, else its convs."""
     import torch_pruning as tp
@@ -186,6 +230,7 @@ CRITERIA: dict[str, Callable[..., Callable]] = {
     "random": RandomCriterion,
     "attention": AttentionCriterion,
     "attention_p1": lambda: AttentionCriterion(p=1),
+    "texture": TextureCriterion,
 }
 
 

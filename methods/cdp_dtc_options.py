@@ -1,0 +1,80 @@
+"""CDP + DTC's options: how it learns, and the ranges of the hyperparameters the search proposes.
+
+No torch here: the search config builds the ``cdp_dtc`` section from this class before anything
+starts. The fields are the section's keys (``cdp_dtc.<field>``), except ``criterion``, which comes
+from the search's ``importance`` (the trial prunes the base model with it; the learning itself
+reads only its skeletons). Each searched hyperparameter has a ``<name>_min`` and a ``<name>_max``;
+equal bounds fix it, and a penalty weight's range may start at (or be) 0, which switches that term
+off (METHODS.md: "any weight may be 0").
+
+How far the skeletons shrink grows with ``skeleton_lr * weight * steps``: the default ranges suit
+about one epoch of a few hundred steps; for much shorter or longer learning, move the weights'
+ranges the other way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from prunetune.methods.learner import HParamRange
+from prunetune.pruning.errors import UserError
+from prunetune.pruning.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, Section, option
+
+# The searched hyperparameters: DTC's delta and the five CDP penalty weights (methods/cdp_dtc.py).
+SEARCHED = ("delta", "similarity", "similarity_skeleton", "group", "frobenius", "adaptive")
+PENALTY_WEIGHTS = SEARCHED[1:]
+
+
+@dataclass(frozen=True)
+class CdpDtcOptions(Section):
+    """CDP + DTC's options (config section ``cdp_dtc``; METHODS.md, CDP + DTC; methods/cdp_dtc.py)."""
+
+    section: ClassVar[str] = "cdp_dtc"
+    epochs: int = option(1, "learning epochs of each trial (passes over the training split)", check=AT_LEAST_ONE)
+    criterion: str = option("texture", "importance criterion the trial prunes the base model with",
+                            from_config="importance")
+    skeleton_lr: float = option(0.01, "learning rate of the filter skeletons (SGD, the recipe's momentum)",
+                                check=POSITIVE)
+    adaptive_spread: float = option(0.5, "how far the adaptive term's group and L1 weights move apart: "
+                                         "adaptive * (1 +- spread)", check=Range(0, 1))
+    checkpoint_every: int = option(20, "training steps between progress reports with a checkpoint",
+                                   check=AT_LEAST_ONE)
+    delta_min: float = option(0.1, "searched range of delta, DTC's threshold factor: lowest", check=POSITIVE)
+    delta_max: float = option(0.6, "searched range of delta: highest (log scale)", check=POSITIVE)
+    similarity_min: float = option(0.0, "searched range of the weights' angular-similarity weight: lowest",
+                                   check=NON_NEGATIVE)
+    similarity_max: float = option(0.05, "searched range of the weights' similarity weight: highest",
+                                   check=NON_NEGATIVE)
+    similarity_skeleton_min: float = option(0.0, "searched range of the skeletons' angular-similarity weight: "
+                                                 "lowest", check=NON_NEGATIVE)
+    similarity_skeleton_max: float = option(0.05, "searched range of the skeletons' similarity weight: highest",
+                                            check=NON_NEGATIVE)
+    group_min: float = option(0.0, "searched range of the group term's weight, sqrt(sum_n ||FS_n||_1^2): lowest",
+                              check=NON_NEGATIVE)
+    group_max: float = option(0.2, "searched range of the group term's weight: highest", check=NON_NEGATIVE)
+    frobenius_min: float = option(0.0, "searched range of the Frobenius term's weight, ||FS||_F: lowest",
+                                  check=NON_NEGATIVE)
+    frobenius_max: float = option(0.2, "searched range of the Frobenius term's weight: highest",
+                                  check=NON_NEGATIVE)
+    adaptive_min: float = option(0.005, "searched range of the adaptive group + L1 term's weight: lowest "
+                                        "(log scale when above 0)", check=NON_NEGATIVE)
+    adaptive_max: float = option(0.2, "searched range of the adaptive term's weight: highest", check=NON_NEGATIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in SEARCHED:
+            low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if low > high:
+                raise UserError(f"config key 'cdp_dtc.{name}_min' ({low:g}) is above 'cdp_dtc.{name}_max' "
+                                f"({high:g}); give a range with min <= max (equal values fix {name})")
+        if not any(getattr(self, f"{name}_max") > 0 for name in PENALTY_WEIGHTS):
+            raise UserError("every CDP penalty weight is fixed at 0, so no skeleton entry shrinks and nothing is "
+                            "pruned; give one of cdp_dtc.<weight>_max above 0 "
+                            f"({', '.join(PENALTY_WEIGHTS)})")
+
+    def hparam_ranges(self) -> tuple[HParamRange, ...]:
+        """delta on a log scale; each penalty weight on a log scale unless its range starts at 0."""
+        return tuple(HParamRange(name, getattr(self, f"{name}_min"), getattr(self, f"{name}_max"),
+                                 log=getattr(self, f"{name}_min") > 0)
+                     for name in SEARCHED)
