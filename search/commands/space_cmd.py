@@ -2,7 +2,8 @@
 
 The model is built untrained for the dataset's classes, channels and image size, and traced once
 (no training). The table lists each group's channels, the fewest it may keep and its share of the
-base MACs, then the droppable residual blocks and the base MACs and parameters. ``--json`` prints
+base MACs, then the residual stages with their blocks, the droppable ones, and the base MACs and
+parameters. ``--json`` prints
 the space's JSON and nothing else: the file a policy is written against.
 """
 
@@ -52,7 +53,19 @@ def format_space(space, dataset_name: str) -> str:
     lines += ["",
               f"{len(space.groups)} groups, {sum(g.channels for g in space.groups)} channels; "
               "a group's MACs share counts every layer its channels enter or leave",
+              *format_stages(space),
               "droppable blocks: " + (", ".join(space.droppable_blocks) or "none"),
               f"base MACs:   {common.human_count(space.base_macs)} ({space.base_macs:,})",
               f"base params: {common.human_count(space.base_params)} ({space.base_params:,})"]
     return "\n".join(lines)
+
+
+def format_stages(space) -> list[str]:
+    """The residual stages, one line each: blocks in order, marked by shortcut (depth search)."""
+    if not space.blocks:
+        return ["residual stages: none"]
+    mark = {"identity": "", "projection": "*", "none": "-"}
+    lines = ["residual stages, blocks in order (* dropped into its projection shortcut, - no shortcut: kept):"]
+    for stage in space.stages:
+        lines.append(f"  {stage.name}: " + " ".join(name + mark[space.block(name).shortcut] for name in stage.blocks))
+    return lines
