@@ -57,7 +57,6 @@ from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
 
-STATE_FORMAT = 1
 QUANTILES = 4  # channel statistics of a group summarised to this many quantiles
 DESCRIPTOR_SIZE = QUANTILES + 6
 
@@ -508,8 +507,8 @@ class DcpaRun:
         expected = self.expected_macs_ratio(width_alpha, depth_alpha)
         cost = macs_loss(expected, self.loss_target, self.options.tolerance)
         loss = cross_entropy + self.hp["lambda"] * cost.to(cross_entropy.dtype)
-        return loss, {"cross_entropy": cross_entropy.item(), "macs_loss": float(cost),
-                      "macs_ratio": float(expected), "temperature": tau}
+        return loss, {"cross_entropy": cross_entropy.item(), "macs_loss": float(cost.detach()),
+                      "macs_ratio": float(expected.detach()), "temperature": tau}
 
     def arch_step(self) -> None:
         """One Adam step on the attention and the logits, weights fixed, on the other half (Two stages)."""
@@ -601,9 +600,9 @@ class DcpaRun:
         return Learned(policy, tuple(self.trajectory), info)
 
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: tensors and plain data (``weights_only`` loads it)."""
+        """Everything needed to continue exactly: tensors and plain data (``weights_only`` loads it);
+        ``Learner.learn`` adds the header (method, space, hyperparameters) and checks it on resume."""
         return {
-            "format": STATE_FORMAT, "method": "dcpa", "space_id": self.space.space_id, "hparams": dict(self.hp),
             "rhos": list(self.rhos), "stages": [[s.name, s.min_depth] for s in self.stages],
             "step": self.step, "reranks": self.reranks, "seconds": self.seconds,
             "model": self.model.state_dict(), "attention": self.attention.state_dict(),
@@ -614,10 +613,8 @@ class DcpaRun:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        if state.get("method") != "dcpa" or state.get("space_id") != self.space.space_id:
-            raise UserError("the learning checkpoint is not DCP-A's on this model; resume with the same method "
-                            "and model")
-        same = (dict(state["hparams"]) == dict(self.hp) and list(state["rhos"]) == list(self.rhos)
+        """Continue from ``state`` (its header already checked by ``Learner.learn``), taken with these options."""
+        same = (list(state["rhos"]) == list(self.rhos)
                 and [list(b) for b in state["stages"]] == [[s.name, s.min_depth] for s in self.stages])
         if not same or not 0 <= int(state["step"]) <= self.total_steps:
             raise UserError("the learning checkpoint was taken with other hyperparameters or options; "

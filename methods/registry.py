@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from prunetune.methods.arpruning import ArpruningOptions
 from prunetune.methods.dcm_options import DcmOptions
+from prunetune.methods.dcpa_options import DcpaOptions
 from prunetune.methods.global_threshold import GlobalOptions
 from prunetune.methods.limiters import ConcurrencyLimiter, TrialBudget
 from prunetune.methods.options import SearcherOptions, check_fraction, parse_options
@@ -95,6 +96,8 @@ METHODS: dict[str, MethodSpec] = {
                          options=OptunaOptions),
     "dcm": MethodSpec("learner", "DCM: learns every group's keep ratio with dynamic channel masks",
                       "dcm:make_dcm_learner", DcmOptions, default_importance="bn_scale"),
+    "dcpa": MethodSpec("learner", "DCP-A: learns widths and depths by Gumbel-softmax over attention-given logits",
+                       "dcpa:make_dcpa_learner", DcpaOptions, default_importance="bn_scale"),
 }
 
 
