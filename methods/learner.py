@@ -82,6 +82,9 @@ class LearnProgress:
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
 
+    def __reduce__(self):  # MappingProxyType does not pickle
+        return (LearnProgress, (self.step, self.total_steps, dict(self.metrics)))
+
 
 @dataclass(frozen=True)
 class Learned:
@@ -119,6 +122,10 @@ class Learner(ABC):
 
     name: str = "learner"
     state_format: int = 1  # raise it when a learner's state changes shape
+    # Whether the learned policy meets the MACs target by construction. A learner whose MACs follow
+    # from its hyperparameters instead (CDP+DTC: from delta) sets False; the search then keeps the
+    # best trial within the target (the contract suite checks the promise where it is made).
+    meets_target: bool = True
 
     @abstractmethod
     def hparam_ranges(self) -> tuple[HParamRange, ...]:

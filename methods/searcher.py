@@ -43,6 +43,9 @@ class Proposal:
     def __post_init__(self) -> None:
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
 
+    def __reduce__(self):  # MappingProxyType does not pickle; Ray pickles the searcher adapter
+        return (Proposal, (self.proposal_id, self.policy, dict(self.info)))
+
     def to_json(self) -> dict:
         return {"proposal_id": self.proposal_id, "policy": self.policy.to_json(), "info": dict(self.info)}
 

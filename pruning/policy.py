@@ -54,6 +54,9 @@ class Policy:
         object.__setattr__(self, "keep_ratios", frozen)
         object.__setattr__(self, "dropped_blocks", tuple(sorted(set(self.dropped_blocks))))
 
+    def __reduce__(self):  # MappingProxyType does not pickle; Ray pickles searchers holding policies
+        return (Policy, (dict(self.keep_ratios), self.dropped_blocks, self.space_id))
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
             return NotImplemented

@@ -15,6 +15,8 @@ save state for resume, and a lambda anywhere in it would fail at the first save.
 from __future__ import annotations
 
 import functools
+import pickle
+from pathlib import Path
 
 from ray.tune.search import Searcher as RaySearcher
 
@@ -23,6 +25,7 @@ from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
 
 CONSTRAINT_KEY = "macs"
+FEASIBLE_FORMAT = "prunetune.feasible_only"  # marks FeasibleOnly's checkpoint (the searcher's inside)
 LEARNER_KEY = "learner"  # in a learner trial's config: the method that learns the policy
 
 
@@ -161,7 +164,24 @@ class FeasibleOnly(RaySearcher):
         self.rejected = int(state.get("rejected", 0))
 
     def save(self, checkpoint_path: str) -> None:
-        self.searcher.save(checkpoint_path)
+        """The wrapped searcher's checkpoint and this wrapper's count in one file (Ray keeps one)."""
+        inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
+        try:
+            self.searcher.save(str(inner))
+            payload = {FEASIBLE_FORMAT: 1, "inner": inner.read_bytes(), "state": self.get_state()}
+        finally:
+            inner.unlink(missing_ok=True)
+        Path(checkpoint_path).write_bytes(pickle.dumps(payload))
 
     def restore(self, checkpoint_path: str) -> None:
-        self.searcher.restore(checkpoint_path)
+        payload = pickle.loads(Path(checkpoint_path).read_bytes())
+        if not (isinstance(payload, dict) and FEASIBLE_FORMAT in payload):  # written before the count was kept
+            self.searcher.restore(checkpoint_path)
+            return
+        inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
+        try:
+            inner.write_bytes(payload["inner"])
+            self.searcher.restore(str(inner))
+        finally:
+            inner.unlink(missing_ok=True)
+        self.set_state(payload["state"])
