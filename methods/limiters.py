@@ -44,9 +44,6 @@ class _Wrapper(Searcher):
     def on_report(self, proposal_id: str, metrics: Mapping[str, float]) -> None:
         self.inner.on_report(proposal_id, metrics)
 
-    def close(self) -> None:
-        self.inner.close()
-
     def search_path(self) -> list[dict]:
         return self.inner.search_path()
 

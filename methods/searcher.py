@@ -81,9 +81,6 @@ class Searcher(ABC):
     def on_report(self, proposal_id: str, metrics: Mapping[str, float]) -> None:  # noqa: B027
         """Hook: an intermediate (per-epoch) report of a proposal in flight. Ignored by default."""
 
-    def close(self) -> None:  # noqa: B027
-        """Hook: the search ends (finished or stopped). Nothing to release by default."""
-
     def search_path(self) -> list[dict]:
         """Hook: the search's path so far, one row of numbers per step (with its ``round``), for the
         driver to log as metrics of the parent run. Empty by default."""

@@ -93,14 +93,11 @@ class RandomCriterion:
                 for name, group in groups.items()}
 
 
-def attention_map(features: torch.Tensor, p: int = 2) -> torch.Tensor:
-    """Spatial attention Q(F)_b = v_b / ||v_b||_2, v_b = vec((1/C) sum_c |F_bc|^p) (ARPruning, after AT)."""
-    v = features.abs().pow(p).mean(dim=1).flatten(1)
-    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def attention_scores(features: torch.Tensor, p: int = 2) -> torch.Tensor:
     """ARPruning's intra-layer criterion for every channel j of F (B x C x H x W) at once.
+
+    The spatial attention map of sample b is Q(F)_b = v_b / ||v_b||_2 with v_b = vec((1/C) sum_c |F_bc|^p)
+    (attention transfer; METHODS.md, ARPruning).
 
     s_j = mean over samples b and pixels of (Q(F) - Q(F without j))^2, where F without j averages
     |F_c|^p over the other C - 1 channels: (C * mean_c - |F_j|^p) / (C - 1). A channel whose removal
