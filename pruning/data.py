@@ -383,7 +383,8 @@ def _build_cifar(name: str) -> _Builder:
         from prunetune.pruning.torchvision_compat import import_torchvision
 
         if request.root is None and not request.download:
-            raise UserError(f"{name} needs its files: pass --data-root DIR holding them, or --download")
+            raise UserError(f"{name} needs its files: pass --data-root DIR holding them, or --download to fetch "
+                            f"them (in a config: dataset.download: true)")
         datasets = import_torchvision().datasets
         loader = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         root = os.path.expanduser(request.root or DOWNLOAD_ROOT)
@@ -396,8 +397,13 @@ def _build_cifar(name: str) -> _Builder:
                 raw = loader(root, train=train, download=request.download)
             except RuntimeError as error:
                 raise UserError(
-                    f"{name} not found in {root} ({error}); pass --data-root DIR holding it, or --download"
+                    f"{name} not found in {root} ({error}); pass --data-root DIR holding it, or --download to fetch it"
                 ) from error
+            except OSError as error:  # the download itself failed (no network, refused, disk full)
+                raise UserError(
+                    f"{name} could not be downloaded to {root} ({getattr(error, 'reason', error)}); "
+                    f"pass --data-root DIR holding its files"
+                ) from None
             images = _resize(torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous(), size)
             parts.append(TensorImages(images, torch.tensor(raw.targets), mean=mean, std=std))
         return info, parts[0], parts[1]
@@ -413,7 +419,7 @@ def _build_imagefolder(request: _Request) -> tuple[DatasetInfo, Dataset, Dataset
         raise UserError(
             "imagefolder needs its images: pass --data-root DIR holding train/ and val/ class folders"
         )
-    root = Path(request.root).expanduser()
+    root = Path(request.root).expanduser().resolve()  # absolute: Ray's workers run in other folders
     for part in ("train", "val"):
         if not (root / part).is_dir():
             raise UserError(
