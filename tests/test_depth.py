@@ -151,3 +151,32 @@ def test_space_search_depth_reaches_the_searchers_options(method):
     assert cfg.method_options.search_depth is True
     with pytest.raises(UserError, match="set space.search_depth instead"):
         config_from_dict({"method": method, method: {"search_depth": True}}, names=False)
+
+
+@pytest.mark.slow
+def test_a_random_search_over_depth_drops_blocks_and_exports_them(tmp_path):
+    from tests.search_helpers import read_jsonl, run_cli
+
+    quick = ["--model", "resnet20", "--dataset", "digits", "--image-size", "8", "--pretrain-epochs", "1",
+             "--finetune-epochs", "1", "--set", "finetune.bn_recalibration_batches=2"]
+    (tmp_path / "runs").mkdir()
+    result = run_cli(["run", *quick, "--method", "random", "--set", "space.search_depth=true", "--trials", "4",
+                      "--concurrency", "2", "--name", "depth", "--storage", str(tmp_path / "runs")],
+                     cache=tmp_path / "cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "depth"
+    records = [r for r in read_jsonl(run_dir / "trials.jsonl") if r["status"] == "finished"]
+    space = SearchSpace.from_json(json.loads((run_dir / "space.json").read_text()))
+    dropping = [r for r in records if r["policy"]["dropped_blocks"]]
+    assert len(records) == 4 and dropping, [r["policy"]["dropped_blocks"] for r in records]
+    record = dropping[0]
+    policy = Policy.from_json(record["policy"])
+    assert space.estimate_macs(policy) == record["metrics"]["macs"]
+    out = tmp_path / "dropped.pt"
+    exported = run_cli(["export", str(run_dir), "--trial", record["trial_id"], "--out", str(out)],
+                       cache=tmp_path / "cache", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    model, meta = load_pruned(out)
+    assert meta["policy"] == policy
+    assert model.eval()(torch.zeros(2, *space.input_shape)).shape == (2, 10)
+    assert count_macs(model, space.input_shape) == record["metrics"]["macs"]
