@@ -1,7 +1,10 @@
 """The global baseline: one importance threshold over every channel of every group (METHODS.md).
 
-As in Torch-Pruning's global pruning, each group's channel scores are divided by their mean, so
-groups of different scale compete on one axis. A threshold tau keeps, in group l, the fraction of
+As in Torch-Pruning's global pruning, each group's channel scores are normalised within the group
+(by Torch-Pruning's own normalizers: ``mean`` divides by the mean, its default; ``lamp`` is LAMP,
+Lee et al. ICLR 2021, score_u / sum of the scores not below it, which keeps global ranking from
+emptying a layer at high compression; ``max``, ``sum`` and ``gaussian`` as Torch-Pruning defines
+them), so groups of different scale compete on one axis. A threshold tau keeps, in group l, the fraction of
 its channels scoring above tau, but never less than ``floor`` (nor ``min_channels``):
 ``r_l(tau) = max(floor, |{c : s_lc / mean(s_l) > tau}| / C_l)``. MACs fall as tau rises, so
 bisection over the observed scores finds the smallest tau whose estimated MACs ratio meets the
@@ -26,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported where it is used, so listing the methods 
     from torch import nn
 
 DEFAULT_FLOOR = 0.1
+NORMALIZERS = ("mean", "lamp", "max", "sum", "gaussian")  # names of Torch-Pruning's Importance normalizers
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class GlobalOptions(SearcherOptions):
 
     section: ClassVar[str] = "global"
     floor: float = option(DEFAULT_FLOOR, "lowest keep ratio a group is cut to", check=FRACTION)
+    normalizer: str = option("mean", "how each group's scores are normalised before the global threshold "
+                             "(Torch-Pruning's normalizers; lamp: LAMP)", choices=NORMALIZERS)
     criterion: str = option("l1", "importance criterion that ranks the channels", from_config="importance")
 
 
@@ -58,6 +64,18 @@ def normalise_by_mean(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return {name: s / s.mean().clamp_min(1e-12) for name, s in scores.items()}
 
 
+def normalise(scores: Mapping[str, torch.Tensor], normalizer: str = "mean") -> dict[str, torch.Tensor]:
+    """Each group's scores normalised by Torch-Pruning's ``normalizer`` (one of :data:`NORMALIZERS`)."""
+    if normalizer == "mean":
+        return normalise_by_mean(scores)  # guarded against an all-zero group, unlike Torch-Pruning's
+    if normalizer not in NORMALIZERS:
+        raise UserError(f"unknown normalizer '{normalizer}'; choose one of: {', '.join(NORMALIZERS)}")
+    import torch_pruning as tp
+
+    importance = tp.importance.GroupMagnitudeImportance(normalizer=normalizer)
+    return {name: importance._normalize(s.clone().float(), normalizer) for name, s in scores.items()}
+
+
 def threshold_policy(space: SearchSpace, normalised: Mapping[str, torch.Tensor], threshold: float,
                      floor: float) -> Policy:
     """r_l = max(floor, fraction of group l's channels scoring above ``threshold``), in whole channels."""
@@ -69,13 +87,13 @@ def threshold_policy(space: SearchSpace, normalised: Mapping[str, torch.Tensor],
 
 
 def threshold_policy_for_target(space: SearchSpace, scores: Mapping[str, torch.Tensor], macs_target: float,
-                                *, floor: float = DEFAULT_FLOOR) -> Policy:
+                                *, floor: float = DEFAULT_FLOOR, normalizer: str = "mean") -> Policy:
     """The global-threshold policy at the smallest threshold whose MACs ratio is <= ``macs_target``."""
     import torch
 
     target = check_fraction(macs_target, "macs_target")
     floor = check_fraction(floor, "floor")
-    normalised = normalise_by_mean(scores)
+    normalised = normalise(scores, normalizer)
     thresholds = [-float("inf"), *torch.unique(torch.cat(list(normalised.values()))).tolist()]
 
     def policy(index: int) -> Policy:
@@ -98,10 +116,10 @@ def threshold_policy_for_target(space: SearchSpace, scores: Mapping[str, torch.T
 
 def global_threshold_policy(model: nn.Module, space: SearchSpace, criterion: Callable,
                             calib: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, macs_target: float,
-                            *, floor: float = DEFAULT_FLOOR) -> Policy:
+                            *, floor: float = DEFAULT_FLOOR, normalizer: str = "mean") -> Policy:
     """Score ``model``'s channels with ``criterion`` and threshold them globally to meet ``macs_target``."""
     return threshold_policy_for_target(space, group_scores(model, space, criterion, calib), macs_target,
-                                       floor=floor)
+                                       floor=floor, normalizer=normalizer)
 
 
 def global_start_policy(model: nn.Module, space: SearchSpace, calib, *, macs_target: float,
@@ -110,7 +128,7 @@ def global_start_policy(model: nn.Module, space: SearchSpace, calib, *, macs_tar
     from prunetune.pruning.importance import get_criterion
 
     return global_threshold_policy(model, space, get_criterion(options.criterion), calib, macs_target,
-                                   floor=options.floor)
+                                   floor=options.floor, normalizer=options.normalizer)
 
 
 def make_global_searcher(space: SearchSpace, *, macs_target: float, seed: int, options: GlobalOptions,
