@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from prunetune.methods.arpruning import ArpruningOptions
+from prunetune.methods.cdp_dtc_options import CdpDtcOptions
 from prunetune.methods.dcm_options import DcmOptions
 from prunetune.methods.dcpa_options import DcpaOptions
 from prunetune.methods.global_threshold import GlobalOptions
@@ -96,6 +97,9 @@ METHODS: dict[str, MethodSpec] = {
                          options=OptunaOptions),
     "dcm": MethodSpec("learner", "DCM: learns every group's keep ratio with dynamic channel masks",
                       "dcm:make_dcm_learner", DcmOptions, default_importance="bn_scale"),
+    "cdp-dtc": MethodSpec("learner", "CDP + DTC: filter skeletons under a texture penalty, pruned by dynamic "
+                          "thresholds (width and depth)", "cdp_dtc:make_cdp_dtc_learner", CdpDtcOptions,
+                          default_importance="texture"),
     "dcpa": MethodSpec("learner", "DCP-A: learns widths and depths by Gumbel-softmax over attention-given logits",
                        "dcpa:make_dcpa_learner", DcpaOptions, default_importance="bn_scale"),
 }

@@ -283,6 +283,7 @@ class Tracker:
         """A learner's keep-ratio curves as ``keep_ratios.png`` (drawn from the record's trajectory)."""
         from prunetune.tracking.choices import CHOICES_PNG, choice_rows, plot_choice_heatmap
         from prunetune.tracking.plots import plot_keep_ratio_curves
+        from prunetune.tracking.survival import SURVIVAL_PNG, dropped_blocks, plot_survival, survival_rows
 
         steps, curves = keep_ratio_curves(record)
         learning = record.get("learning") or {}
@@ -297,6 +298,11 @@ class Tracker:
                 heat = plot_choice_heatmap(rows, Path(folder) / CHOICES_PNG,
                                            title=f"trial {record['trial_id']}: final choice probabilities")
                 self.client.log_artifact(run_id, str(heat))
+            survival = survival_rows(record)  # CDP + DTC: live filters and stripes per layer, dropped blocks
+            if survival:
+                bars = plot_survival(survival, Path(folder) / SURVIVAL_PNG, dropped=dropped_blocks(record),
+                                     title=f"trial {record['trial_id']}: survival per layer after learning")
+                self.client.log_artifact(run_id, str(bars))
 
     # -- helpers -------------------------------------------------------------------------------
 
