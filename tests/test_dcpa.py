@@ -316,3 +316,48 @@ def test_the_config_section_takes_set_dcpa_keys():
     assert cfg.method_options.lambda_min == 2.0 and cfg.method_options.search_epochs_max == 6
     with pytest.raises(UserError, match="dcpa.tau_max_min"):
         load_config(sets=["method=dcpa", "dcpa.tau_max_min=9"], names=False)
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_prunetune_run_method_dcpa_end_to_end(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli
+
+    result = run_cli(["run", *QUICK, "--model", "tiny_resnet", "--method", "dcpa", "--trials", "2",
+                      "--concurrency", "2", "--name", "dcpa2", "--storage", str(tmp_path / "runs"),
+                      "--set", "dcpa.checkpoint_every=5", "--set", "dcpa.search_epochs_max=2"],
+                     cache=tmp_path / "cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "dcpa2"
+    records = read_jsonl(run_dir / "trials.jsonl")
+    assert len(records) == 2
+    for record in records:
+        assert record["status"] == "finished"
+        assert record["metrics"]["macs_ratio"] <= 0.5 + 1e-9  # measured on the pruned model
+        params = record["params"]
+        assert 1 <= params["lambda"] <= 10 and 2 <= params["search_epochs"] <= 2 and 2 <= params["tau_max"] <= 8
+        assert params["importance"] == "bn_scale"
+        learning = record["learning"]
+        assert any(key.startswith("prob.layer1.d") for key in learning["trajectory"][-1])  # depth choices
+        assert set(learning["distribution"]["depths"]) == {"layer1"}
+        assert [h["epoch"] for h in record["history"]] == [0, 1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "dcpa" and summary["trials"]["finished"] == 2
+
+    meta = json.loads((run_dir / "prunetune.json").read_text())
+    _, children = mlflow_runs(meta["tracking_uri"])
+    client = MlflowClient(meta["tracking_uri"])
+    assert len(children) == 2
+    by_id = {r["trial_id"]: r for r in records}
+    for child in children:
+        record = by_id[child.data.tags["prunetune.trial_id"]]
+        history = client.get_metric_history(child.info.run_id, "learn.prob.conv1.w0")
+        assert [m.step for m in history] == [row["step"] for row in record["learning"]["trajectory"]]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"choices.png", "keep_ratios.png", "policy.json"} <= artifacts
