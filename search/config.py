@@ -439,11 +439,6 @@ def default_run_name(cfg: SearchConfig, now: datetime) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", raw)
 
 
-def run_name(cfg: SearchConfig, now: datetime) -> str:
-    """The configured ``name``, or :func:`default_run_name` when it is null."""
-    return cfg.name if cfg.name is not None else default_run_name(cfg, now)
-
-
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader that reads ``1e-3`` as a float (YAML 1.2) and refuses duplicate keys."""
 
