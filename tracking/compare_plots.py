@@ -108,12 +108,15 @@ def plot_best_so_far(searches: Sequence[Search], out_png: Path) -> Path:
         if points:
             axes.step([n for n, _ in points], [v for _, v in points], where="post", color=_colour(index),
                       marker="o", markersize=3, label=f"{search.name} ({search.method})")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("trials ended (proxy trials included)")
     axes.set_ylabel("best validation accuracy so far, within target")
     axes.set_title(fit_title("Best so far against trials", 70), fontsize=11)
     axes.grid(alpha=0.3)
     if any(best_so_far(s) for s in searches):
-        axes.legend(loc="lower right", fontsize="x-small")
+        axes.legend(loc="best", fontsize="x-small")
     else:
         axes.text(0.5, 0.5, "no full trial within a target yet", ha="center", va="center",
                   transform=axes.transAxes)

@@ -97,11 +97,7 @@ def _sync_summary(tracker: Tracker, parent_id: str, run_dir: Path, contents: Run
 
 
 def _render_pareto(contents: RunDirContents, out_png: Path) -> Path:
-    """Draw the Pareto plot from the finished trials' metrics."""
-    from prunetune.tracking.plots import plot_pareto
+    """Draw the Pareto plot from the trial records and the summary (as the search draws it)."""
+    from prunetune.tracking.plots import plot_search
 
-    points = [record.get("metrics") or {} for record in contents.trials if record.get("status") == "finished"]
-    summary = contents.summary or {}
-    return plot_pareto(
-        points, out_png, base=summary.get("baseline"), title=str(contents.meta.get("name", ""))
-    )
+    return plot_search(contents.trials, contents.summary or {}, out_png)
