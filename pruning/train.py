@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from prunetune.pruning.data import Splits, make_loader
+from prunetune.pruning.distill import Distillation
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.models import create_model
 from prunetune.pruning.recipe import SCHEDULES, TrainRecipe  # noqa: F401 - re-exported: the recipe trains here
@@ -80,8 +81,10 @@ class Trainer:
         *,
         seed: int,
         device: str | torch.device = "cpu",
+        distillation: Distillation | None = None,
     ) -> None:
         self.model = model.to(device)
+        self.distillation = distillation.to(device) if distillation is not None else None
         self.splits = splits
         self.recipe = recipe
         self.seed = seed
@@ -137,7 +140,10 @@ class Trainer:
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
         """One SGD step; returns the batch's mean loss and its number of correct predictions."""
         logits = self.model(inputs)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
+        if self.distillation is not None:  # against the teacher's softened logits (pruning/distill.py)
+            loss = self.distillation.loss(logits, inputs, targets)
+        else:
+            loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
