@@ -352,8 +352,10 @@ class DcpaRun:
                             for i, g in enumerate(space.groups)]
         self.collecting = False
         self.macs = MacsTerm(space).to(device)
-        self.attention = LayerAttention(len(space.groups), len(self.rhos), [s.choices for s in self.stages],
-                                        options.attention_dim, options.attention_heads).to(device)
+        with torch.random.fork_rng(devices=[]):  # its initial weights follow the seed, not the global RNG
+            torch.manual_seed(epoch_seed(data.seed, 7))
+            self.attention = LayerAttention(len(space.groups), len(self.rhos), [s.choices for s in self.stages],
+                                            options.attention_dim, options.attention_heads).to(device)
         recipe = data.recipe
         self.weight_optimizer = torch.optim.SGD(self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                                 weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
