@@ -2,7 +2,8 @@
 
 Runs ``prunetune run`` once per method and seed (each a real search: local Ray, sqlite MLflow), then
 reads every ``summary.json`` and prints Markdown for BENCHMARKS.md: one row per run and one per
-method (mean and standard deviation over seeds). The defaults are the project's shared comparison
+method (mean and standard deviation over seeds), the latter also from ``prunetune compare`` over the
+searches' small files, which it keeps (``--keep``) so the table can be regenerated. The defaults are the project's shared comparison
 setting (Fashion-MNIST, resnet20, half the MACs, 10% of the training split, 8 trials, 2 at a time):
 
     PRUNETUNE_CACHE=/work/cache python benchmarks/method_comparison.py
@@ -78,6 +79,9 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-bench") / date.today().isoformat())
     parser.add_argument("--shared", default=" ".join(SHARED), help="the shared settings (one string)")
+    parser.add_argument("--keep", type=Path, default=Path(__file__).parent / "results" / "runs" / date.today().isoformat(),
+                        help="keep each search's small files (summary.json, trials.jsonl, ...) here, so "
+                             "benchmarks/compare_table.py regenerates the table from them")
     args = parser.parse_args(argv)
     shared = args.shared.split()
     args.storage.mkdir(parents=True, exist_ok=True)
@@ -99,6 +103,12 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for method in methods:
         print(method_row(method, runs[method]))
+    from compare_table import compare_json, keep, markdown  # benchmarks/ is this script's folder
+
+    names = [f"{method}-s{seed}" for seed in seeds for method in methods]
+    keep([str(args.storage / name) for name in names], args.keep)
+    print(f"\nfrom `python benchmarks/compare_table.py {args.keep}/*` (prunetune compare over the kept searches):\n")
+    print(markdown(compare_json([str(args.keep / name) for name in names]), "method"))
     return 0
 
 
