@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.space import IDENTITY, NO_SHORTCUT, PROJECTION
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
@@ -358,7 +359,6 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
 # Depth pruning
 # --------------------------------------------------------------------------------------------
 
-IDENTITY, PROJECTION, NO_SHORTCUT = "identity", "projection", "none"
 NO_SHORTCUT_REASON = ("it has no shortcut (it changes the shape: stride or channels), so nothing could "
                       "replace it")
 

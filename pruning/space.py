@@ -32,7 +32,7 @@ from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy, check_keep_ratio
 
 SPACE_FORMAT = 2  # 2: ``blocks`` (every residual block, its stage, shortcut, groups); 1 is still read
-IDENTITY, PROJECTION, NO_SHORTCUT = "identity", "projection", "none"
+IDENTITY, PROJECTION, NO_SHORTCUT = "identity", "projection", "none"  # a block's shortcut (Block.shortcut)
 
 
 @dataclass(frozen=True)
