@@ -37,7 +37,7 @@ class DcpaOptions(Section):
                             from_config="importance")
     width_min: float = option(0.25, "smallest width choice rho of a group (keeps ceil(rho * C) channels)",
                               check=FRACTION)
-    width_step: float = option(0.125, "step between a group's width choices, from width_min up to 1",
+    width_step: float = option(0.0625, "step between a group's width choices, from width_min up to 1",
                                check=FRACTION)
     depth: bool = option(True, "also learn each residual stage's depth (blocks past it skipped via their shortcut)")
     hard: bool = option(True, "straight-through hard Gumbel-softmax samples (one choice forward, soft gradient)")

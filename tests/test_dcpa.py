@@ -300,7 +300,8 @@ def test_bad_options_are_one_line_user_errors(bad):
 
 
 def test_the_width_choices_and_the_registry(resnet):
-    assert DcpaOptions().width_ratios() == (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    assert DcpaOptions(width_step=0.125).width_ratios() == (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    assert len(DcpaOptions().width_ratios()) == 13  # 0.25 by 0.0625
     assert DcpaOptions(width_min=0.3, width_step=0.3).width_ratios() == (0.3, 0.6, 0.9, 1.0)
     learner = make_learner("dcpa", {"width_min": 0.9})
     with pytest.raises(UserError, match="dcpa.width_min"):
