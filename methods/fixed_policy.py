@@ -46,6 +46,11 @@ class FixedPolicySearcher(Searcher):
     def finished(self) -> bool:
         return self._next >= len(self._policies) and not self._pending
 
+    @property
+    def policies(self) -> tuple[Policy, ...]:
+        """Every policy it will propose: a search runs this many trials, whatever its budget."""
+        return self._policies
+
     def state_dict(self) -> dict:
         return {"kind": self.method, "space_id": self.space_id, "next": self._next,
                 "pending": list(self._pending)}

@@ -5,8 +5,20 @@ and additions are not counted), for one sample, found by running the model once 
 so every layer is counted at the spatial size it really sees. Parameters are every parameter of the
 model. Latency is measured, never inferred from MACs: on a CPU half the MACs is often far from half
 the time.
+
+Latency on a shared machine swings with its load (the same model measured 0.15 ms idle and 75 ms
+under load). Two defences: on a CPU it is timed on a fixed number of torch threads (1 unless told:
+a forward split over threads waits for its slowest one, which another process may hold off the
+CPU for a whole time slice, and a base and a pruned model timed on different thread counts give
+no ratio); and it is timed in several rounds, the figure being the *minimum of the rounds'
+medians*: the round least disturbed by other work, still robust to the odd slow forward inside it.
+Its spread is kept beside it (:class:`Latency`: the interquartile range of every timing, the number
+of timings, the load average when measured), and :func:`latency_warning` says when the spread makes
+a ratio of two latencies meaningless.
 """
 
+import math
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -17,6 +29,53 @@ import torch
 from torch import nn
 
 from prunetune.pruning.errors import UserError
+
+SPREAD_LIMIT = 0.25  # an IQR above this fraction of the median makes a latency ratio meaningless
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A timed forward: the figure to use (``ms``) and how far to trust it.
+
+    ``ms`` is the minimum over ``rounds`` of each round's median; ``median_ms`` and ``iqr_ms`` are
+    the median and interquartile range of all ``repeats`` timings; ``load_avg`` is the machine's
+    one-minute load average when measured (None where the system has none), ``cpus`` its CPU count.
+    """
+
+    ms: float
+    median_ms: float
+    iqr_ms: float
+    repeats: int
+    rounds: int
+    load_avg: float | None
+    cpus: int
+    threads: int | None = None  # torch threads on a CPU; None on a GPU
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range as a fraction of the median."""
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else 0.0
+
+    @property
+    def loaded(self) -> bool:
+        """Whether more work was waiting for the CPUs than there are CPUs."""
+        return self.load_avg is not None and self.load_avg > self.cpus
+
+    def to_json(self) -> dict:
+        return {"latency_ms": self.ms, "latency_median_ms": self.median_ms, "latency_iqr_ms": self.iqr_ms,
+                "latency_repeats": self.repeats, "latency_load_avg": self.load_avg,
+                "latency_threads": self.threads}
+
+
+def latency_warning(*latencies: Latency) -> str | None:
+    """Why a comparison of these latencies cannot be trusted, or None when it can."""
+    wide = [f"IQR {lat.spread:.0%} of the median" for lat in latencies if lat.spread > SPREAD_LIMIT]
+    loaded = [lat for lat in latencies if lat.loaded]
+    reasons = wide[:1] + ([f"load average {loaded[0].load_avg:.1f} on {loaded[0].cpus} CPUs"] if loaded else [])
+    if not reasons:
+        return None
+    return (f"latency figures are unreliable ({', '.join(reasons)}): other work shared the CPUs, so their "
+            f"ratio says little; measure again on an idle machine")
 
 
 @dataclass(frozen=True)
@@ -32,6 +91,7 @@ class Measurement:
     latency_ms: float
     latency_batch_ms: float
     batch_size: int
+    latency: Latency | None = None  # the single-sample timing with its spread
 
 
 @contextmanager
@@ -122,35 +182,76 @@ def measure_latency(
     warmup: int = 3,
     repeats: int = 20,
     device: str | torch.device = "cpu",
+    threads: int = 1,
 ) -> float:
-    """Median milliseconds of one forward of a ``batch_size`` batch on ``device``.
+    """Milliseconds of one forward of a ``batch_size`` batch on ``device``: :func:`time_latency`'s figure."""
+    return time_latency(model, input_shape, batch_size=batch_size, warmup=warmup, repeats=repeats,
+                        device=device, threads=threads).ms
 
-    Runs in eval mode without gradients after ``warmup`` untimed forwards; the median resists the
-    odd slow run of a shared machine. The model is moved to ``device`` for the timing and moved
-    back, and its train/eval flags are restored.
+
+def time_latency(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    *,
+    batch_size: int = 1,
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 5,
+    device: str | torch.device = "cpu",
+    threads: int = 1,
+) -> Latency:
+    """Time ``repeats`` forwards of a ``batch_size`` batch in ``rounds`` rounds (at least 3 a round).
+
+    Runs in eval mode without gradients after ``warmup`` untimed forwards, on ``threads`` torch
+    threads on a CPU (restored afterwards). The model is moved to ``device`` for the timing and
+    moved back, and its train/eval flags are restored.
     """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
+    if batch_size < 1 or repeats < 1 or warmup < 0 or rounds < 1:
         raise UserError(
-            f"latency needs batch_size >= 1, repeats >= 1 and warmup >= 0 (got {batch_size}, {repeats}, {warmup}); fix them"
+            f"latency needs batch_size >= 1, repeats >= 1, warmup >= 0 and rounds >= 1 (got {batch_size}, "
+            f"{repeats}, {warmup}, {rounds}); fix them"
         )
+    per_round = max(3, math.ceil(repeats / rounds))
     device = torch.device(device)
     home = next(model.parameters(), torch.empty(0)).device
+    used_threads = max(1, int(threads)) if device.type == "cpu" else None
+    previous_threads = torch.get_num_threads()
     model.to(device)
+    if used_threads is not None:
+        torch.set_num_threads(used_threads)
     try:
         with _eval_mode(model), torch.no_grad():
             batch = _example_input(model, input_shape, batch_size).to(device)
             for _ in range(warmup):
                 model(batch)
-            times_ms = []
-            for _ in range(repeats):
-                _synchronize(device)
-                start = time.perf_counter()
-                model(batch)
-                _synchronize(device)
-                times_ms.append((time.perf_counter() - start) * 1000.0)
+            load = _load_average()
+            medians, times_ms = [], []
+            for _ in range(rounds):
+                round_ms = []
+                for _ in range(per_round):
+                    _synchronize(device)
+                    start = time.perf_counter()
+                    model(batch)
+                    _synchronize(device)
+                    round_ms.append((time.perf_counter() - start) * 1000.0)
+                medians.append(statistics.median(round_ms))
+                times_ms += round_ms
+            after = _load_average()
     finally:
+        torch.set_num_threads(previous_threads)
         model.to(home)
-    return statistics.median(times_ms)
+    quartiles = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
+    loads = [value for value in (load, after) if value is not None]
+    return Latency(ms=min(medians), median_ms=statistics.median(times_ms), iqr_ms=quartiles[2] - quartiles[0],
+                   repeats=len(times_ms), rounds=rounds, load_avg=max(loads) if loads else None,
+                   cpus=os.cpu_count() or 1, threads=used_threads)
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def measure(
@@ -160,14 +261,18 @@ def measure(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     repeats: int = 20,
+    threads: int = 1,
 ) -> Measurement:
-    """MACs, parameters, and latency of a single sample and of a ``batch_size`` batch."""
+    """MACs, parameters, and latency of a single sample (with its spread) and of a ``batch_size`` batch,
+    on ``threads`` torch threads on a CPU."""
+    single = time_latency(model, input_shape, batch_size=1, repeats=repeats, device=device, threads=threads)
     return Measurement(
         macs=count_macs(model, input_shape),
         params=count_params(model),
-        latency_ms=measure_latency(model, input_shape, batch_size=1, repeats=repeats, device=device),
+        latency_ms=single.ms,
         latency_batch_ms=measure_latency(
-            model, input_shape, batch_size=batch_size, repeats=repeats, device=device
+            model, input_shape, batch_size=batch_size, repeats=repeats, device=device, threads=threads
         ),
         batch_size=batch_size,
+        latency=single,
     )

@@ -276,10 +276,24 @@ def recalibrate_bn(
             module.training = training
 
 
+def dataset_cache_key(name: str, image_size: int, data_fraction: float, val_fraction: float,
+                      data_root: str | Path | None) -> str:
+    """Names the training data in a cache file: dataset, image size, fractions (and data root).
+
+    The one spelling of it: ``prunetune prune`` and ``prunetune run`` share a base model exactly
+    when they train on the same data, so neither trains it again.
+    """
+    key = f"{name}-{image_size}px-f{data_fraction:g}-v{val_fraction:g}"
+    if data_root is not None:
+        key += "-" + hashlib.sha1(str(Path(data_root).expanduser().resolve()).encode()).hexdigest()[:8]
+    return key
+
+
 def pretrain_path(
     model_name: str, dataset_key: str, recipe: TrainRecipe, seed: int, cache_dir: str | Path
 ) -> Path:
-    """Where :func:`pretrain` caches ``model_name`` trained on ``dataset_key`` with ``recipe`` and ``seed``."""
+    """Where :func:`pretrain` caches ``model_name`` trained on ``dataset_key`` (:func:`dataset_cache_key`)
+    with ``recipe`` and ``seed``."""
     return Path(cache_dir) / f"{model_name}-{dataset_key}-{recipe.key()}-s{seed}.pt"
 
 

@@ -1,7 +1,7 @@
 """Ray Tune callbacks on the driver: the run directory's trial log, MLflow, and the progress line.
 
 ``TrialRecorder`` appends each finished trial to ``trials.jsonl`` (once, whatever Ray replays on
-resume) and logs it as an MLflow child run. The run directory is the source of truth: if MLflow
+resume; through ``tracking.rundir``, which owns the format) and logs it as an MLflow child run. The run directory is the source of truth: if MLflow
 is unreachable mid-search the trial is still recorded, a warning says so, and ``prunetune sync``
 fills MLflow in later. Both callbacks hold only plain data, so Ray can pickle them with the tuner
 and ``prunetune resume`` gets them back.
@@ -9,19 +9,26 @@ and ``prunetune resume`` gets them back.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from ray.tune import Callback
 
-from prunetune.search.trial import COMPLETE_KEY
-from prunetune.tracking.rundir import TRIALS_FILE, read_trials
+from prunetune.search.trainable import config_key
+from prunetune.search.trial import CHECKPOINT_MODEL, COMPLETE_KEY, REUSED_KEY
+from prunetune.tracking.rundir import (
+    TRIALS_FILE,
+    append_trial,
+    file_sha256,
+    local_checkpoint,
+    read_trials,
+    relative_checkpoint,
+)
 
 STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED = "finished", "stopped", "failed"
 RECORDED_METRICS = ("val_accuracy", "val_loss", "train_loss", "macs", "params", "latency_ms",
+                    "latency_median_ms", "latency_iqr_ms", "latency_repeats", "latency_load_avg",
                     "macs_ratio", "params_ratio", "latency_ratio", "epoch")
 SEARCHER_KEYS = ("policy", "proposal_id", "estimated_macs_ratio")
 
@@ -44,9 +51,31 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         "node": result.get("node", ""),
         "device": result.get("device", ""),
         "seconds": float(result.get("trial_seconds") or result.get("time_total_s") or 0.0),
-        "checkpoint": trial.checkpoint.path if getattr(trial, "checkpoint", None) else None,
+        "config_key": config_key(config),
+        "checkpoint": relative_checkpoint(trial.checkpoint.path) if getattr(trial, "checkpoint", None) else None,
         **({"learning": result["learning"]} if result.get("learning") else {}),  # a learner's trajectory
     }
+
+
+def reusable_results(records) -> dict:
+    """The results of ended (finished or stopped) trials, for ``TrialSetup.recorded`` on resume.
+
+    ``{"by_id": {trial_id: result}, "by_config": {config_key: result}}``: a trial Ray restores with
+    its id, or one the restored searcher proposes again with the same config, reports this result
+    instead of training again (``search.trainable``).
+    """
+    by_id, by_config = {}, {}
+    for r in records:
+        if r.get("status") not in (STATUS_FINISHED, STATUS_STOPPED) or not r.get("metrics"):
+            continue
+        result = {**r["metrics"], "test_accuracy": r.get("test_accuracy"), "history": r.get("history") or [],
+                  "policy": r.get("policy"), COMPLETE_KEY: r["status"] == STATUS_FINISHED,
+                  "trial_seconds": r.get("seconds", 0.0), REUSED_KEY: r["trial_id"],
+                  **({"learning": r["learning"]} if r.get("learning") else {})}
+        by_id[r["trial_id"]] = result
+        if r.get("config_key"):
+            by_config[r["config_key"]] = result
+    return {"by_id": by_id, "by_config": by_config}
 
 
 def _scalar(value) -> bool:
@@ -70,26 +99,24 @@ class TrialRecorder(Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tracker": None, "_tracking_failed": False}
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        done = bool((trial.last_result or {}).get(COMPLETE_KEY))
-        self.record(trial_record(self.run_uid, trial, STATUS_FINISHED if done else STATUS_STOPPED,
-                                 params=self.params))
-
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.record(trial_record(self.run_uid, trial, STATUS_FAILED, params=self.params))
 
-    def recorded_keys(self) -> set[str]:
-        return {r["trial_key"] for r in read_trials(self.run_dir / TRIALS_FILE)}
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        if result.get(REUSED_KEY):  # a resumed trial that handed back its recorded result: already here
+            return
+        done = bool(result.get(COMPLETE_KEY))
+        self.record(trial_record(self.run_uid, trial, STATUS_FINISHED if done else STATUS_STOPPED,
+                                 params=self.params))
 
     def record(self, record: dict) -> None:
-        """Append ``record`` unless its trial is already there, then log it to MLflow."""
-        if record["trial_key"] in self.recorded_keys():
-            return
-        with open(self.run_dir / TRIALS_FILE, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        self.log_to_mlflow(record)
+        """Append ``record`` (with its checkpoint's digest) unless its trial is already there, then log it."""
+        if record.get("checkpoint"):
+            model = local_checkpoint(self.run_dir, record["checkpoint"]) / CHECKPOINT_MODEL
+            record = {**record, "checkpoint_sha256": file_sha256(model) if model.is_file() else None}
+        if append_trial(self.run_dir, record):
+            self.log_to_mlflow(record)
 
     def log_to_mlflow(self, record: dict) -> None:
         if self.parent_run_id is None or self._tracking_failed:
@@ -111,6 +138,8 @@ class ProgressLine(Callback):
     """A concise progress display: done / running / pending, best so far, elapsed and ETA.
 
     On a terminal one line is redrawn in place; elsewhere one line is printed per finished trial.
+    A resumed search calls :meth:`resume` with the recorded trials: the count and the best start
+    from them, and the clock and the estimate from the trials this process ends.
     """
 
     def __init__(self, total: int, *, metric: str = "val_accuracy", stream=None):
@@ -119,10 +148,26 @@ class ProgressLine(Callback):
         self.started = time.monotonic()
         self.best: float | None = None
         self.finished = 0
+        self.session_finished = 0  # trials ended by this process: what the estimate divides by
+        self.counted: set[str] = set()
         self._stream = stream
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_stream": None}
+
+    def __setstate__(self, state: dict) -> None:  # a ProgressLine pickled before these fields existed
+        self.__dict__.update({"session_finished": 0, "counted": set(), **state})
+
+    def resume(self, records) -> None:
+        """Start again from the trials of ``trials.jsonl``: count them, take their best, restart the clock."""
+        ended = [r for r in records if r.get("trial_id")]
+        self.counted = {r["trial_id"] for r in ended}
+        self.finished = len(self.counted)
+        values = [(r.get("metrics") or {}).get(self.metric) for r in ended if r.get("status") != "failed"]
+        values = [v for v in values if isinstance(v, int | float)]
+        self.best = max(values, default=None)
+        self.started = time.monotonic()
+        self.session_finished = 0
 
     @property
     def stream(self):
@@ -139,7 +184,11 @@ class ProgressLine(Callback):
             self._draw(trials)
 
     def _finish(self, trials, trial, what: str) -> None:
+        if trial.trial_id in self.counted:  # recorded before a resume and handed back: counted already
+            return
+        self.counted.add(trial.trial_id)
         self.finished += 1
+        self.session_finished += 1
         value = (trial.last_result or {}).get(self.metric)
         if what == "done" and isinstance(value, int | float):
             self.best = value if self.best is None else max(self.best, value)
@@ -164,11 +213,24 @@ class ProgressLine(Callback):
     def _elapsed(self) -> str:
         elapsed = time.monotonic() - self.started
         text = f"{elapsed / 60:.1f} min elapsed"
-        if self.finished:
-            remaining = elapsed / self.finished * (self.total - self.finished)
+        if self.session_finished:
+            remaining = elapsed / self.session_finished * max(0, self.total - self.finished)
             text += f", ~{remaining / 60:.1f} min left"
         return text
 
     def on_experiment_end(self, trials, **info) -> None:
         if self.stream.isatty():
             print(file=self.stream)
+
+
+def resume_progress(tuner, run_dir: Path) -> None:
+    """Bring the ``ProgressLine`` that Ray restored with ``tuner`` up to the trials recorded in ``run_dir``.
+
+    Ray pickled the callbacks when the search started, so without this the count restarts at 1 and
+    the best and the estimate ignore every trial that ended before the interruption.
+    """
+    run_config = tuner._local_tuner.get_run_config()  # Ray keeps the restored callbacks only here
+    records = read_trials(Path(run_dir) / TRIALS_FILE)
+    for callback in run_config.callbacks or []:
+        if isinstance(callback, ProgressLine):
+            callback.resume(records)

@@ -39,7 +39,11 @@ def storage_dir(cfg) -> Path:
     if "://" in cfg.storage:
         raise UserError(f"storage {cfg.storage} is a URI, but it holds the run directory, on a file system: pass "
                         f"a directory, and give the URI as --ray-storage for Ray's experiment state and checkpoints")
-    return Path(cfg.storage).expanduser().resolve()
+    storage = Path(cfg.storage).expanduser().resolve()
+    if storage.exists() and not storage.is_dir():
+        raise UserError(f"storage {cfg.storage} is a file; pass a folder to hold the run directories "
+                        f"(--storage DIR; it is created if missing)")
+    return storage
 
 
 def check_target(cfg, space) -> None:
@@ -56,10 +60,9 @@ def check_target(cfg, space) -> None:
 def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
     """Load the data, build the space, train or load the base model, and make the trial setup."""
     from prunetune.pruning.data import load_dataset
-    from prunetune.pruning.train import TrainRecipe
+    from prunetune.pruning.train import TrainRecipe, dataset_cache_key
     from prunetune.search.config import resolved_importance
     from prunetune.search.prepare import (
-        dataset_cache_key,
         model_space,
         prepare_base_model,
         resolve_device,
@@ -78,7 +81,7 @@ def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
     key = dataset_cache_key(d.name, splits.info.image_size, d.data_fraction, d.val_fraction, d.root)
     base = prepare_base_model(cfg.model, splits, TrainRecipe(**cfg.pretrain.recipe_kwargs()), seed=cfg.seed,
                               cache_dir=cache_dir, data_key=key, device="cpu" if device == "cpu" else device,
-                              space=space, log=log)
+                              space=space, log=log, latency_threads=max(1, int(cfg.resources.cpus_per_trial)))
     setup = TrialSetup(
         arch=base.arch, base_state={k: v.cpu() for k, v in base.model.state_dict().items()},
         base_metrics=base.metrics, space=space, splits=splits,
@@ -93,9 +96,11 @@ def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
 
 def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     """``prunetune run``: a new search from a validated config; returns the exit status."""
-    from prunetune.search.config import config_to_dict, default_run_name
+    from functools import partial
+
+    from prunetune.search.config import config_to_dict, default_run_name, dump_config
     from prunetune.search.prepare import model_space
-    from prunetune.search.rundir import (
+    from prunetune.tracking.rundir import (
         check_new_run_dir,
         create_run_dir,
         new_meta,
@@ -123,7 +128,7 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
         from prunetune.search.ray_session import start_ray
 
         start_ray(address=cfg.address, temp_dir=None)
-    create_run_dir(run_dir, cfg=cfg, space=space.to_json())
+    create_run_dir(run_dir, write_config=partial(dump_config, cfg), space=space.to_json())
     try:
         base, setup, calib = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log, space=space)
         meta = new_meta(name=name, method=cfg.method, tracking_uri=tracking_uri, experiment=cfg.experiment)
@@ -140,8 +145,7 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
     """``prunetune resume``: continue an interrupted search from its run directory."""
     from prunetune.search.config import load_config
     from prunetune.search.ray_session import kill_leftover_ray
-    from prunetune.search.rundir import driver_alive
-    from prunetune.tracking.rundir import CONFIG_FILE, SUMMARY_FILE, read_meta
+    from prunetune.tracking.rundir import CONFIG_FILE, SUMMARY_FILE, driver_alive, read_meta
     from prunetune.tracking.uri import check_tracking_uri
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -158,13 +162,21 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
     if killed:
         log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
     base, setup, calib = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log)
+    setup = replace(setup, recorded=_recorded_results(run_dir))  # ended trials are not trained again
     meta["parent_run_id"] = _start_parent(meta, _config_dict(cfg), base.space.to_json(), base.metrics, log)
-    from prunetune.search.rundir import write_meta
+    from prunetune.tracking.rundir import write_meta
 
     write_meta(run_dir, meta)
     _log_recorded_trials(run_dir, log)
     log(f"resuming {run_dir}")
     return _run_tuner(cfg, run_dir, meta, base, setup, calib, log=log, restore=True)
+
+
+def _recorded_results(run_dir: Path) -> dict:
+    from prunetune.search.callbacks import reusable_results
+    from prunetune.tracking.rundir import TRIALS_FILE, read_trials
+
+    return reusable_results(read_trials(run_dir / TRIALS_FILE))
 
 
 def _log_recorded_trials(run_dir: Path, log: Log) -> None:
@@ -202,13 +214,19 @@ def _start_parent(meta: dict, config: dict, space: dict, base_metrics: dict, log
 
 
 def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, restore: bool) -> int:
-    from prunetune.search.callbacks import ProgressLine, TrialRecorder
+    from prunetune.search.callbacks import ProgressLine, TrialRecorder, resume_progress
     from prunetune.search.config import resolved_importance
     from prunetune.search.interrupt import CtrlC
     from prunetune.search.ray_session import new_temp_dir, start_ray, stop_ray
-    from prunetune.search.rundir import clear_driver, mark_driver, update_meta
     from prunetune.search.search_path import SearchPathLogger
-    from prunetune.search.tuner import build_search_algorithm, build_tuner, can_restore, restore_tuner
+    from prunetune.search.tuner import (
+        build_search_algorithm,
+        build_tuner,
+        can_restore,
+        planned_trials,
+        restore_tuner,
+    )
+    from prunetune.tracking.rundir import clear_driver, mark_driver, update_meta
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall trials
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -226,6 +244,7 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
         location = experiment_location(cfg.ray_storage, run_dir)
         if restore and can_restore(location):
             tuner = restore_tuner(cfg, setup, location)
+            resume_progress(tuner, run_dir)  # the count, best and estimate start from trials.jsonl
         else:
             recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
                                      experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
@@ -236,7 +255,8 @@ def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, 
             search_alg = build_search_algorithm(cfg, base.space, base_model=base.model, calib=calib,
                                                 path_sink=path_sink)
             tuner = build_tuner(cfg, setup, name=run_dir.name, storage=cfg.ray_storage or run_dir.parent,
-                                callbacks=[recorder, ProgressLine(cfg.trials)], search_alg=search_alg)
+                                callbacks=[recorder, ProgressLine(planned_trials(cfg, search_alg, log))],
+                                search_alg=search_alg)
         with CtrlC() as ctrl_c:
             results = tuner.fit()
         if ctrl_c.pressed or _interrupted(results):
@@ -268,10 +288,9 @@ def _interrupted_exit(run_dir: Path, meta: dict, log: Log) -> int:
 
 def finish_search(cfg, run_dir: Path, meta: dict, baseline: dict, *, wall_s: float, log: Log) -> int:
     """Write summary.json and the Pareto plot, close the parent MLflow run, print the front."""
-    from prunetune.search.rundir import write_summary
     from prunetune.search.summary import build_summary, format_summary
     from prunetune.tracking.plots import plot_pareto
-    from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials
+    from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials, write_summary
 
     records = read_trials(run_dir / TRIALS_FILE)
     summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,

@@ -7,7 +7,6 @@ retrain it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -26,15 +25,6 @@ def log_to_stderr(message: str) -> None:
 def default_cache_dir() -> Path:
     """Where base models are cached: $PRUNETUNE_CACHE, else ~/.cache/prunetune."""
     return Path(os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune").expanduser()
-
-
-def dataset_cache_key(name: str, image_size: int, data_fraction: float, val_fraction: float,
-                      data_root: str | None) -> str:
-    """Names the training data in a cache file: dataset, image size, fractions (and data root)."""
-    key = f"{name}-{image_size}px-f{data_fraction:g}-v{val_fraction:g}"
-    if data_root is not None:
-        key += "-" + hashlib.sha1(str(Path(data_root).expanduser().resolve()).encode()).hexdigest()[:8]
-    return key
 
 
 def resolve_device(name: str, *, gpus: float = 1.0) -> str:
@@ -80,8 +70,9 @@ def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int =
 
 
 def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir: Path, data_key: str,
-                       device: str, space=None, log: Log = log_to_stderr) -> BaseModel:
-    """Train (or load from the cache) the base model and measure it: MACs, params, latency."""
+                       device: str, space=None, log: Log = log_to_stderr, latency_threads: int = 1) -> BaseModel:
+    """Train (or load from the cache) the base model and measure it: MACs, params, latency (on
+    ``latency_threads`` torch threads on a CPU: the trials' own count, so their latency ratios hold)."""
     from prunetune.pruning.dependency import build_space
     from prunetune.pruning.measure import measure
     from prunetune.pruning.train import pretrain, pretrain_path
@@ -102,9 +93,9 @@ def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir:
     shape = (info.in_channels, info.image_size, info.image_size)
     if space is None:
         space = build_space(model, model_name, shape)
-    measured = measure(model, shape, batch_size=64, device=device, repeats=10)
+    measured = measure(model, shape, batch_size=64, device=device, repeats=10, threads=latency_threads)
     metrics = {"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"],
-               "macs": measured.macs, "params": measured.params, "latency_ms": measured.latency_ms}
+               "macs": measured.macs, "params": measured.params, **measured.latency.to_json()}
     log(f"base model{' (cached)' if cached else ''}: val accuracy {metrics['val_accuracy']:.4f}, "
         f"test accuracy {metrics['test_accuracy']:.4f}, {measured.macs / 1e6:.2f}M MACs, "
         f"{measured.params / 1e6:.3f}M params")

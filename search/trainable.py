@@ -13,6 +13,8 @@ A config may set the trial's own fine-tune length, ``finetune_epochs`` (a search
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from contextlib import nullcontext
 from dataclasses import replace
@@ -29,6 +31,8 @@ def policy_trainable(config: dict, setup: TrialSetup) -> None:
     from prunetune.pruning.policy import Policy
     from prunetune.search.trial import run_trial
 
+    if _report_recorded(config, setup):
+        return
     torch.set_num_threads(max(1, setup.threads))
     policy = Policy.from_json(config["policy"])
     if config.get("finetune_epochs") is not None:
@@ -49,11 +53,38 @@ def learner_trainable(config: dict, setup: TrialSetup, job) -> None:
 
     from prunetune.search.learner_trial import run_learner_trial
 
+    if _report_recorded(config, setup):
+        return
     torch.set_num_threads(max(1, setup.threads))
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
         run_learner_trial(setup, job, config, seed=int(config.get("seed", setup.seed)), report=report_to_tune,
                           checkpoint_dir=Path(restored) if restored else None)
+
+
+def config_key(config: dict) -> str:
+    """What makes two trials the same work: the config less the searcher's bookkeeping."""
+    kept = {k: v for k, v in (config or {}).items() if k not in ("proposal_id", "estimated_macs_ratio")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _report_recorded(config: dict, setup: TrialSetup) -> bool:
+    """On resume: report the result ``trials.jsonl`` holds for this trial (by id, else by config), if any.
+
+    A trial that ended just before the driver was killed is in ``trials.jsonl`` but may be running,
+    or not yet created, in Ray's last experiment snapshot; Ray then runs it again. Its recorded
+    result is handed back instead, so its compute is not spent twice.
+    """
+    if not setup.recorded:
+        return False
+    from ray import tune
+
+    result = (setup.recorded.get("by_id", {}).get(tune.get_context().get_trial_id())
+              or setup.recorded.get("by_config", {}).get(config_key(config)))
+    if result is None:
+        return False
+    tune.report({**result, "node": _node_id(), "device": _device()})
+    return True
 
 
 def report_to_tune(metrics: dict, write_checkpoint) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from prunetune.pruning.train import TrainRecipe
 CHECKPOINT_MODEL = "model.pt"
 CHECKPOINT_STATE = "trainer.pt"
 COMPLETE_KEY = "trial_complete"  # set in the last report only: the trial ran to the end (not stopped early)
+REUSED_KEY = "reused_result"  # a resumed trial reported its result recorded before the interruption
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class TrialSetup:
     device: str = "cpu"
     threads: int = 1  # torch threads per trial: never more than the trial's CPUs
     latency_repeats: int = 10
+    # On resume: the results trials.jsonl holds, by trial id and by config key
+    # (``search.callbacks.reusable_results``); such a trial reports its result again and computes nothing.
+    recorded: dict = field(default_factory=dict)
 
 
 # report(metrics, checkpoint_dir_writer or None); the writer saves a checkpoint into a directory.
@@ -120,12 +124,12 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
         if trainer.epochs_done < setup.finetune.epochs:
             report({**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history))
     measured = measure(model, setup.space.input_shape, batch_size=64, device=setup.device,
-                       repeats=setup.latency_repeats)
+                       repeats=setup.latency_repeats, threads=setup.threads)  # the base's thread count too
     test_accuracy = evaluate(model, setup.splits.test, device=setup.device)[0] if evaluate_test else None
     base = setup.base_metrics
     result = {
         **history[-1], "test_accuracy": test_accuracy,
-        "macs": measured.macs, "params": measured.params, "latency_ms": measured.latency_ms,
+        "macs": measured.macs, "params": measured.params, **measured.latency.to_json(),
         "macs_ratio": measured.macs / base["macs"], "params_ratio": measured.params / base["params"],
         "latency_ratio": measured.latency_ms / base["latency_ms"] if base.get("latency_ms") else None,
         "trial_seconds": time.perf_counter() - started, "history": history, COMPLETE_KEY: True,

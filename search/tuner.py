@@ -42,6 +42,20 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
     return PolicySearcherAdapter(searcher, seed=cfg.seed, path_sink=path_sink)
 
 
+def planned_trials(cfg, search_alg, log) -> int:
+    """How many trials the search will run: ``cfg.trials``, or fewer for a method that proposes a
+    fixed set of policies (``uniform`` and ``global`` propose one), which ``log`` says once."""
+    from prunetune.methods.fixed_policy import FixedPolicySearcher
+
+    searcher = getattr(search_alg, "policy_searcher", None)
+    if not isinstance(searcher, FixedPolicySearcher) or len(searcher.policies) >= cfg.trials:
+        return cfg.trials
+    count = len(searcher.policies)
+    log(f"note: {cfg.method} proposes {count} polic{'y' if count == 1 else 'ies'}, so {count} "
+        f"trial{'' if count == 1 else 's'} will run, not the {cfg.trials} of --trials")
+    return count
+
+
 def learner_job(cfg):
     """The learner, its options (the config's section, criterion from ``importance``) and the target."""
     from prunetune.search.learner_trial import LearnerJob

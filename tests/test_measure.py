@@ -125,3 +125,30 @@ def test_cuda_latency_moves_the_model_back():
     model = tiny_net()
     assert measure_latency(model, (3, 8, 8), device="cuda", repeats=3) > 0
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_latency_keeps_its_spread_and_the_load_beside_the_figure():
+    from prunetune.pruning.measure import Latency, time_latency
+
+    threads = torch.get_num_threads()
+    latency = time_latency(tiny_net(), (3, 8, 8), repeats=10, rounds=3, threads=1)
+    assert isinstance(latency, Latency)
+    assert latency.repeats == 12 and latency.rounds == 3  # at least 3 timings a round
+    assert 0 < latency.ms <= latency.median_ms * 3 and latency.iqr_ms >= 0
+    assert latency.threads == 1 and torch.get_num_threads() == threads  # the caller's threads restored
+    record = latency.to_json()
+    assert set(record) == {"latency_ms", "latency_median_ms", "latency_iqr_ms", "latency_repeats",
+                           "latency_load_avg", "latency_threads"}
+    assert measure(tiny_net(), (3, 8, 8), batch_size=2, repeats=3).latency.repeats >= 3
+
+
+def test_a_latency_ratio_is_flagged_when_the_spread_or_the_load_makes_it_meaningless():
+    from prunetune.pruning.measure import Latency, latency_warning
+
+    def timing(iqr_ms: float, load: float | None) -> Latency:
+        return Latency(ms=1.0, median_ms=1.0, iqr_ms=iqr_ms, repeats=20, rounds=5, load_avg=load, cpus=2)
+
+    assert latency_warning(timing(0.05, 0.5), timing(0.1, 0.5)) is None
+    assert "IQR 80% of the median" in latency_warning(timing(0.05, 0.5), timing(0.8, 0.5))
+    assert "load average 16.3 on 2 CPUs" in latency_warning(timing(0.05, 16.3), timing(0.05, 0.5))
+    assert latency_warning(timing(0.05, None)) is None  # no load average on this system: the spread decides

@@ -261,3 +261,29 @@ def test_seed_everything_makes_initialisation_repeatable():
     a = nn.Linear(4, 4).weight.detach().clone()
     seed_everything(7)
     assert torch.equal(a, nn.Linear(4, 4).weight)
+
+
+def test_prune_and_run_name_the_same_base_model_alike(tmp_path):
+    """`prunetune prune` and `prunetune run` on the same model, data and recipe share one cache file."""
+    import argparse
+
+    from prunetune.pruning.data import DatasetInfo
+    from prunetune.pruning.train import dataset_cache_key
+    from prunetune.search.commands import common, prune_cmd
+    from prunetune.search.config import load_config
+
+    parser = argparse.ArgumentParser()
+    prune_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["prune", "--model", "small_cnn", "--dataset", "digits", "--image-size", "8",
+                              "--uniform", "0.5", "--pretrain-epochs", "2", "--data-root", str(tmp_path)])
+    info = DatasetInfo("digits", 10, 1, 8, (0.5,), (0.5,), "none")
+    prune_path = pretrain_path(args.model, common.dataset_key(args, info), common.pretrain_recipe(args),
+                               args.seed, tmp_path)
+
+    cfg = load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits", "dataset.image_size": 8,
+                                       "pretrain.epochs": 2, "dataset.root": str(tmp_path)})
+    d = cfg.dataset
+    run_key = dataset_cache_key(d.name, 8, d.data_fraction, d.val_fraction, d.root)
+    run_path = pretrain_path(cfg.model, run_key, cfg.pretrain.recipe(), cfg.seed, tmp_path)
+    assert prune_path == run_path
+    assert "-v0.1-" in run_path.name  # the validation fraction is part of the key for both

@@ -10,7 +10,6 @@ a command's result. torch is imported inside the functions that need it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -76,7 +75,7 @@ def default_cache_dir() -> str:
 
 
 def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --dataset, --data-root and --image-size: what a model is built for."""
+    """--model, --dataset, --data-root, --image-size and --download: what a model is built for."""
     parser.add_argument("--model", required=True, metavar="NAME",
                         help="model name (e.g. resnet20, small_cnn, tiny_resnet)")
     parser.add_argument("--dataset", required=True, metavar="NAME",
@@ -84,6 +83,13 @@ def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
     parser.add_argument("--image-size", type=positive_int, metavar="N",
                         help="resize images to N x N pixels (default: the dataset's own size)")
+    add_download_argument(parser)
+
+
+def add_download_argument(parser: argparse.ArgumentParser, **kwargs) -> None:
+    """--download: fetch a missing dataset (where a network allows); the same flag on every command."""
+    parser.add_argument("--download", action="store_true", default=False,
+                        help="download the dataset if its files are missing (where a network allows)", **kwargs)
 
 
 def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +160,8 @@ def load_splits(args: argparse.Namespace) -> Splits:
     from prunetune.pruning.data import load_dataset
 
     return load_dataset(args.dataset, root=args.data_root, seed=getattr(args, "seed", 0),
-                        data_fraction=getattr(args, "data_fraction", 1.0), image_size=args.image_size)
+                        val_fraction=default_val_fraction(), data_fraction=getattr(args, "data_fraction", 1.0),
+                        image_size=args.image_size, download=getattr(args, "download", False))
 
 
 def input_shape(info: DatasetInfo) -> tuple[int, int, int]:
@@ -171,13 +178,19 @@ def build_model_space(model_name: str, info: DatasetInfo) -> SearchSpace:
     return build_space(model, model_name, input_shape(info))
 
 
+def default_val_fraction() -> float:
+    """The validation fraction `prunetune run` uses by default: prune and space split the data alike."""
+    from prunetune.search.config import DatasetSection
+
+    return DatasetSection().val_fraction
+
+
 def dataset_key(args: argparse.Namespace, info: DatasetInfo) -> str:
-    """Names the training data in a cache file: dataset, image size, data fraction (and data root)."""
-    key = f"{info.name}-{info.image_size}px-f{args.data_fraction:g}"
-    if args.data_root is not None:
-        root = str(Path(args.data_root).expanduser().resolve())
-        key += "-" + hashlib.sha1(root.encode()).hexdigest()[:8]
-    return key
+    """Names the training data in a cache file, as `prunetune run` names it (``pruning.train.dataset_cache_key``)."""
+    from prunetune.pruning.train import dataset_cache_key
+
+    return dataset_cache_key(info.name, info.image_size, args.data_fraction, default_val_fraction(),
+                             args.data_root)
 
 
 def pretrain_recipe(args: argparse.Namespace) -> TrainRecipe:

@@ -9,6 +9,7 @@ and compares it with the trial's recorded test accuracy.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -58,15 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from prunetune.search.trial import CHECKPOINT_MODEL
 
     run_dir = Path(args.run_dir).expanduser().resolve()
-    out = Path(args.out).expanduser()
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    from prunetune.search.commands.common import check_output_file
+
+    out = check_output_file(args.out)
     record = find_trial(run_dir, args.trial)
     with tempfile.TemporaryDirectory(prefix="prunetune-export-") as fetched:
         source = _checkpoint_model(run_dir, record, Path(fetched), CHECKPOINT_MODEL)
-        from prunetune.pruning.surgery import load_pruned
-
-        model, meta = load_pruned(source)
+        model, meta = load_checked(run_dir, record, source)
         model.eval()
         tmp = out.with_name(out.name + ".tmp")
         if args.format == "state":
@@ -87,19 +86,56 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_model(run_dir: Path, record: dict, fetched: Path, filename: str) -> Path:
-    """The trial's saved model: in its checkpoint folder, or fetched into ``fetched`` from ray_storage."""
+    """The trial's saved model: in its checkpoint folder under the run directory (wherever that now
+    is: records name it relative to it), or fetched into ``fetched`` from ray_storage."""
     from prunetune.search.config import load_config
-    from prunetune.tracking.rundir import CONFIG_FILE
+    from prunetune.tracking.rundir import CONFIG_FILE, local_checkpoint, relative_checkpoint
 
     ray_storage = load_config(run_dir / CONFIG_FILE).ray_storage
     if ray_storage:
-        from prunetune.search.ray_storage import fetch_checkpoint_file
+        import pyarrow.fs
 
-        return fetch_checkpoint_file(ray_storage, record["checkpoint"], filename, fetched)
-    source = Path(record["checkpoint"]) / filename
+        from prunetune.search.ray_storage import experiment_location, fetch_checkpoint_file
+
+        _, experiment = pyarrow.fs.FileSystem.from_uri(experiment_location(ray_storage, run_dir))
+        remote = f"{experiment.rstrip('/')}/{relative_checkpoint(record['checkpoint'])}"
+        return fetch_checkpoint_file(ray_storage, remote, filename, fetched)
+    source = local_checkpoint(run_dir, record["checkpoint"]) / filename
     if not source.is_file():
         raise UserError(f"the checkpoint of trial {record['trial_id']} is gone ({source}); it cannot be exported")
     return source
+
+
+def load_checked(run_dir: Path, record: dict, source: Path):
+    """The trial's pruned model, refused unless it is the one the trial record describes.
+
+    The checkpoint's SHA-256 must match the one recorded when the trial ended (records of older
+    versions have none), and the model's own policy and space must be the trial's.
+    """
+    from prunetune.pruning.policy import Policy
+    from prunetune.pruning.surgery import load_pruned
+    from prunetune.tracking.rundir import SPACE_FILE, file_sha256
+
+    trial = record["trial_id"]
+    digest = record.get("checkpoint_sha256")
+    if digest and file_sha256(source) != digest:
+        raise UserError(f"the checkpoint of trial {trial} ({source}) is not the one recorded when the trial "
+                        f"ended (its SHA-256 differs): it was changed or damaged; it cannot be exported")
+    try:
+        model, meta = load_pruned(source)
+    except UserError:
+        raise UserError(f"the checkpoint of trial {trial} ({source}) cannot be read: it is damaged; "
+                        f"it cannot be exported") from None
+    space_file = run_dir / SPACE_FILE
+    space_id = json.loads(space_file.read_text(encoding="utf-8")).get("space_id") if space_file.is_file() else None
+    saved = meta["policy"]
+    recorded = Policy.from_json(record["policy"]) if record.get("policy") else None
+    same_policy = recorded is None or Policy(recorded.keep_ratios, recorded.dropped_blocks,
+                                             saved.space_id).key() == saved.key()
+    if not same_policy or (space_id and meta["space"].space_id != space_id):
+        raise UserError(f"the checkpoint of trial {trial} ({source}) holds another model than the trial "
+                        f"record (policy or space differ); it cannot be exported")
+    return model, meta
 
 
 def _accuracy(value: float | None, digits: int) -> str:

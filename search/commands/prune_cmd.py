@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from prunetune.pruning.data import Splits
+    from prunetune.pruning.measure import Latency
     from prunetune.pruning.policy import Policy
     from prunetune.pruning.space import SearchSpace
 
@@ -52,6 +53,13 @@ class PruneResult:
     policy: Policy
     importance: str
     finetune_epochs: int
+    latency: tuple = ()  # (base, pruned) pruning.measure.Latency: the timings behind latency_ms
+
+    @property
+    def latency_warning(self) -> str | None:
+        from prunetune.pruning.measure import latency_warning
+
+        return latency_warning(*self.latency) if self.latency else None
 
     @property
     def macs_ratio(self) -> float:
@@ -64,7 +72,9 @@ class PruneResult:
     def to_json(self) -> dict:
         return {"base": asdict(self.base), "pruned": asdict(self.pruned), "macs_ratio": self.macs_ratio,
                 "params_ratio": self.params_ratio, "policy": self.policy.to_json(),
-                "importance": self.importance, "finetune_epochs": self.finetune_epochs}
+                "importance": self.importance, "finetune_epochs": self.finetune_epochs,
+                "latency": {**dict(zip(("base", "pruned"), (lat.to_json() for lat in self.latency), strict=False)),
+                            "warning": self.latency_warning}}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -111,13 +121,17 @@ def run(args: argparse.Namespace) -> int:
     space = common.build_model_space(args.model, splits.info)
     policy = _policy_for(space, requested, args.uniform)
     base_model, base_metrics = common.pretrained_base(args, splits, device)
-    base = _measure(base_model, space, base_metrics["val_accuracy"], base_metrics["test_accuracy"], device)
+    base, base_latency = _measure(base_model, space, base_metrics["val_accuracy"], base_metrics["test_accuracy"],
+                                  device)
 
     pruned_model = _prune_and_recover(base_model, splits, space, policy, criterion, args, device)
-    pruned = _score(pruned_model, splits, space, device)
+    pruned, pruned_latency = _score(pruned_model, splits, space, device)
     if out is not None:
         _save(out, pruned_model, args, splits, space, policy, base, pruned)
-    result = PruneResult(base, pruned, policy, args.importance, args.finetune_epochs)
+    result = PruneResult(base, pruned, policy, args.importance, args.finetune_epochs,
+                         (base_latency, pruned_latency))
+    if result.latency_warning:
+        common.progress(f"prunetune: warning: {result.latency_warning}")
     print(json.dumps(result.to_json()) if args.json else format_result(result, args))
     return 0
 
@@ -159,7 +173,7 @@ def _prune_and_recover(base_model: nn.Module, splits: Splits, space: SearchSpace
     return pruned.eval()
 
 
-def _score(model: nn.Module, splits: Splits, space: SearchSpace, device: str) -> Scores:
+def _score(model: nn.Module, splits: Splits, space: SearchSpace, device: str) -> tuple[Scores, Latency]:
     """Evaluate ``model`` on the validation and test splits, then measure it."""
     from prunetune.pruning.train import evaluate
 
@@ -169,13 +183,14 @@ def _score(model: nn.Module, splits: Splits, space: SearchSpace, device: str) ->
 
 
 def _measure(model: nn.Module, space: SearchSpace, val_accuracy: float, test_accuracy: float,
-             device: str) -> Scores:
-    """Scores from known accuracies plus measured MACs, parameters and batch-1 latency."""
-    from prunetune.pruning.measure import count_macs, count_params, measure_latency
+             device: str) -> tuple[Scores, Latency]:
+    """Scores from known accuracies plus measured MACs, parameters and batch-1 latency (with its spread)."""
+    from prunetune.pruning.measure import count_macs, count_params, time_latency
 
+    latency = time_latency(model, space.input_shape, batch_size=1, device=device)
     return Scores(val_accuracy=val_accuracy, test_accuracy=test_accuracy,
                   macs=count_macs(model, space.input_shape), params=count_params(model),
-                  latency_ms=measure_latency(model, space.input_shape, batch_size=1, device=device))
+                  latency_ms=latency.ms), latency
 
 
 def _save(out: Path, model: nn.Module, args: argparse.Namespace, splits: Splits, space: SearchSpace,
@@ -193,6 +208,16 @@ def _save(out: Path, model: nn.Module, args: argparse.Namespace, splits: Splits,
     common.progress(f"saved the pruned model to {out}")
 
 
+def _spread_rows(latency: tuple) -> list[tuple[str, str, str, str]]:
+    """The spread behind the latency figures: IQR over the timings, and the load when measured."""
+    if not latency:
+        return []
+    base, pruned = latency
+    load = "-" if base.load_avg is None else f"{max(base.load_avg, pruned.load_avg or 0):.1f} on {base.cpus} CPUs"
+    return [(f"  spread (IQR, {base.repeats} runs)", f"{base.iqr_ms:.3f}", f"{pruned.iqr_ms:.3f}", ""),
+            ("  load average", "", "", load)]
+
+
 def format_result(result: PruneResult, args: argparse.Namespace) -> str:
     """The comparison as a small text table."""
     base, pruned = result.base, result.pruned
@@ -205,7 +230,8 @@ def format_result(result: PruneResult, args: argparse.Namespace) -> str:
             ("MACs", count(base.macs), count(pruned.macs), f"{result.macs_ratio:.3f}"),
             ("params", count(base.params), count(pruned.params), f"{result.params_ratio:.3f}"),
             ("latency (ms, batch 1)", f"{base.latency_ms:.3f}", f"{pruned.latency_ms:.3f}",
-             f"{pruned.latency_ms / base.latency_ms:.3f}")]
+             f"{pruned.latency_ms / base.latency_ms:.3f}" + (" (unreliable)" if result.latency_warning else "")),
+            *_spread_rows(result.latency)]
     header = ("", "base", "pruned", "pruned/base")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     tuning = (f"fine-tuned for {result.finetune_epochs} epoch{'s' if result.finetune_epochs > 1 else ''}"

@@ -20,9 +20,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def search_status(run_dir: Path) -> dict:
     """Counts by status, the best trial within the target so far, and the state of the search."""
     from prunetune.search.config import load_config
-    from prunetune.search.rundir import driver_alive
     from prunetune.search.summary import best_trial
-    from prunetune.tracking.rundir import CONFIG_FILE, SUMMARY_FILE, TRIALS_FILE, read_meta, read_trials
+    from prunetune.tracking.rundir import (
+        CONFIG_FILE,
+        SUMMARY_FILE,
+        TRIALS_FILE,
+        driver_alive,
+        read_meta,
+        read_trials,
+    )
 
     meta = read_meta(run_dir)
     cfg = load_config(run_dir / CONFIG_FILE)

@@ -1,0 +1,192 @@
+"""Bad input, table-driven: each row runs the real CLI once and checks what a user sees.
+
+A refusal exits 2 with one ``prunetune: error:`` line on stderr and no traceback, and leaves
+nothing half-written (the row's ``absent`` paths do not exist afterwards). A row that must work
+exits 0 and says ``says`` somewhere in its output.
+
+Rows that need a run directory get one made without Ray or training (``fake_run``): a real config,
+space, trial records and a real pruned checkpoint of small_cnn on digits at 8x8, so export, status,
+resume and sync read exactly what a search writes.
+
+Add rows to ``CASES``: ``argv(ws)`` builds the arguments from the workspace ``ws`` (a ``Workspace``),
+``prepare(ws)`` arranges files first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.search_helpers import assert_user_error, run_cli
+
+QUICK = ["--model", "small_cnn", "--dataset", "digits", "--image-size", "8", "--pretrain-epochs", "1"]
+RUN_NAME = "r"
+TRIAL = "t1"  # recorded as this version records: relative checkpoint path and its SHA-256
+OLD_TRIAL = "t0"  # recorded as older versions did: an absolute checkpoint path, no digest
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path  # the test's own folder (the CLI's working directory)
+    run: Path  # a finished run directory, fresh for each test
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: Callable[[Workspace], list[str]]
+    says: str  # the error line's fragment (exit 2), or text in the output (exit 0)
+    exit: int = 2
+    prepare: Callable[[Workspace], None] = lambda ws: None
+    absent: tuple[str, ...] = field(default=())  # paths under ws.root that must not exist afterwards
+    timeout: float = 300
+
+
+# ----------------------------------------------------------------------------------------------
+# A run directory without Ray
+# ----------------------------------------------------------------------------------------------
+
+
+def fake_run(run_dir: Path) -> None:
+    """A finished run of two trials, each with a real pruned checkpoint in Ray's layout."""
+    import torch
+
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.models import create_model
+    from prunetune.pruning.policy import Policy
+    from prunetune.pruning.surgery import prune, save_pruned
+    from prunetune.search.config import dump_config, load_config
+    from prunetune.tracking.rundir import file_sha256, new_meta, write_meta
+
+    torch.manual_seed(0)
+    cfg = load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits", "dataset.image_size": 8,
+                                       "name": RUN_NAME})
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    space = build_space(model, "small_cnn", (1, 8, 8))
+    run_dir.mkdir(parents=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    (run_dir / "space.json").write_text(json.dumps(space.to_json()))
+    arch = {"name": "small_cnn", "num_classes": 10, "in_channels": 1}
+    records = []
+    for trial, ratio in ((OLD_TRIAL, 0.75), (TRIAL, 0.5)):
+        policy = Policy.uniform(space, ratio)
+        checkpoint = run_dir / f"trial_{trial}" / "checkpoint_000001"
+        checkpoint.mkdir(parents=True)
+        torch.manual_seed(0)
+        base = create_model("small_cnn", num_classes=10, in_channels=1)
+        save_pruned(checkpoint / "model.pt", prune(base, space, policy, importance="l1"), arch=arch,
+                    space=space, policy=policy)
+        records.append({
+            "trial_id": trial, "trial_key": f"uid:{trial}", "status": "finished", "policy": policy.to_json(),
+            "params": {}, "metrics": {"val_accuracy": 0.5, "macs_ratio": ratio ** 2, "macs": 1000},
+            "test_accuracy": 0.5, "history": [],
+            **({"checkpoint": str(checkpoint)} if trial == OLD_TRIAL else
+               {"checkpoint": f"trial_{trial}/checkpoint_000001",
+                "checkpoint_sha256": file_sha256(checkpoint / "model.pt")}),
+        })
+    (run_dir / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    meta = new_meta(name=RUN_NAME, method="random", tracking_uri=f"sqlite:///{run_dir.parent / 'mlflow.db'}",
+                    experiment="prunetune")
+    write_meta(run_dir, meta)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("template") / "runs" / RUN_NAME
+    fake_run(run_dir)
+    return run_dir
+
+
+def model_file(run_dir: Path, trial: str) -> Path:
+    return run_dir / f"trial_{trial}" / "checkpoint_000001" / "model.pt"
+
+
+def moved(ws: Workspace) -> Path:
+    """The run folder moved elsewhere: its original place no longer exists."""
+    target = ws.root / "elsewhere" / "moved-run"
+    target.parent.mkdir()
+    shutil.move(str(ws.run), target)
+    return target
+
+
+def corrupt_copy(ws: Workspace, trial: str) -> None:
+    """A copy of the run beside the intact original, with the trial's checkpoint overwritten."""
+    copy = ws.root / "copy"
+    shutil.copytree(ws.run, copy)
+    model_file(copy, trial).write_bytes(b"\0garbage" * 40)
+
+
+def other_model(ws: Workspace) -> None:
+    """The old-format trial's checkpoint replaced by the other trial's model (another policy)."""
+    shutil.copyfile(model_file(ws.run, TRIAL), model_file(ws.run, OLD_TRIAL))
+
+
+# ----------------------------------------------------------------------------------------------
+# The cases
+# ----------------------------------------------------------------------------------------------
+
+
+def _export(run: Callable[[Workspace], object], trial: str, out: str = "out.pt"):
+    return lambda ws: ["export", str(run(ws)), "--trial", trial, "--out", ws.path(out)]
+
+
+CASES = [
+    # a run folder can be moved or copied (issue 17, item 6)
+    Case("export-moved-run", lambda ws: ["export", str(moved(ws)), "--trial", TRIAL, "--out", ws.path("out.pt")],
+         f"exported trial {TRIAL}", exit=0),
+    Case("export-moved-run-old-absolute-record",
+         lambda ws: ["export", str(moved(ws)), "--trial", OLD_TRIAL, "--out", ws.path("out.pt")],
+         f"exported trial {OLD_TRIAL}", exit=0),
+    Case("export-corrupted-copy-is-refused", _export(lambda ws: ws.root / "copy", TRIAL),
+         "is not the one recorded when the trial ended", prepare=lambda ws: corrupt_copy(ws, TRIAL),
+         absent=("out.pt", "out.pt.tmp")),
+    Case("export-corrupt-checkpoint-without-digest", _export(lambda ws: ws.root / "copy", OLD_TRIAL),
+         "cannot be read: it is damaged", prepare=lambda ws: corrupt_copy(ws, OLD_TRIAL),
+         absent=("out.pt", "out.pt.tmp")),
+    Case("export-checkpoint-of-another-policy", _export(lambda ws: ws.run, OLD_TRIAL),
+         "holds another model than the trial record", prepare=other_model, absent=("out.pt", "out.pt.tmp")),
+    Case("export-unknown-trial", _export(lambda ws: ws.run, "nosuch"), "no trial 'nosuch'", absent=("out.pt",)),
+    Case("export-out-in-missing-folder", _export(lambda ws: ws.run, TRIAL, "missing/out.pt"),
+         "does not exist", absent=("missing",)),
+    # missing folders (folders that are not runs: tests/test_search_bad_input.py)
+    *[Case(f"{command}-missing-folder", lambda ws, c=command, e=extra: [c, ws.path("nosuch"), *e],
+           "does not exist or is not a folder", absent=("nosuch",))
+      for command, extra in (("status", []), ("export", ["--out", "x.pt"]), ("resume", []), ("sync", []))],
+    # messages name what exists (issue 17, item 9)
+    Case("run-storage-is-a-file", lambda ws: ["run", *QUICK, "--storage", ws.path("afile"), "--name", "x"],
+         "is a file", prepare=lambda ws: (ws.root / "afile").write_text(""), absent=("afile/x", "cache")),
+    *[Case(f"{command}-cifar10-without-files-names-download", lambda ws, a=argv: a, "--download",
+           absent=("cache",))
+      for command, argv in (("run", ["run", "--dataset", "cifar10", "--trials", "1", "--storage", "runs"]),
+                            ("prune", ["prune", "--model", "small_cnn", "--dataset", "cifar10", "--uniform", "0.5"]),
+                            ("space", ["space", "--model", "small_cnn", "--dataset", "cifar10"]))],
+    Case("uniform-with-three-trials-says-it-proposes-one-policy",
+         lambda ws: ["run", *QUICK, "--method", "uniform", "--trials", "3", "--finetune-epochs", "0",
+                     "--storage", ws.path("runs"), "--name", "u"],
+         "uniform proposes 1 policy, so 1 trial will run, not the 3 of --trials", exit=0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, template: Path, tmp_path: Path):
+    ws = Workspace(tmp_path, tmp_path / "runs" / RUN_NAME)
+    shutil.copytree(template.parent, ws.run.parent)
+    case.prepare(ws)
+    result = run_cli(case.argv(ws), cache=tmp_path / "cache", cwd=tmp_path, timeout=case.timeout)
+    if case.exit == 2:
+        assert_user_error(result, case.says)
+    else:
+        assert result.returncode == case.exit, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        output = result.stdout + result.stderr
+        assert output.count(case.says) == 1, output[-3000:]
+    for name in case.absent:
+        assert not (tmp_path / name).exists(), name
