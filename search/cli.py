@@ -20,6 +20,7 @@ from prunetune.search.commands import (
     cluster_cmd,
     compare_cmd,
     export_cmd,
+    finetune_cmd,
     prune_cmd,
     resume_cmd,
     run_cmd,
@@ -29,8 +30,8 @@ from prunetune.search.commands import (
 )
 
 PROG = "prunetune"
-COMMANDS = (run_cmd, resume_cmd, status_cmd, compare_cmd, export_cmd, sync_cmd, space_cmd, prune_cmd,
-            cluster_cmd)
+COMMANDS = (run_cmd, resume_cmd, status_cmd, compare_cmd, finetune_cmd, export_cmd, sync_cmd, space_cmd,
+            prune_cmd, cluster_cmd)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -72,9 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # search.interrupt.Interrupted carries SIGTERM's 143
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(stop, "exit_status", EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

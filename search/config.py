@@ -170,6 +170,21 @@ class ResourcesSection(Section):
 
 
 @dataclass(frozen=True)
+class FinalSection(Section):
+    """The final fine-tune of the chosen policy (``prunetune finetune``; at the end of ``run`` when
+    ``epochs`` > 0): pruned from the base model again, trained longer, optionally distilled from it."""
+
+    section: ClassVar[str] = "final"
+    epochs: int = option(0, "epochs of the final fine-tune of the best policy at the end of run; 0 = none",
+                         check=NON_NEGATIVE)
+    lr: float = option(0.01, "initial learning rate of the final fine-tune", check=POSITIVE)
+    distill: bool = option(False, "train against the unpruned base model's softened logits (Hinton et al.)")
+    distill_weight: float = option(0.5, "weight w of the distillation term: (1 - w) CE + w T^2 KL",
+                                   check=Range(0, 1))
+    temperature: float = option(4.0, "distillation temperature T", check=POSITIVE)
+
+
+@dataclass(frozen=True)
 class SpaceSection(Section):
     """How the search space rounds channel counts, and whether depth is searched."""
 
@@ -285,6 +300,7 @@ class SearchConfig(Section):
     address: str | None = option(None, "Ray address to join; null = start a local Ray")
     max_failures: int = option(2, "retries of a failed trial from its last checkpoint", check=NON_NEGATIVE)
     space: SpaceSection = section_field(SpaceSection, "the search space's channel rounding")
+    final: FinalSection = section_field(FinalSection, "the final fine-tune of the best policy")
     methods: MethodSections = field(
         default_factory=MethodSections.of,
         metadata={"doc": "method options", "check": None, "choices": (), "from_config": None},

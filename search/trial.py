@@ -47,6 +47,7 @@ class TrialSetup:
     # On resume: the results trials.jsonl holds, by trial id and by config key
     # (``search.callbacks.reusable_results``); such a trial reports its result again and computes nothing.
     recorded: dict = field(default_factory=dict)
+    distillation: object = None  # pruning.distill.Distillation: train against the base model's logits (final)
 
 
 # report(metrics, checkpoint_dir_writer or None); the writer saves a checkpoint into a directory.
@@ -109,7 +110,8 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
     else:
         model, state = prune_for_trial(setup, policy), None
     size = _size_metrics(setup, policy)
-    trainer = Trainer(model, setup.splits, setup.finetune, seed=seed, device=setup.device)
+    trainer = Trainer(model, setup.splits, setup.finetune, seed=seed, device=setup.device,
+                      distillation=setup.distillation)
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])

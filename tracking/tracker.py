@@ -219,6 +219,27 @@ class Tracker:
         self._complete_trial(run, record)
         return run.info.run_id
 
+    def log_final(self, parent_id: str, result: Mapping[str, Any]) -> str:
+        """Log a final fine-tune (``search.final``) as a child run tagged final; return its id.
+
+        It is logged like a trial whose id is ``final-<trial>`` (found again by its plan folder, so
+        logging it twice makes no second run), then re-tagged: role and fidelity ``final``.
+        """
+        metrics = {key: result.get(key) for key in ("val_accuracy", "macs", "params", "macs_ratio",
+                                                    "params_ratio", "latency_ms")}
+        record = {"trial_id": f"final-{result['trial_id']}", "trial_key": f"final-{result['folder']}",
+                  "status": "finished", "policy": result["policy"], "metrics": metrics,
+                  "test_accuracy": result.get("test_accuracy"), "history": result.get("history") or [],
+                  "seconds": result.get("trial_seconds"),
+                  "params": {"of_trial": result["trial_id"], "final_epochs": result["recipe"]["epochs"],
+                             "final_lr": result["recipe"]["lr"], "distill": result["distill"],
+                             "distill_weight": result.get("distill_weight"),
+                             "temperature": result.get("temperature")}}
+        run_id = self.log_trial(parent_id, record)
+        self.client.set_tag(run_id, TAG_ROLE, "final")
+        self.client.set_tag(run_id, TAG_FIDELITY, "final")
+        return run_id
+
     def _inherited_tags(self, parent_id: str) -> dict[str, str]:
         """The parent's method, model, dataset and target tags, which every child carries too."""
         if parent_id not in self._parent_tags:
