@@ -247,12 +247,23 @@ class CdpPenalty:
 # --- DTC ---------------------------------------------------------------------------------------
 
 
-def dtc_thresholds(skeleton: torch.Tensor, delta: float) -> torch.Tensor:
+def dtc_thresholds(skeleton: torch.Tensor, delta: float, *, relative: bool = False) -> torch.Tensor:
     """``tau_n = delta * mean_m(||FS_m||_1) / ||FS_n||_1`` per filter (METHODS.md, DTC); a filter with
-    nothing left has an infinite threshold."""
+    nothing left has an infinite threshold.
+
+    ``relative`` measures tau_n in units of the layer's mean skeleton entry ``mean |FS|`` (1 at the
+    start, where both agree), so that a layer whose skeleton shrinks as a whole keeps its filters:
+    a BatchNorm after the conv makes each filter's scale irrelevant to the loss, so nothing resists
+    the penalties shrinking every entry alike, and with the absolute threshold whole layers die at
+    once when the entries reach delta (measured on digits: MACs ratios of 1.0 or about 0, nothing
+    between). Relative, an entry dies when it is small against its layer's entries.
+    """
     norms = filter_l1(skeleton.detach())
     safe = norms.clamp_min(torch.finfo(norms.dtype).tiny)
-    return torch.where(norms > 0, delta * norms.mean() / safe, torch.full_like(norms, math.inf))
+    tau = delta * norms.mean() / safe
+    if relative:
+        tau = tau * skeleton.detach().abs().mean()
+    return torch.where(norms > 0, tau, torch.full_like(norms, math.inf))
 
 
 def _zero_where(parameter: torch.Tensor, keep: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -267,12 +278,13 @@ def _zero_where(parameter: torch.Tensor, keep: torch.Tensor, optimizers: Sequenc
 
 
 @torch.no_grad()
-def apply_dtc(layers: Sequence[SkeletonLayer], delta: float, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+def apply_dtc(layers: Sequence[SkeletonLayer], delta: float, optimizers: Sequence[torch.optim.Optimizer], *,
+              relative: bool = False) -> None:
     """DTC, between backward and the optimiser steps: entries with ``|FS| <= tau_n`` are zeroed with
     their gradients (and momentum), and a dead filter's following BatchNorm scale and shift too."""
     for layer in layers:
         skeleton = layer.skeleton
-        tau = dtc_thresholds(skeleton, delta)
+        tau = dtc_thresholds(skeleton, delta, relative=relative)
         keep = (skeleton.abs() > tau[:, None, None]).to(skeleton.dtype)
         _zero_where(skeleton, keep, optimizers)
         norm = layer.norm
@@ -360,6 +372,7 @@ class CdpDtcLearner(Learner):
     """CDP + DTC as a learner (see the module doc): ``learn`` trains with the penalty and DTC."""
 
     name = "cdp-dtc"
+    meets_target = False  # its MACs follow from delta and the weights; the search keeps those under the target
 
     def __init__(self, options: CdpDtcOptions):
         self.options = options
@@ -442,7 +455,8 @@ class CdpDtcRun:
         self.weight_optimizer.zero_grad(set_to_none=True)
         self.skeleton_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        apply_dtc(self.layers, self.hp["delta"], [self.weight_optimizer, self.skeleton_optimizer])
+        apply_dtc(self.layers, self.hp["delta"], [self.weight_optimizer, self.skeleton_optimizer],
+                  relative=self.options.threshold == "relative")
         self.weight_optimizer.step()
         self.skeleton_optimizer.step()
         self.step += 1

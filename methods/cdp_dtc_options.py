@@ -38,6 +38,9 @@ class CdpDtcOptions(Section):
                                 check=POSITIVE)
     adaptive_spread: float = option(0.5, "how far the adaptive term's group and L1 weights move apart: "
                                          "adaptive * (1 +- spread)", check=Range(0, 1))
+    threshold: str = option("relative", "DTC's tau_n in units of the layer's mean skeleton entry (relative) or "
+                                        "as it is (absolute; whole layers tend to die at once)",
+                            choices=("relative", "absolute"))
     checkpoint_every: int = option(20, "training steps between progress reports with a checkpoint",
                                    check=AT_LEAST_ONE)
     delta_min: float = option(0.1, "searched range of delta, DTC's threshold factor: lowest", check=POSITIVE)
