@@ -532,7 +532,9 @@ class DcpaRun:
             return F.softmax(width_alpha, -1).cpu(), F.softmax(depth_alpha, -1).cpu()
 
     def record(self, row: dict) -> None:
-        """A trajectory row: the step's losses, then the choice probabilities after the step."""
+        """A trajectory row: the step's losses (``macs_ratio`` is E[MACs] / MACs_0 of the distribution it
+        sampled from), then the choice probabilities after the step (``prob.<group>.w<k>`` for width
+        choice k, ``prob.<stage>.d<k>`` for depth choice k) and each group's expected keep ratio."""
         width_p, depth_p = self.distribution()
         expected = (width_p * (self.widths.cpu() / self.channels.cpu().unsqueeze(1))).sum(dim=1)
         row = {"step": self.step, **row}
@@ -561,8 +563,8 @@ class DcpaRun:
         if self.descriptors is None:
             self.masks.enabled = self.gates.enabled = False
         else:
-            width_alpha, depth_alpha = self.attention(self.descriptors)
             with torch.no_grad():
+                width_alpha, depth_alpha = self.attention(self.descriptors)
                 self.apply(*self.argmax_choices(width_alpha, depth_alpha))
                 metrics["expected_macs_ratio"] = float(self.expected_macs_ratio(width_alpha, depth_alpha))
             ratios, dropped = self.argmax_architecture()
