@@ -270,7 +270,7 @@ class SearchConfig(Section):
     method: str = option("optuna", "pruning method from methods.registry")
     importance: str | None = option(
         None, "channel importance criterion from pruning.importance; null = the method's own "
-        "(attention for arpruning, bn_scale for dcm, l1 for the others)"
+        "(attention for arpruning, bn_scale for dcm and dcpa, l1 for the others)"
     )
     macs_target: float = option(0.5, "kept fraction of the base model's MACs", check=FRACTION)
     macs_tolerance: float = option(
