@@ -66,6 +66,7 @@ class MethodSpec:
     start: str | None = None
     default_importance: str = "l1"  # the criterion when the config's ``importance`` is null
     context: tuple[str, ...] = ()  # search settings its factory takes too: "budget", "concurrency"
+    warm_start: bool = False  # first evaluates the heuristics (methods.heuristics), unless it has a start
 
     @property
     def needs_start_policy(self) -> bool:
@@ -88,13 +89,13 @@ METHODS: dict[str, MethodSpec] = {
                          "global_threshold:make_global_searcher", GlobalOptions,
                          "global_threshold:global_start_policy"),
     "random": MethodSpec("searcher", "distinct random policies rescaled into the MACs band",
-                         "random_search:make_random_searcher", RandomOptions),
+                         "random_search:make_random_searcher", RandomOptions, warm_start=True),
     "arpruning": MethodSpec("searcher", "ARPruning: a neighbourhood search from the global attention policy",
                             "arpruning:make_arpruning_searcher", ArpruningOptions,
                             "arpruning:arpruning_start_policy", default_importance="attention",
                             context=("budget", "concurrency")),
     "optuna": MethodSpec("optuna", "Ray Tune's OptunaSearch over one keep ratio per group (search/)",
-                         options=OptunaOptions),
+                         options=OptunaOptions, warm_start=True),
     "dcm": MethodSpec("learner", "DCM: learns every group's keep ratio with dynamic channel masks",
                       "dcm:make_dcm_learner", DcmOptions, default_importance="bn_scale"),
     "cdp-dtc": MethodSpec("learner", "CDP + DTC: filter skeletons under a texture penalty, pruned by dynamic "
@@ -143,11 +144,13 @@ def start_policy_for(name: str, model, space: SearchSpace, *, macs_target: float
 
 def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: int, budget: int,
                   concurrency: int, options: Mapping[str, Any] = NO_OPTIONS,
-                  start_policy: Policy | None = None) -> Searcher:
+                  start_policy: Policy | None = None, heuristics: Mapping[str, Policy] = NO_OPTIONS) -> Searcher:
     """Build searcher ``name`` on ``space``, within ``budget`` proposals and ``concurrency`` in flight.
 
     ``options`` are the method's own (see its options dataclass; ``tolerance`` for all). The result
-    is ``ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)``.
+    is ``ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)``; with ``heuristics``
+    (``methods.heuristics.heuristic_policies``) the searcher is warm-started: ``WarmStart`` proposes
+    them first, within the same budget.
     """
     spec = searcher_spec(name)
     parsed = parse_options(spec.options, options, name)
@@ -160,7 +163,11 @@ def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: in
         raise UserError(f"method '{name}' takes no start policy; leave it out")
     settings = {"budget": budget, "concurrency": concurrency}
     searcher = spec.build(space, macs_target=target, seed=seed, options=parsed, start_policy=start_policy,
-                            **{key: settings[key] for key in spec.context})
+                          **{key: settings[key] for key in spec.context})
+    if heuristics:
+        from prunetune.methods.heuristics import WarmStart
+
+        searcher = WarmStart(searcher, space, heuristics, macs_target=target, tolerance=parsed.tolerance)
     return ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)
 
 

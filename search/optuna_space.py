@@ -63,9 +63,12 @@ def make_sampler(name: str, *, seed: int, n_startup_trials: int):
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup_trials)
 
 
-def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_trials: int):
+def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_trials: int,
+                  points_to_evaluate: list[dict] | None = None):
     """Ray Tune's ``OptunaSearch`` over the define-by-run space ``define`` (a picklable function):
-    validation accuracy up, or with ``objective`` pareto also the MACs ratio down."""
+    validation accuracy up, or with ``objective`` pareto also the MACs ratio down. Optuna enqueues
+    ``points_to_evaluate`` (partial parameters; the rest sampled) as its first trials and learns
+    from their results like any other."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -76,19 +79,21 @@ def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_
         metric=["val_accuracy", "macs_ratio"] if pareto else "val_accuracy",
         mode=["max", "min"] if pareto else "max",
         sampler=make_sampler(sampler, seed=seed, n_startup_trials=n_startup_trials),
+        points_to_evaluate=list(points_to_evaluate or []) or None,
     )
 
 
 def make_optuna_search(space: SearchSpace, *, macs_target: float, objective: str, sampler: str, seed: int,
                        n_startup_trials: int, min_keep_ratio: float, tolerance: float,
-                       search_depth: bool = False):
+                       search_depth: bool = False, points_to_evaluate: list[dict] | None = None):
     """Ray Tune's ``OptunaSearch`` over the keep ratios (and with ``search_depth`` the dropped
-    blocks), wrapped so over-budget proposals cost no trial."""
+    blocks), wrapped so over-budget proposals cost no trial; ``points_to_evaluate`` (the warm
+    start's heuristics, ``methods.heuristics.optuna_points``) come first."""
     define = functools.partial(define_policy_space, space=space, macs_target=macs_target,
                                min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes",
                                search_depth=search_depth)
     search = optuna_search(define, objective=objective, sampler=sampler, seed=seed,
-                           n_startup_trials=n_startup_trials)
+                           n_startup_trials=n_startup_trials, points_to_evaluate=points_to_evaluate)
     return FeasibleOnly(search, limit=macs_target + tolerance, pareto=objective == "pareto")
 
 
