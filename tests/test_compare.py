@@ -246,3 +246,19 @@ def test_a_run_directory_reads_back_as_a_search(searches):
     search = search_from_run_dir(runs / "arp")
     assert search.method == "arpruning" and search.macs_target == 0.5 and search.parent_run_id
     assert {t.fidelity for t in search.trials} == {"full", "proxy"}
+
+
+def test_experiment_tags_keep_a_user_s_own_kind_and_description():
+    from prunetune.tracking.experiment_view import experiment_tags, trials_url
+
+    fresh = experiment_tags("7", {})
+    assert fresh["mlflow.experimentKind"] == "custom_model_development"
+    assert "#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=trials" in fresh[
+        "mlflow.note.content"]
+    assert experiment_tags("7", fresh) == {}  # idempotent
+    theirs = experiment_tags("7", {"mlflow.experimentKind": "finetuning", "mlflow.note.content": "mine"})
+    assert "mlflow.experimentKind" not in theirs and "mlflow.note.content" not in theirs
+    assert experiment_tags("7", {"mlflow.experimentKind": "genai_development"})["mlflow.experimentKind"] == \
+        "custom_model_development"
+    assert trials_url("http://h:5000/", "7") == \
+        "http://h:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=trials"

@@ -74,6 +74,7 @@ class Search:
     parent_run_id: str | None = None
     baseline: Mapping[str, Any] = field(default_factory=dict)
     groups: Mapping[str, int] = field(default_factory=dict)  # group -> base channels (from the space)
+    experiment_id: str | None = None  # the MLflow experiment, for a search read from MLflow
 
 
 def best_within(search: Search, budget: float) -> TrialPoint | None:

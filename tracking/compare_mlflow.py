@@ -64,7 +64,7 @@ def search_from_runs(parent: Run, children: Sequence[Run], tracking_uri: str) ->
         wall_s=_number(metrics.get("wall_s")),
         trials=tuple(point_from_run(run, order) for order, run in enumerate(ordered)),
         source=f"{tracking_uri} run {parent.info.run_id}", tracking_uri=tracking_uri,
-        parent_run_id=parent.info.run_id,
+        parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id,
         baseline={key[len("base_"):]: value for key, value in metrics.items() if key.startswith("base_")})
 
 

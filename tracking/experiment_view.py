@@ -1,10 +1,12 @@
 """MLflow conventions that make its own UI useful for prunetune, without prunetune.
 
-- The experiment's kind (``mlflow.experimentKind``) says it holds model training runs, so MLflow 3
-  opens it on its runs, not on an empty GenAI traces overview.
-- Its description says how to read it, and a saved view (``mlflow.sharedViewState.trials``, opened
-  by ``<experiment URL>?viewStateShareKey=trials``) lists the trials flat, best first, with their
-  accuracy, MACs and policy columns shown.
+- The experiment's kind (``mlflow.experimentKind``) says it holds model training runs. MLflow 3.17's
+  UI itself chooses between GenAI and model training with its own toggle, remembered per browser
+  and GenAI at first; the URL parameter ``workflowType=machine_learning`` sets it, so every link
+  prunetune gives (``trials_url``) carries it.
+- A saved view (``mlflow.sharedViewState.trials``, opened by ``?viewStateShareKey=trials``) lists
+  the trials flat, best first, with their accuracy, MACs and fidelity columns shown.
+- Its description says how to read it and links to that view; it shows above every tab.
 - Every parent and child run carries tags of what the search is: method, model, dataset, MACs target.
 
 Pure data and two client calls; MLflow is not imported here.
@@ -33,17 +35,31 @@ TRIALS_VIEW_KEY = "trials"
 TRAINING_KINDS = ("custom_model_development", "finetuning", "forecasting", "classification", "regression",
                   "automl")
 TRIAL_COLUMNS = ("metrics.`val_accuracy`", "metrics.`test_accuracy`", "metrics.`macs_ratio`",
-                 "metrics.`params_ratio`", "metrics.`latency_ms`", "tags.`prunetune.method`",
-                 "tags.`prunetune.fidelity`", "params.`dropped_blocks`")
-NOTE = (
-    "prunetune searches: one parent run per search, one child "
-    "run per trial (named by method, trial and policy).\n\n"
-    "To see every trial with its accuracy and MACs, open this experiment's URL with "
-    f"`?viewStateShareKey={TRIALS_VIEW_KEY}`, or filter on `tags.prunetune.role = 'trial'`. Proxy trials "
-    "(`tags.prunetune.fidelity = 'proxy'`) were scored after a short fine-tune only: compare them with each "
-    "other, not with full ones. `prunetune compare --experiment NAME` prints the best accuracy per MACs "
-    "budget of every search and draws the Pareto fronts."
-)
+                 "tags.`prunetune.fidelity`")
+NOTE_START = "prunetune searches:"  # a description starting so is ours, and kept up to date
+
+
+def trials_path(experiment_id: str) -> str:
+    """The UI's route to the trials view, in model-training mode."""
+    return (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={TRIALS_VIEW_KEY}")
+
+
+def trials_url(ui_url: str, experiment_id: str) -> str:
+    """The trials view of an MLflow UI at ``ui_url`` (a tracking server, or ``mlflow ui``'s address)."""
+    return f"{ui_url.rstrip('/')}/{trials_path(experiment_id)}"
+
+
+def note(experiment_id: str) -> str:
+    """The experiment's description (Markdown): what the runs are, and a link to every trial."""
+    return (
+        f"{NOTE_START} one parent run per search, one child run per trial, named by method and "
+        f"policy. **[Show every trial]({trials_path(experiment_id)})** with its accuracy and MACs ratio "
+        "(or choose *Model training* above and filter on `tags.prunetune.role = 'trial'`). Proxy trials "
+        "(`tags.prunetune.fidelity = 'proxy'`) had a short fine-tune only: compare them with each other, "
+        "not with full ones. `prunetune compare --experiment NAME --out DIR` gives the best accuracy per "
+        "MACs budget of every search and their Pareto fronts."
+    )
 
 
 def trials_view() -> dict[str, Any]:
@@ -52,20 +68,21 @@ def trials_view() -> dict[str, Any]:
             "orderByAsc": False, "selectedColumns": list(TRIAL_COLUMNS)}
 
 
-def experiment_tags(existing: Mapping[str, str]) -> dict[str, str]:
-    """The experiment tags to set, given those it has: only what is missing or not a training kind."""
+def experiment_tags(experiment_id: str, existing: Mapping[str, str]) -> dict[str, str]:
+    """The experiment tags to set, given those it has: the trials view; the kind unless the user chose
+    a training kind; the description unless the user wrote their own."""
     wanted = {TAG_SHARED_VIEW_PREFIX + TRIALS_VIEW_KEY: json.dumps(trials_view())}
     if existing.get(TAG_EXPERIMENT_KIND) not in TRAINING_KINDS:
         wanted[TAG_EXPERIMENT_KIND] = EXPERIMENT_KIND_TRAINING
-    if not existing.get(TAG_EXPERIMENT_NOTE):
-        wanted[TAG_EXPERIMENT_NOTE] = NOTE
+    if existing.get(TAG_EXPERIMENT_NOTE, NOTE_START).startswith(NOTE_START):
+        wanted[TAG_EXPERIMENT_NOTE] = note(experiment_id)
     return {key: value for key, value in wanted.items() if existing.get(key) != value}
 
 
 def mark_experiment(client, experiment_id: str) -> None:
     """Set the experiment's kind, description and trials view where they are missing (idempotent)."""
     existing = client.get_experiment(experiment_id).tags
-    for key, value in experiment_tags(existing).items():
+    for key, value in experiment_tags(experiment_id, existing).items():
         client.set_experiment_tag(experiment_id, key, value)
 
 

@@ -88,14 +88,14 @@ def policy_summary(policy: Mapping[str, Any] | None) -> str:
 
 
 def trial_run_name(record: Mapping[str, Any], method: str = "", fidelity: str = "full") -> str:
-    """A child run's name: method, trial id, policy summary, and ``(proxy)`` for a proxy trial.
+    """A child run's name: method (and ``proxy`` for a proxy trial), policy summary, trial id.
 
-    E.g. ``arpruning 498f2a5e: keep 0.50-0.83 mean 0.69 (proxy)``, so MLflow's runs table tells
-    the trials apart without opening them.
+    E.g. ``arpruning proxy: keep 0.50-0.83 mean 0.69 [498f2a5e]``: MLflow's runs table cuts long
+    names, so what tells the trials apart comes first.
     """
-    head = " ".join(part for part in (method, str(record.get("trial_id", ""))) if part)
-    name = f"{head}: {policy_summary(record.get('policy'))}"
-    return name + (" (proxy)" if fidelity == "proxy" else "")
+    head = " ".join(part for part in (method, "proxy" if fidelity == "proxy" else "") if part)
+    name = f"{head}: " if head else ""
+    return f"{name}{policy_summary(record.get('policy'))} [{record.get('trial_id', '')}]"
 
 
 OWN_LENGTH_PARAM = "finetune_epochs"  # a searcher sets it for its proxy trials (methods.proxy)

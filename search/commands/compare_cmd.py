@@ -109,4 +109,19 @@ def run(args: argparse.Namespace) -> int:
         log_to_parents(searches, files)
         print(f"wrote {', '.join(path.name for path in files)} to {out_dir}", file=sys.stderr)
     print(json.dumps(table, indent=1) if args.json else format_table(table))
+    print_ui_links(searches)
     return 0
+
+
+def print_ui_links(searches: list) -> None:
+    """Where MLflow's UI shows every trial of the experiments read (to stderr: stdout is the table)."""
+    from prunetune.tracking.experiment_view import trials_url
+    from prunetune.tracking.uri import HTTP_SCHEMES, uri_scheme
+
+    for uri, experiment_id in dict.fromkeys((s.tracking_uri, s.experiment_id) for s in searches
+                                            if s.experiment_id is not None):
+        if uri_scheme(uri) in HTTP_SCHEMES:
+            print(f"every trial in MLflow: {trials_url(uri, experiment_id)}", file=sys.stderr)
+        else:
+            print(f"every trial in MLflow: run `mlflow ui --backend-store-uri {uri}`, then open "
+                  f"{trials_url('http://127.0.0.1:5000', experiment_id)}", file=sys.stderr)
