@@ -46,8 +46,11 @@ def planned_trials(cfg, search_alg, log) -> int:
     """How many trials the search will run: ``cfg.trials``, or fewer for a method that proposes a
     fixed set of policies (``uniform`` and ``global`` propose one), which ``log`` says once."""
     from prunetune.methods.fixed_policy import FixedPolicySearcher
+    from prunetune.methods.limiters import ConcurrencyLimiter, TrialBudget
 
     searcher = getattr(search_alg, "policy_searcher", None)
+    while isinstance(searcher, ConcurrencyLimiter | TrialBudget):  # limits only: what they wrap proposes
+        searcher = searcher.inner
     if not isinstance(searcher, FixedPolicySearcher) or len(searcher.policies) >= cfg.trials:
         return cfg.trials
     count = len(searcher.policies)

@@ -101,3 +101,20 @@ def test_the_config_key_ignores_the_searchers_bookkeeping():
     config = {"policy": {"keep": {"a": 0.5}}, "seed": 0, "role": "random"}
     assert config_key({**config, "proposal_id": "p7", "estimated_macs_ratio": 0.5}) == config_key(config)
     assert config_key({**config, "seed": 1}) != config_key(config)
+
+
+def test_a_method_of_one_policy_plans_one_trial_and_says_so_once():
+    from prunetune.methods.registry import make_searcher
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.models import create_model
+    from prunetune.search.tuner import planned_trials
+
+    space = build_space(create_model("small_cnn", num_classes=10, in_channels=1), "small_cnn", (1, 8, 8))
+    messages: list[str] = []
+    for method, trials in (("uniform", 3), ("random", 3)):
+        searcher = make_searcher(method, space, macs_target=0.5, seed=0, budget=trials, concurrency=1,
+                                 options={"tolerance": 0.05})
+        cfg = SimpleNamespace(trials=trials, method=method)
+        planned = planned_trials(cfg, SimpleNamespace(policy_searcher=searcher), messages.append)
+        assert planned == (1 if method == "uniform" else 3)
+    assert messages == ["note: uniform proposes 1 policy, so 1 trial will run, not the 3 of --trials"]
