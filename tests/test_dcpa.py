@@ -159,6 +159,33 @@ def test_at_one_hot_choices_the_expected_macs_are_the_measured_macs(model_name, 
     assert dropped_any or not stages
 
 
+def test_the_runs_expected_macs_at_peaked_logits_are_the_argmax_policys(resnet, splits):
+    """DcpaRun.expected_macs_ratio (softmax of the logits, expected widths and gates) at logits that
+    put all mass on one choice = the space's MACs of the argmax policy, which drops a block."""
+    run = a_run(resnet, splits)
+    try:
+        space = resnet[1]
+        width_alpha = torch.full((len(space.groups), len(run.rhos)), -60.0)
+        for i in range(len(space.groups)):
+            width_alpha[i, (3 * i + 2) % len(run.rhos)] = 60.0
+        depth_alpha = torch.tensor([[60.0, -60.0]])  # layer1 at depth 1: layer1.1 dropped
+        run.descriptors = torch.zeros(len(space.groups) + len(run.stages), 10)
+        with torch.no_grad():
+            run.attention.width_logits.copy_(width_alpha)
+            run.attention.depth_logits.copy_(depth_alpha)
+            for head in (run.attention.width_head, run.attention.depth_head):
+                head.weight.zero_()
+                head.bias.zero_()
+        ratios, dropped = run.argmax_architecture()
+        assert dropped == ("layer1.1",)
+        policy = Policy({g.name: float(r) for g, r in zip(space.groups, ratios, strict=True)}, dropped,
+                        space.space_id)
+        expected = float(run.expected_macs_ratio(width_alpha, depth_alpha))
+        assert expected == pytest.approx(space.macs_ratio(policy), abs=1e-6)
+    finally:
+        run.remove_hooks()
+
+
 # --- learning ------------------------------------------------------------------------------------------------
 
 
