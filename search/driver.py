@@ -289,16 +289,13 @@ def _interrupted_exit(run_dir: Path, meta: dict, log: Log) -> int:
 def finish_search(cfg, run_dir: Path, meta: dict, baseline: dict, *, wall_s: float, log: Log) -> int:
     """Write summary.json and the Pareto plot, close the parent MLflow run, print the front."""
     from prunetune.search.summary import build_summary, format_summary
-    from prunetune.tracking.plots import plot_pareto
+    from prunetune.tracking.plots import plot_search
     from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials, write_summary
 
     records = read_trials(run_dir / TRIALS_FILE)
     summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,
                             macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, wall_s=wall_s)
-    points = [{**(r.get("metrics") or {}), "trial_id": r["trial_id"]} for r in records
-              if r["status"] == "finished"]
-    png = plot_pareto(points, run_dir / PARETO_PNG, base={"macs_ratio": 1.0, **baseline},
-                      title=f"{meta['name']}: validation accuracy against MACs")
+    png = plot_search(records, summary, run_dir / PARETO_PNG)  # proxies apart, the target, the best ringed
     write_summary(run_dir, summary)
     try:
         from prunetune.tracking.tracker import Tracker

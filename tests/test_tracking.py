@@ -152,7 +152,7 @@ def test_parent_and_three_children_carry_params_metrics_artifacts_and_tags(
         params = child.data.params
         ratio_text = str(record["policy"]["keep_ratios"][GROUPS[0]])
         dropped = ", 1 block dropped" if record["policy"]["dropped_blocks"] else ""
-        assert child.info.run_name == f"random {record['trial_id']}: keep {float(ratio_text):.2f}{dropped}"
+        assert child.info.run_name == f"random: keep {float(ratio_text):.2f}{dropped} [{record['trial_id']}]"
         assert params["keep.layer1.0.conv1"] == params["keep.features_3_"] == params["keep.fc_out"] == ratio_text
         assert params["dropped_blocks"] == ",".join(record["policy"]["dropped_blocks"])
         assert (params["method"], params["importance"], params["seed"]) == (
