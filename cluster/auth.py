@@ -10,11 +10,14 @@ only) starts the nodes with ``RAY_AUTH_MODE=disabled``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from prunetune.pruning.errors import UserError
 
 AUTH_MODE = "RAY_AUTH_MODE"
 TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
@@ -74,3 +77,61 @@ def node_environment(auth: Auth, base: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k != AUTH_MODE}
     env.update(driver_environment(auth))
     return env
+
+
+def check_driver_auth(address: str, *, timeout_s: float = 10.0) -> None:
+    """Refuse at once a driver whose authentication the cluster at ``address`` rejects.
+
+    Without it ``ray.init`` retries for many minutes (against the machine's outward address, having
+    rewritten a loopback one). One call to the cluster's GCS tells in well under a second; its
+    C++ client's warning on stderr is kept off the driver's output. Any other failure is left to
+    ``ray.init``, which reports it.
+    """
+    from ray.exceptions import AuthenticationError
+
+    _check_token_file(os.environ.get(TOKEN_PATH))
+    try:
+        with _stderr_silenced():
+            from ray._raylet import GcsClient
+
+            GcsClient(address=address).get_all_node_info(timeout=timeout_s)
+    except AuthenticationError:
+        mode = os.environ.get(AUTH_MODE)
+        has = f"{AUTH_MODE}={mode}" if mode else f"no {AUTH_MODE}"
+        raise UserError(f"the Ray cluster at {address} refused this driver's authentication ({has}"
+                        f"{', ' + TOKEN_PATH + ' set' if os.environ.get(TOKEN_PATH) else ''}); "
+                        f"export {AUTH_MODE}=token {TOKEN_PATH}=<the cluster's token file> (`prunetune cluster "
+                        f"status` prints the exports, `prunetune cluster up --json` gives them as driver_env)"
+                        ) from None
+    except Exception:  # noqa: BLE001 - anything else: ray.init reports it
+        return
+
+
+def _check_token_file(path: str | None) -> None:
+    """A set RAY_AUTH_TOKEN_PATH must name a readable, non-empty file (Ray aborts the process otherwise)."""
+    if not path:
+        return
+    try:
+        empty = not Path(path).expanduser().read_text().strip()
+    except OSError as error:
+        raise UserError(f"{TOKEN_PATH}={path} cannot be read ({error.strerror or error}); point it at the "
+                        f"cluster's token file (`prunetune cluster status` prints it)") from None
+    if empty:
+        raise UserError(f"{TOKEN_PATH}={path} is empty; point it at the cluster's token file "
+                        f"(`prunetune cluster status` prints it)")
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 points at /dev/null for the block (C++ code writes there directly)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,10 +1,17 @@
 """One search, end to end (DESIGN.md): check, prepare, run the trials on Ray, summarise.
 
-``start_search`` checks everything it can before it creates anything (names, target, tracking
-store, Ray address), trains or loads the base model, writes the run directory, and runs the
-tuner. ``resume_search`` picks an interrupted search up from its run directory: Ray restores the
-trials and the searcher, finished trials are not run again, and MLflow runs are found, not
-duplicated. Both end in ``finish_search``: summary.json, the Pareto plot, the parent run closed.
+A straight line, each step once: check everything that can be checked without creating anything
+(names, storage, the data and the space with the MACs target, the device, the stores, the Ray
+address and its authentication); start or join Ray once and refuse trials no node could hold; train
+or load the base model; only then create the run directory, the tracking store and the parent run
+(one ``Tracker`` per search); run the tuner; summarise. Ray's local temp dir is removed when the
+driver ends, Ctrl-C and SIGTERM included (``search.interrupt``: both stop cleanly, finished trials
+kept, exit 130 or 143).
+
+``resume_search`` picks an interrupted search up from its run directory: Ray restores the trials
+and the searcher, finished trials are not run again, and MLflow runs are found, not duplicated.
+Both end in ``finish_search``: summary.json, the Pareto plot, the parent run closed; a search
+whose every trial failed says why in one line and exits 1 (``search.failures``).
 """
 
 from __future__ import annotations
@@ -17,25 +24,29 @@ from datetime import datetime
 from pathlib import Path
 
 from prunetune.pruning.errors import UserError
+from prunetune.search.interrupt import Interrupted, StopSignals
 from prunetune.search.prepare import Log, log_to_stderr
+from prunetune.search.ray_session import RaySession, user_code_runtime_env
 from prunetune.search.ray_storage import check_ray_storage, experiment_location
-
-INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """Everything a search needs before Ray starts."""
+class Search:
+    """A search ready for its trials: config, run directory, identity, tracker, base model, setup."""
 
+    cfg: object  # search.config.SearchConfig
     run_dir: Path
-    name: str
-    tracking_uri: str
+    meta: dict
+    tracker: object  # tracking.tracker.Tracker
     base: object  # search.prepare.BaseModel
     setup: object  # search.trial.TrialSetup
     calib: list
 
 
 def storage_dir(cfg) -> Path:
+    """The folder of run directories: a local path whose nearest existing folder is writable."""
+    from prunetune.tracking.uri import nearest_existing, writable_folder
+
     if "://" in cfg.storage:
         raise UserError(f"storage {cfg.storage} is a URI, but it holds the run directory, on a file system: pass "
                         f"a directory, and give the URI as --ray-storage for Ray's experiment state and checkpoints")
@@ -43,6 +54,10 @@ def storage_dir(cfg) -> Path:
     if storage.exists() and not storage.is_dir():
         raise UserError(f"storage {cfg.storage} is a file; pass a folder to hold the run directories "
                         f"(--storage DIR; it is created if missing)")
+    existing = nearest_existing(storage)
+    if not writable_folder(existing):
+        raise UserError(f"storage {cfg.storage} cannot be written ({existing} is read-only or not a folder); "
+                        f"pass a writable folder as --storage")
     return storage
 
 
@@ -57,35 +72,41 @@ def check_target(cfg, space) -> None:
                         f"{', every droppable block dropped' if depth else ''}); raise --macs-target")
 
 
-def prepare(cfg, *, run_dir: Path, cache_dir: Path, log: Log, space=None):
-    """Load the data, build the space, train or load the base model, and make the trial setup."""
+def load_inputs(cfg):
+    """The dataset's splits, the model's space (target checked against it) and the driver's device."""
     from prunetune.pruning.data import load_dataset
-    from prunetune.pruning.train import TrainRecipe, dataset_cache_key
-    from prunetune.search.config import resolved_importance
-    from prunetune.search.prepare import (
-        model_space,
-        prepare_base_model,
-        resolve_device,
-        trial_device,
-    )
-    from prunetune.search.trial import TrialSetup, calibration_batches
+    from prunetune.search.prepare import model_space, resolve_device
 
     d = cfg.dataset
     splits = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
                           data_fraction=d.data_fraction, image_size=d.image_size, download=d.download)
-    if space is None:
-        space = model_space(cfg.model, splits.info, round_to=cfg.space.round_to,
-                            min_channels=cfg.space.min_channels)
+    space = model_space(cfg.model, splits.info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels,
+                        model_args=cfg.model_args)
     check_target(cfg, space)
-    device = resolve_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial)
+    return splits, space, resolve_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial)
+
+
+def prepare(cfg, *, cache_dir: Path, log: Log, run_dir: Path | None = None, inputs=None):
+    """Train or load the base model and make the trial setup; ``inputs``: ``load_inputs(cfg)`` if done.
+
+    Returns (base model, trial setup, calibration batches on the driver's device).
+    """
+    from prunetune.pruning.train import dataset_cache_key
+    from prunetune.search.config import resolved_importance
+    from prunetune.search.prepare import prepare_base_model, trial_device
+    from prunetune.search.trial import TrialSetup, calibration_batches
+
+    splits, space, device = inputs or load_inputs(cfg)
+    d = cfg.dataset
     key = dataset_cache_key(d.name, splits.info.image_size, d.data_fraction, d.val_fraction, d.root)
-    base = prepare_base_model(cfg.model, splits, TrainRecipe(**cfg.pretrain.recipe_kwargs()), seed=cfg.seed,
-                              cache_dir=cache_dir, data_key=key, device="cpu" if device == "cpu" else device,
-                              space=space, log=log, latency_threads=max(1, int(cfg.resources.cpus_per_trial)))
+    base = prepare_base_model(cfg.model, splits, cfg.pretrain.recipe(), seed=cfg.seed, cache_dir=cache_dir,
+                              data_key=key, device=device, space=space, log=log,
+                              latency_threads=max(1, int(cfg.resources.cpus_per_trial)),
+                              model_args=cfg.model_args, weights=cfg.weights)
     setup = TrialSetup(
         arch=base.arch, base_state={k: v.cpu() for k, v in base.model.state_dict().items()},
         base_metrics=base.metrics, space=space, splits=splits,
-        finetune=TrainRecipe(**cfg.finetune.recipe_kwargs()), importance=resolved_importance(cfg),
+        finetune=cfg.finetune.recipe(), importance=resolved_importance(cfg),
         calibration_batches=cfg.calibration_batches,
         bn_recalibration_batches=cfg.finetune.bn_recalibration_batches, seed=cfg.seed,
         device=trial_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial),
@@ -99,7 +120,6 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     from functools import partial
 
     from prunetune.search.config import config_to_dict, default_run_name, dump_config
-    from prunetune.search.prepare import model_space
     from prunetune.tracking.rundir import (
         check_new_run_dir,
         create_run_dir,
@@ -110,42 +130,42 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     from prunetune.tracking.uri import check_tracking_uri, default_tracking_uri
 
     storage = storage_dir(cfg)
-    name = cfg.name or default_run_name(cfg, datetime.now())
-    cfg = replace(cfg, name=name)
-    run_dir = storage / name
+    cfg = replace(cfg, name=cfg.name or default_run_name(cfg, datetime.now()))
+    run_dir = storage / cfg.name
     check_new_run_dir(run_dir)
-    from prunetune.pruning.data import load_dataset
-
-    d = cfg.dataset
-    info = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
-                        data_fraction=d.data_fraction, image_size=d.image_size).info
-    space = model_space(cfg.model, info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels)
-    check_target(cfg, space)
-    check_ray_storage(cfg.ray_storage)  # before the tracking check, which creates a default sqlite store
-    tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
-    check_tracking_uri(tracking_uri)
-    if cfg.address:
-        from prunetune.search.ray_session import start_ray
-
-        start_ray(address=cfg.address, temp_dir=None)
-    create_run_dir(run_dir, write_config=partial(dump_config, cfg), space=space.to_json())
-    try:
-        base, setup, calib = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log, space=space)
-        meta = new_meta(name=name, method=cfg.method, tracking_uri=tracking_uri, experiment=cfg.experiment)
-        meta["parent_run_id"] = _start_parent(meta, config_to_dict(cfg), space.to_json(), base.metrics, log)
-        write_meta(run_dir, meta)
-    except BaseException:
-        remove_unstarted_run_dir(run_dir)
-        raise
-    log(f"run directory: {run_dir}")
-    return _run_tuner(cfg, run_dir, meta, base, setup, calib, log=log, restore=False)
+    with StopSignals() as stop, RaySession(cfg.address, runtime_env=user_code_runtime_env(cfg)) as ray:
+        try:
+            inputs = load_inputs(cfg)
+            check_ray_storage(cfg.ray_storage)
+            tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
+            check_tracking_uri(tracking_uri, folder_may_be_missing=cfg.tracking_uri is None)
+            _start_ray(ray, stop, cfg)
+            base, setup, calib = prepare(cfg, cache_dir=cache_dir, log=log, inputs=inputs)
+        except Interrupted as stopped:
+            log(f"prunetune: interrupted ({stopped}) before the search started; nothing was created")
+            return stopped.exit_status
+        try:
+            create_run_dir(run_dir, write_config=partial(dump_config, cfg), space=base.space.to_json())
+            meta = new_meta(name=cfg.name, method=cfg.method, tracking_uri=tracking_uri, experiment=cfg.experiment)
+            meta["ray_temp_dirs"] = ray.temp_dirs
+            tracker = _tracker(meta)
+            meta["parent_run_id"] = _start_parent(tracker, meta, config_to_dict(cfg), base)
+            write_meta(run_dir, meta)
+        except BaseException as error:
+            remove_unstarted_run_dir(run_dir)
+            if isinstance(error, Interrupted):
+                log(f"prunetune: interrupted ({error}) before the search started; nothing was kept")
+                return error.exit_status
+            raise
+        log(f"run directory: {run_dir}")
+        return _run_tuner(Search(cfg, run_dir, meta, tracker, base, setup, calib), stop, log=log, restore=False)
 
 
 def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
     """``prunetune resume``: continue an interrupted search from its run directory."""
-    from prunetune.search.config import load_config
-    from prunetune.search.ray_session import kill_leftover_ray
-    from prunetune.tracking.rundir import CONFIG_FILE, SUMMARY_FILE, driver_alive, read_meta
+    from prunetune.search.config import config_to_dict, load_config
+    from prunetune.search.ray_session import kill_leftover_ray, remove_temp_dirs
+    from prunetune.tracking.rundir import CONFIG_FILE, SUMMARY_FILE, driver_alive, read_meta, write_meta
     from prunetune.tracking.uri import check_tracking_uri
 
     run_dir = Path(run_dir).expanduser().resolve()
@@ -158,18 +178,37 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
     cfg = load_config(run_dir / CONFIG_FILE)
     check_tracking_uri(meta["tracking_uri"])
     check_ray_storage(cfg.ray_storage)
-    killed = kill_leftover_ray(meta.get("ray_temp_dirs") or [])
-    if killed:
-        log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
-    base, setup, calib = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log)
-    setup = replace(setup, recorded=_recorded_results(run_dir))  # ended trials are not trained again
-    meta["parent_run_id"] = _start_parent(meta, _config_dict(cfg), base.space.to_json(), base.metrics, log)
-    from prunetune.tracking.rundir import write_meta
+    with StopSignals() as stop, RaySession(cfg.address, runtime_env=user_code_runtime_env(cfg)) as ray:
+        try:
+            inputs = load_inputs(cfg)
+            old_dirs = meta.get("ray_temp_dirs") or []
+            killed = kill_leftover_ray(old_dirs)
+            if killed:
+                log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
+            remove_temp_dirs(old_dirs)
+            _start_ray(ray, stop, cfg)
+            base, setup, calib = prepare(cfg, cache_dir=cache_dir, log=log, inputs=inputs)
+        except Interrupted as stopped:
+            log(f"prunetune: interrupted ({stopped}); nothing changed in {run_dir}")
+            return stopped.exit_status
+        setup = replace(setup, recorded=_recorded_results(run_dir))  # ended trials are not trained again
+        tracker = _tracker(meta)
+        meta["parent_run_id"] = _start_parent(tracker, meta, config_to_dict(cfg), base)
+        meta["ray_temp_dirs"] = ray.temp_dirs
+        write_meta(run_dir, meta)
+        _log_recorded_trials(run_dir, log)
+        log(f"resuming {run_dir}")
+        return _run_tuner(Search(cfg, run_dir, meta, tracker, base, setup, calib), stop, log=log, restore=True)
 
-    write_meta(run_dir, meta)
-    _log_recorded_trials(run_dir, log)
-    log(f"resuming {run_dir}")
-    return _run_tuner(cfg, run_dir, meta, base, setup, calib, log=log, restore=True)
+
+def _start_ray(ray: RaySession, stop: StopSignals, cfg) -> None:
+    """Start or join Ray (once), take the stop signals back from it, and check the trials fit a node."""
+    from prunetune.search.ray_session import check_trial_resources
+
+    ray.start()
+    stop.install()  # ray.init replaced the SIGTERM handler
+    check_trial_resources(cpus=cfg.resources.cpus_per_trial, gpus=cfg.resources.gpus_per_trial,
+                          address=cfg.address)
 
 
 def _recorded_results(run_dir: Path) -> dict:
@@ -197,77 +236,66 @@ def _log_recorded_trials(run_dir: Path, log: Log) -> None:
         log(f"logged {report.trials_logged} recorded trials that the interrupted driver had not logged to MLflow")
 
 
-def _config_dict(cfg) -> dict:
-    from prunetune.search.config import config_to_dict
-
-    return config_to_dict(cfg)
-
-
-def _start_parent(meta: dict, config: dict, space: dict, base_metrics: dict, log: Log) -> str:
+def _tracker(meta: dict):
     from prunetune.tracking.tracker import Tracker
 
-    tracker = Tracker(meta["tracking_uri"], meta["experiment"])
-    parent = tracker.start_parent(meta["run_uid"], meta["name"], config,
-                                  tags={"prunetune.method": meta["method"]})
-    tracker.log_space(parent, space, base_metrics)
+    return Tracker(meta["tracking_uri"], meta["experiment"])
+
+
+def _start_parent(tracker, meta: dict, config: dict, base) -> str:
+    parent = tracker.start_parent(meta["run_uid"], meta["name"], config, tags={"prunetune.method": meta["method"]})
+    tracker.log_space(parent, base.space.to_json(), base.metrics)
     return parent
 
 
-def _run_tuner(cfg, run_dir: Path, meta: dict, base, setup, calib, *, log: Log, restore: bool) -> int:
-    from prunetune.search.callbacks import ProgressLine, TrialRecorder, resume_progress
-    from prunetune.search.config import resolved_importance
-    from prunetune.search.interrupt import CtrlC
-    from prunetune.search.ray_session import new_temp_dir, start_ray, stop_ray
-    from prunetune.search.search_path import SearchPathLogger
-    from prunetune.search.tuner import (
-        build_search_algorithm,
-        build_tuner,
-        can_restore,
-        planned_trials,
-        restore_tuner,
-    )
-    from prunetune.tracking.rundir import clear_driver, mark_driver, update_meta
+def _run_tuner(search: Search, stop: StopSignals, *, log: Log, restore: bool) -> int:
+    from prunetune.search.tuner import can_restore
+    from prunetune.tracking.rundir import clear_driver, mark_driver
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server must not stall trials
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    started_ray = False
-    mark_driver(run_dir)
+    mark_driver(search.run_dir)
     started = time.monotonic()
     try:
-        if not cfg.address:
-            temp_dir = new_temp_dir()
-            update_meta(run_dir, ray_temp_dirs=[*meta.get("ray_temp_dirs", []), temp_dir])
-            start_ray(address=None, temp_dir=temp_dir)
-            started_ray = True
-        else:
-            start_ray(address=cfg.address, temp_dir=None)  # a resumed search joins its cluster again
-        location = experiment_location(cfg.ray_storage, run_dir)
-        if restore and can_restore(location):
-            tuner = restore_tuner(cfg, setup, location)
-            resume_progress(tuner, run_dir)  # the count, best and estimate start from trials.jsonl
-        else:
-            recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
-                                     experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
-                                     params={"method": cfg.method, "importance": resolved_importance(cfg),
-                                             "seed": cfg.seed})
-            path_sink = SearchPathLogger(tracking_uri=meta["tracking_uri"], experiment=meta["experiment"],
-                                         parent_run_id=meta["parent_run_id"])
-            search_alg = build_search_algorithm(cfg, base.space, base_model=base.model, calib=calib,
-                                                path_sink=path_sink)
-            tuner = build_tuner(cfg, setup, name=run_dir.name, storage=cfg.ray_storage or run_dir.parent,
-                                callbacks=[recorder, ProgressLine(planned_trials(cfg, search_alg, log))],
-                                search_alg=search_alg)
-        with CtrlC() as ctrl_c:
+        location = experiment_location(search.cfg.ray_storage, search.run_dir)
+        tuner = _restored_tuner(search, location) if restore and can_restore(location) else _new_tuner(search, log)
+        with stop.graceful():
             results = tuner.fit()
-        if ctrl_c.pressed or _interrupted(results):
-            return _interrupted_exit(run_dir, meta, log)
-        return finish_search(cfg, run_dir, meta, base.metrics, wall_s=time.monotonic() - started, log=log)
-    except KeyboardInterrupt:
-        return _interrupted_exit(run_dir, meta, log)
+        if stop.stopped or _interrupted(results):
+            return _interrupted_exit(search, stop, log)
+        return finish_search(search, results, wall_s=time.monotonic() - started, log=log)
+    except KeyboardInterrupt:  # a second signal, or one before Ray Tune listened
+        return _interrupted_exit(search, stop, log)
     finally:
-        clear_driver(run_dir)
-        if started_ray:
-            stop_ray()
+        clear_driver(search.run_dir)
+
+
+def _new_tuner(search: Search, log: Log):
+    from prunetune.search.callbacks import ProgressLine, TrialRecorder
+    from prunetune.search.config import resolved_importance
+    from prunetune.search.search_path import SearchPathLogger
+    from prunetune.search.tuner import build_search_algorithm, build_tuner, planned_trials
+
+    cfg, meta, run_dir = search.cfg, search.meta, search.run_dir
+    recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
+                             experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
+                             params={"method": cfg.method, "importance": resolved_importance(cfg), "seed": cfg.seed})
+    path_sink = SearchPathLogger(tracking_uri=meta["tracking_uri"], experiment=meta["experiment"],
+                                 parent_run_id=meta["parent_run_id"])
+    search_alg = build_search_algorithm(cfg, search.base.space, base_model=search.base.model, calib=search.calib,
+                                        path_sink=path_sink)
+    return build_tuner(cfg, search.setup, name=run_dir.name, storage=cfg.ray_storage or run_dir.parent,
+                       callbacks=[recorder, ProgressLine(planned_trials(cfg, search_alg, log))],
+                       search_alg=search_alg)
+
+
+def _restored_tuner(search: Search, location: str):
+    from prunetune.search.callbacks import resume_progress
+    from prunetune.search.tuner import restore_tuner
+
+    tuner = restore_tuner(search.cfg, search.setup, location)
+    resume_progress(tuner, search.run_dir)  # the count, best and estimate start from trials.jsonl
+    return tuner
 
 
 def _interrupted(results) -> bool:
@@ -277,37 +305,51 @@ def _interrupted(results) -> bool:
     return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
-def _interrupted_exit(run_dir: Path, meta: dict, log: Log) -> int:
-    from prunetune.tracking.tracker import Tracker
-
+def _interrupted_exit(search: Search, stop: StopSignals, log: Log) -> int:
     with contextlib.suppress(Exception):  # the message below matters more than the MLflow status
-        Tracker(meta["tracking_uri"], meta["experiment"]).set_status(meta["parent_run_id"], "KILLED")
-    log(f"interrupted: finished trials are kept in {run_dir}; continue with `prunetune resume {run_dir}`")
-    return INTERRUPTED
+        search.tracker.set_status(search.meta["parent_run_id"], "KILLED")
+    run_dir = search.run_dir
+    log(f"interrupted ({stop.name}): finished trials are kept in {run_dir}; continue with "
+        f"`prunetune resume {run_dir}`")
+    return stop.exit_status
 
 
-def finish_search(cfg, run_dir: Path, meta: dict, baseline: dict, *, wall_s: float, log: Log) -> int:
-    """Write summary.json and the Pareto plot, close the parent MLflow run, print the front."""
+def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
+    """Write summary.json and the Pareto plot, close the parent MLflow run, print the front.
+
+    A search whose every trial failed prints one line instead (how many, the first one's cause,
+    its traceback's file), marks the parent run FAILED, and returns 1.
+    """
+    from prunetune.search.failures import EXIT_ALL_FAILED, all_failed_message, first_failure
     from prunetune.search.summary import build_summary, format_summary
     from prunetune.tracking.plots import plot_search
     from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials, write_summary
 
+    cfg, meta, run_dir, baseline = search.cfg, search.meta, search.run_dir, search.base.metrics
     records = read_trials(run_dir / TRIALS_FILE)
+    failure = first_failure(results, run_dir)
     summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,
-                            macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, wall_s=wall_s)
+                            macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, wall_s=wall_s,
+                            first_failure=failure.to_json() if failure else None)
+    counts = summary["trials"]
+    all_failed = counts["failed"] > 0 and counts["finished"] == 0 and counts["stopped"] == 0
     png = plot_search(records, summary, run_dir / PARETO_PNG)  # proxies apart, the target, the best ringed
     write_summary(run_dir, summary)
     try:
-        from prunetune.tracking.tracker import Tracker
-
-        tracker = Tracker(meta["tracking_uri"], meta["experiment"])
         for point in summary["pareto"]:
             if point.get("test_accuracy") is not None:
-                tracker.log_test_accuracy(meta["parent_run_id"], point["trial_key"], point["test_accuracy"])
-        tracker.finish_parent(meta["parent_run_id"], summary, pareto_png=png)
+                search.tracker.log_test_accuracy(meta["parent_run_id"], point["trial_key"], point["test_accuracy"])
+        search.tracker.finish_parent(meta["parent_run_id"], summary, pareto_png=png,
+                                     status="FAILED" if all_failed else "FINISHED")
     except Exception as exc:  # noqa: BLE001 - the run directory holds everything; sync repairs MLflow
         log(f"prunetune: warning: could not finish the MLflow view ({type(exc).__name__}); "
             f"run `prunetune sync {run_dir}` when the tracking store is back")
+    if all_failed:
+        from prunetune.search.failures import TrialFailure
+
+        failure = failure or TrialFailure("?", "an unknown error", str(run_dir))
+        log(f"prunetune: error: {all_failed_message(counts['failed'], failure)}")
+        return EXIT_ALL_FAILED
     print(format_summary(summary), flush=True)
     uri = meta["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"

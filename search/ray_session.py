@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -22,8 +23,23 @@ def new_temp_dir() -> str:
     return f"/tmp/prunetune-ray-{uuid.uuid4().hex[:8]}"
 
 
-def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at ``address``, or start a local Ray in ``temp_dir``."""
+def remove_temp_dirs(temp_dirs) -> None:
+    """Remove the temp dirs of local Ray sessions that have ended (their logs and sockets)."""
+    for directory in temp_dirs:
+        if directory and Path(directory).name.startswith("prunetune-ray-"):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None = None,
+              runtime_env: dict | None = None) -> None:
+    """Join the Ray cluster at ``address``, or start a local Ray in ``temp_dir``.
+
+    ``runtime_env`` (joining a cluster only): what the workers need beyond the cluster's image,
+    such as the user's model code (:func:`user_code_runtime_env`).
+
+    Joining is checked first, each in seconds, where ``ray.init`` would retry for minutes: that
+    something answers at the address, and that this driver's authentication is accepted there.
+    """
     import logging
 
     import ray
@@ -34,6 +50,7 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
                   configure_logging=True)
     if address:
+        from prunetune.cluster.auth import check_driver_auth
         from prunetune.cluster.loopback import (
             host_of,
             is_loopback,
@@ -42,17 +59,80 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
         )
 
         check_reachable(address)
+        check_driver_auth(address)
         if is_loopback(host_of(address)) and nodes_on_loopback(address):
             keep_loopback_addresses()  # a local cluster on loopback (`prunetune cluster up --local`)
         try:
-            ray.init(address=address, **kwargs)
+            ray.init(address=address, **kwargs, **({"runtime_env": runtime_env} if runtime_env else {}))
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise UserError(f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0][:120]}); "
                             f"check the address printed by `prunetune cluster up` or `ray start`, and that "
                             f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH name the cluster's token "
                             f"(`prunetune cluster status` prints them)") from None
-        return
-    ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, **kwargs)
+    quiet_tune_logs()
+
+
+def quiet_tune_logs() -> None:
+    """Silence Ray Tune's error log of each failed trial attempt (a traceback each, printed again at
+    the end): the search names its failures itself, in one line (``search.failures``), and each
+    trial's traceback stays in its ``error.txt``."""
+    import logging
+
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune",
+                 "ray.tune.analysis.experiment_analysis"):  # "Failed to fetch metrics" of trials cut short
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+class RaySession:
+    """Ray for one driver: ``start()`` joins ``address``, or starts a local Ray in a temp dir of its
+    own; leaving the block disconnects, stops the local Ray and removes its temp dir (whatever
+    ended the driver, short of SIGKILL: ``prunetune resume`` cleans up after that)."""
+
+    def __init__(self, address: str | None, runtime_env: dict | None = None) -> None:
+        self.address = address
+        self.runtime_env = runtime_env
+        self.temp_dir: str | None = None
+
+    @property
+    def temp_dirs(self) -> list[str]:
+        """The local Ray's temp dir, as ``prunetune.json`` records it (none for a joined cluster)."""
+        return [self.temp_dir] if self.temp_dir else []
+
+    def start(self) -> None:
+        if not self.address:
+            self.temp_dir = new_temp_dir()
+        start_ray(address=self.address, temp_dir=self.temp_dir, runtime_env=self.runtime_env)
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        stop_ray()
+        remove_temp_dirs(self.temp_dirs)
+
+
+def check_trial_resources(*, cpus: float, gpus: float, address: str | None) -> None:
+    """Refuse a trial that no node of the running Ray cluster could ever hold (Ray would wait forever).
+
+    Compared with the largest alive node, as a trial runs on one node; the message gives the
+    cluster's totals too. An autoscaling cluster that would add bigger nodes is not foreseen.
+    """
+    import ray
+
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    where = f"the Ray cluster at {address}" if address else "the local Ray (this machine)"
+    for key, flag, asked in (("CPU", "--cpus-per-trial", cpus), ("GPU", "--gpus-per-trial", gpus)):
+        if asked <= 0:
+            continue
+        largest = max((float(n.get(key, 0)) for n in nodes), default=0.0)
+        if asked > largest + 1e-9:
+            total = sum(float(n.get(key, 0)) for n in nodes)
+            fix = f"set {flag} 0" if largest == 0 else f"lower {flag} to {largest:g} or less"
+            raise UserError(f"{flag} {asked:g}: no trial could start, since {where} has {total:g} {key}s in "
+                            f"all and at most {largest:g} on one node; {fix}, or join a cluster that has "
+                            f"them (--address)")
 
 
 def check_reachable(address: str, *, timeout_s: float = 5.0) -> None:
@@ -142,3 +222,19 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+# --- the user's own model and data code, shipped to a cluster's workers (issue 14) ---------------
+
+
+def user_code_runtime_env(cfg) -> dict | None:
+    """A Ray runtime environment shipping the user's model and dataset code to a cluster's workers:
+    ``py_modules`` with a file reference's file or an import path's top-level package folder (none
+    for registry names, torchvision, or code installed in the environment). A local Ray needs none:
+    its workers see the driver's files at the same paths, and its working directory."""
+    from prunetune.pruning.user_models import code_to_ship
+
+    if not cfg.address:
+        return None
+    modules = list(dict.fromkeys(code_to_ship(cfg.model) + code_to_ship(cfg.dataset.name)))
+    return {"py_modules": modules} if modules else None

@@ -33,8 +33,10 @@ def best_trial(records: Sequence[Mapping], *, macs_limit: float) -> dict | None:
 
 
 def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequence[Mapping],
-                  macs_target: float, macs_tolerance: float, wall_s: float) -> dict:
-    """``summary.json``: see README ("The run directory")."""
+                  macs_target: float, macs_tolerance: float, wall_s: float,
+                  first_failure: Mapping | None = None) -> dict:
+    """``summary.json``: see README ("The run directory"). ``first_failure``: the first failed
+    trial's id, cause and traceback file (``search.failures``), when a trial failed."""
     finished = [r for r in records if r["status"] == STATUS_FINISHED]
     front = pareto_front([_point(r) for r in finished], x="macs", y="val_accuracy")
     best = best_trial(records, macs_limit=macs_target + macs_tolerance)
@@ -51,6 +53,7 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
         "pareto": [{k: p[k] for k in ("trial_id", "trial_key", "val_accuracy", "test_accuracy", "macs",
                                       "macs_ratio", "params")} for p in front],
         "trials": counts,
+        "first_failure": dict(first_failure) if first_failure else None,
         "wall_s": round(wall_s, 1),
     }
 
@@ -61,6 +64,7 @@ def format_summary(summary: Mapping) -> str:
     lines = [f"search '{summary['name']}' ({summary['method']}): "
              f"{summary['trials']['finished']} finished, {summary['trials']['stopped']} stopped early, "
              f"{summary['trials']['failed']} failed in {summary['wall_s'] / 60:.1f} min",
+             *_failure_lines(summary),
              f"base model: val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
              f"{_human(base['macs'])} MACs, {_human(base['params'])} params", "",
              "Pareto front (validation accuracy against MACs):",
@@ -77,6 +81,13 @@ def format_summary(summary: Mapping) -> str:
         lines.append(f"best within the MACs target: trial {best['trial_id']}, val {best['val_accuracy']:.4f}, "
                      f"test {best['test_accuracy']:.4f}, MACs ratio {best['macs_ratio']:.3f}")
     return "\n".join(lines)
+
+
+def _failure_lines(summary: Mapping) -> list[str]:
+    failure = summary.get("first_failure")
+    if not failure:
+        return []
+    return [f"first failure: trial {failure['trial_id']} with {failure['cause']}; traceback in {failure['log']}"]
 
 
 def _human(value) -> str:

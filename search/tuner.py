@@ -7,10 +7,25 @@ trial process would import torch again), and our callbacks instead of Ray's tabl
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prunetune.search.trial import TrialSetup
+
+
+@dataclass(frozen=True)
+class TuneKind:
+    """How Ray Tune runs the methods of one registry kind (``MethodSpec.kind``): the search algorithm
+    that proposes trial configs, and the trial function with its setup bound."""
+
+    search_algorithm: Callable  # (cfg, spec, space, base_model, calib, path_sink) -> a Ray search algorithm
+    trainable: Callable  # (cfg, setup) -> the function trainable
+
+
+def tune_kind(spec) -> TuneKind:
+    """The Ray Tune wiring of a method's registry entry (the one place that reads its kind)."""
+    return TUNE_KINDS[spec.kind]
 
 
 def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink=None):
@@ -19,20 +34,30 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
     ``cfg.method_options`` carries the search's tolerance and criterion; ``path_sink`` receives the
     searcher's path rows (``search.search_path``).
     """
-    from prunetune.methods.registry import get_method, make_searcher, start_policy_for
-    from prunetune.search.adapter import PolicySearcherAdapter
-    from prunetune.search.optuna_space import make_optuna_search
+    from prunetune.methods.registry import get_method
 
     spec = get_method(cfg.method)
+    return tune_kind(spec).search_algorithm(cfg, spec, space, base_model, calib, path_sink)
+
+
+def _optuna_search(cfg, spec, space, base_model, calib, path_sink):
+    """Ray Tune's OptunaSearch over one keep ratio per group (and, if asked, the droppable blocks)."""
+    from prunetune.search.optuna_space import make_optuna_search
+
+    options = asdict(cfg.method_options)
+    return make_optuna_search(space, macs_target=cfg.macs_target, objective=cfg.objective,
+                              sampler=options["sampler"], seed=cfg.seed,
+                              n_startup_trials=options["n_startup_trials"],
+                              min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance,
+                              search_depth=options["search_depth"])
+
+
+def _policy_searcher(cfg, spec, space, base_model, calib, path_sink):
+    """One of our searchers (from its start policy where it has one), adapted to Ray Tune."""
+    from prunetune.methods.registry import make_searcher, start_policy_for
+    from prunetune.search.adapter import PolicySearcherAdapter
+
     options = asdict(cfg.method_options)  # tolerance and criterion filled from the config
-    if spec.kind == "optuna":
-        return make_optuna_search(space, macs_target=cfg.macs_target, objective=cfg.objective,
-                                  sampler=options["sampler"], seed=cfg.seed,
-                                  n_startup_trials=options["n_startup_trials"],
-                                  min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance,
-                                  search_depth=options["search_depth"])
-    if spec.kind == "learner":
-        return build_learner_search(cfg, space)
     start = None
     if spec.needs_start_policy:
         start = start_policy_for(cfg.method, base_model, space, macs_target=cfg.macs_target, calib=calib,
@@ -40,6 +65,10 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
     searcher = make_searcher(cfg.method, space, macs_target=cfg.macs_target, seed=cfg.seed, budget=cfg.trials,
                              concurrency=cfg.concurrency, options=options, start_policy=start)
     return PolicySearcherAdapter(searcher, seed=cfg.seed, path_sink=path_sink)
+
+
+def _learner_search(cfg, spec, space, base_model, calib, path_sink):
+    return build_learner_search(cfg, space)
 
 
 def planned_trials(cfg, search_alg, log) -> int:
@@ -97,13 +126,33 @@ def trainable_with_resources(cfg, setup: TrialSetup):
     from ray import tune
 
     from prunetune.methods.registry import get_method
-    from prunetune.search.trainable import learner_trainable, policy_trainable
 
     resources = {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
-    if get_method(cfg.method).kind == "learner":  # learn the policy first (search.learner_trial)
-        return tune.with_resources(tune.with_parameters(learner_trainable, setup=setup, job=learner_job(cfg)),
-                                   resources)
-    return tune.with_resources(tune.with_parameters(policy_trainable, setup=setup), resources)
+    return tune.with_resources(tune_kind(get_method(cfg.method)).trainable(cfg, setup), resources)
+
+
+def _policy_trainable(cfg, setup: TrialSetup):
+    from ray import tune
+
+    from prunetune.search.trainable import policy_trainable
+
+    return tune.with_parameters(policy_trainable, setup=setup)
+
+
+def _learner_trainable(cfg, setup: TrialSetup):
+    """Learn the policy first (``search.learner_trial``), then the trial as for a given policy."""
+    from ray import tune
+
+    from prunetune.search.trainable import learner_trainable
+
+    return tune.with_parameters(learner_trainable, setup=setup, job=learner_job(cfg))
+
+
+TUNE_KINDS = {
+    "searcher": TuneKind(_policy_searcher, _policy_trainable),
+    "optuna": TuneKind(_optuna_search, _policy_trainable),
+    "learner": TuneKind(_learner_search, _learner_trainable),
+}
 
 
 def trial_dirname(trial) -> str:

@@ -86,10 +86,11 @@ def cluster_up(work: Path, *, workers: int, node_env: dict, extra: tuple[str, ..
                  env=env, cwd=work, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout)
-    assert set(printed) == {"address", "tracking_uri"}
+    assert set(printed) == {"address", "tracking_uri", "driver_env"}
     status = json.loads(cli(["cluster", "status", "--dir", str(directory), "--json"], env=env, cwd=work).stdout)
+    assert printed["driver_env"] == status["driver_env"]
     return LocalCluster(dir=directory, address=printed["address"], tracking_uri=printed["tracking_uri"],
-                        driver_env={**node_env, **status["driver_env"]}, work=work)
+                        driver_env={**node_env, **printed["driver_env"]}, work=work)
 
 
 def recorded_processes(state: dict) -> list[ProcessRecord]:

@@ -304,8 +304,10 @@ def test_check_tracking_uri_refuses_an_unwritable_sqlite_folder(tmp_path: Path) 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")  # a folder cannot be made inside a file, even by root
     start = time.monotonic()
-    with pytest.raises(UserError, match="cannot be written"):
+    with pytest.raises(UserError, match="does not exist"):
         check_tracking_uri(f"sqlite:///{blocker}/sub/mlflow.db")
+    with pytest.raises(UserError, match="cannot be created"):
+        check_tracking_uri(f"sqlite:///{blocker}/sub/mlflow.db", folder_may_be_missing=True)
     assert time.monotonic() - start < 10
 
 
@@ -323,11 +325,14 @@ def test_check_tracking_uri_refuses_stores_mlflow_3_cannot_use(uri: str, problem
         check_tracking_uri(uri)
 
 
-def test_check_tracking_uri_accepts_a_new_sqlite_store_and_makes_its_folder(tmp_path: Path) -> None:
+def test_check_tracking_uri_creates_nothing_and_refuses_a_missing_folder_unless_told(tmp_path: Path) -> None:
     uri = default_tracking_uri(tmp_path / "new" / "folder")
     assert uri == f"sqlite:///{(tmp_path / 'new' / 'folder').resolve()}/mlflow.db"
-    check_tracking_uri(uri)
-    assert (tmp_path / "new" / "folder").is_dir()
+    with pytest.raises(UserError, match="does not exist"):
+        check_tracking_uri(uri)
+    check_tracking_uri(uri, folder_may_be_missing=True)  # the default store, which the run creates
+    check_tracking_uri(default_tracking_uri(tmp_path))  # a new database in an existing folder
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_pareto_front_keeps_only_non_dominated_points_sorted_by_macs() -> None:

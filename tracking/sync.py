@@ -17,7 +17,7 @@ from typing import Any
 from prunetune.tracking.rundir import PARETO_PNG, RunDirContents, read_run_dir, write_parent_run_id
 from prunetune.tracking.tags import TAG_LOGGED
 from prunetune.tracking.tracker import Tracker
-from prunetune.tracking.uri import check_tracking_uri
+from prunetune.tracking.uri import check_tracking_uri, make_sqlite_folder
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ def sync_run_dir(run_dir: Path, *, tracking_uri: str | None = None) -> SyncRepor
     contents = read_run_dir(run_dir)
     meta = contents.meta
     uri = tracking_uri or meta["tracking_uri"]
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, folder_may_be_missing=True)  # a sync may start a new store
+    make_sqlite_folder(uri)
     tracker = Tracker(uri, meta["experiment"])
 
     existing_id = tracker.find_parent(meta["run_uid"])

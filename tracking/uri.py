@@ -1,7 +1,7 @@
 """Tracking URIs: the default local store, and a fast check that a store can be used.
 
 MLflow 3 refuses the plain file store, so the local default is an SQLite database in the storage
-directory. ``check_tracking_uri`` answers in seconds: MLflow's own HTTP client retries a dead
+directory. ``check_tracking_uri`` creates nothing and answers in seconds: MLflow's own HTTP client retries a dead
 server for minutes, so the server is probed with a plain ``GET /health`` first.
 """
 
@@ -43,11 +43,13 @@ def uri_scheme(uri: str) -> str:
     return urlsplit(uri).scheme.split("+", 1)[0].lower()
 
 
-def check_tracking_uri(uri: str, *, timeout_s: float = 5) -> None:
+def check_tracking_uri(uri: str, *, timeout_s: float = 5, folder_may_be_missing: bool = False) -> None:
     """Raise ``UserError`` unless ``uri`` names a tracking store this process can write to.
 
-    sqlite: the database's folder is created if missing and must be writable, and the database must
-    open (MLflow creates its tables on first use). http(s): ``GET <uri>/health`` must answer 200
+    Nothing is created: a check that passes may still be followed by a refusal of something else.
+    sqlite: the database's folder must exist and be writable (``folder_may_be_missing``: the default
+    store in --storage, which the run creates, so the nearest existing folder above it must be
+    writable), and an existing database must open. http(s): ``GET <uri>/health`` must answer 200
     within ``timeout_s``, then one API call must succeed. Other SQL databases: one API call.
     The plain file store and other schemes are refused.
     """
@@ -59,19 +61,28 @@ def check_tracking_uri(uri: str, *, timeout_s: float = 5) -> None:
             f"tracking URI {uri!r} has unsupported scheme {scheme!r} (use one of "
             f"{', '.join(SQL_SCHEMES + HTTP_SCHEMES)}); {_FIX}"
         )
-    if scheme == "sqlite":
-        _check_sqlite_folder(uri)
+    if scheme == "sqlite" and not _check_sqlite_folder(uri, folder_may_be_missing=folder_may_be_missing):
+        return  # a new database: MLflow creates it, and its tables, on first use
     if scheme in HTTP_SCHEMES:
         _check_health(uri, timeout_s)
     _check_api(uri)
 
 
-def _check_sqlite_folder(uri: str) -> None:
-    """Create the database's folder if needed and prove it writable by writing a temporary file."""
+def _check_sqlite_folder(uri: str, *, folder_may_be_missing: bool) -> bool:
+    """Prove the database's folder writable without creating anything; whether the database exists."""
     path = sqlite_file(uri)
+    folder = path.parent
+    if not folder.is_dir():
+        if not folder_may_be_missing:
+            raise UserError(f"tracking database folder {str(folder)!r} does not exist; create it first, or "
+                            f"choose an existing folder, e.g. {default_tracking_uri('runs')}")
+        folder = nearest_existing(folder)
+        if not writable_folder(folder):
+            raise UserError(f"tracking database {str(path)!r} cannot be created: {str(folder)!r} is not a "
+                            f"writable folder; choose a writable --storage or --tracking-uri")
+        return False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=folder):
             pass
         if path.exists():
             with path.open("ab"):
@@ -81,6 +92,32 @@ def _check_sqlite_folder(uri: str) -> None:
             f"tracking database {str(path)!r} cannot be written ({error.strerror or error}); "
             f"choose a writable folder, e.g. {default_tracking_uri('runs')}"
         ) from None
+    return path.exists()
+
+
+def make_sqlite_folder(uri: str) -> None:
+    """Create the folder of an sqlite store (after ``check_tracking_uri``), where a command makes a new one."""
+    if uri_scheme(uri) == "sqlite":
+        sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or the nearest of its parents that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a folder this process can create files in (tried with a temporary file,
+    which is removed: permission bits do not tell for root or on read-only file systems)."""
+    if not folder.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _check_health(uri: str, timeout_s: float) -> None:

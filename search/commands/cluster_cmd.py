@@ -45,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "(default 127.0.0.1: reachable from this machine only)")
     up.add_argument("--no-auth", action="store_true", help="turn Ray's token authentication off: for local "
                     "tests on loopback only")
-    up.add_argument("--json", action="store_true", help='print {"address", "tracking_uri"} as JSON')
+    up.add_argument("--json", action="store_true", help='print {"address", "tracking_uri", "driver_env"} as JSON')
     _add_dir(up)
 
     down = actions.add_parser("down", help="stop every process the cluster started (by PID)")
@@ -93,11 +93,12 @@ def run_up(args: argparse.Namespace) -> int:
                             gpus_per_worker=args.gpus_per_worker, backend=args.tracking_backend,
                             auth=not args.no_auth, host=args.host, object_store_mb=args.object_store_mb)
     state = up(directory, spec, log=_log)
-    if args.json:
-        print(json.dumps({"address": state.address, "tracking_uri": state.tracking.uri}))
-        return 0
     from prunetune.cluster.auth import driver_environment
 
+    if args.json:  # driver_env: what a driver must export to join (scripts: env ... prunetune run)
+        print(json.dumps({"address": state.address, "tracking_uri": state.tracking.uri,
+                          "driver_env": driver_environment(state.auth)}))
+        return 0
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in driver_environment(state.auth).items())
     print(f"Ray address:   {state.address}")
     print(f"tracking URI:  {state.tracking.uri}")

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     if args.tracking_uri:
-        check_tracking_uri(args.tracking_uri)
+        check_tracking_uri(args.tracking_uri, folder_may_be_missing=True)  # sync may start a new store
     report = sync_run_dir(run_dir, tracking_uri=args.tracking_uri)
     print(f"synced {run_dir}: parent run {report.parent_run_id}"
           f"{' (created)' if report.created_parent else ''}, {report.trials_logged} trials logged, "

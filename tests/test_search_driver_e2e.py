@@ -1,0 +1,67 @@
+"""The driver end to end on a local Ray: an image folder in Ray's workers, and SIGTERM as Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from prunetune.search.ray_session import kill_leftover_ray
+from tests.search_helpers import QUICK, mlflow_runs, run_cli, start_cli, wait_for_records
+
+pytestmark = pytest.mark.slow
+
+
+def write_image_folder(root: Path) -> None:
+    """train/ and val/ with 3 classes of small PNGs (a colour each, so the classes can be learned)."""
+    from PIL import Image
+
+    for part, count in (("train", 6), ("val", 3)):
+        for label, colour in enumerate(((200, 20, 20), (20, 200, 20), (20, 20, 200))):
+            folder = root / part / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (12, 12), tuple(min(255, c + 9 * i) for c in colour)).save(folder / f"{i}.png")
+
+
+def test_an_image_folder_search_runs_its_trials_in_ray_workers(tmp_path):
+    write_image_folder(tmp_path / "images")
+    args = ["run", *[a for a in QUICK if a not in ("--dataset", "digits")], "--dataset", "imagefolder",
+            "--data-root", "images", "--trials", "2", "--storage", "runs", "--name", "folder"]  # relative paths
+    result = run_cli(args, cache=tmp_path / "cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "folder" / "summary.json").read_text())
+    assert summary["trials"] == {"finished": 2, "failed": 0, "stopped": 0}
+    assert summary["first_failure"] is None
+
+
+def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path):
+    storage, cache, log = tmp_path / "runs", tmp_path / "cache", tmp_path / "driver.log"
+    run_dir = storage / "termed"
+    args = ["run", *QUICK, "--finetune-epochs", "2", "--trials", "4", "--concurrency", "1", "--name", "termed",
+            "--storage", str(storage)]
+    driver = start_cli(args, cache=cache, cwd=tmp_path, log=log)
+    temp_dirs: list[str] = []
+    try:
+        wait_for_records(run_dir, 1, driver, log)
+        temp_dirs = json.loads((run_dir / "prunetune.json").read_text())["ray_temp_dirs"]
+        os.kill(driver.pid, signal.SIGTERM)  # a scheduler's `kill PID`: the driver alone
+        assert driver.wait(timeout=120) == 143, log.read_text()[-3000:]
+        text = log.read_text()
+        assert f"interrupted (SIGTERM): finished trials are kept in {run_dir}; continue with " \
+               f"`prunetune resume {run_dir}`" in text
+        assert "Traceback" not in text and "StackTrace" not in text
+        assert not (run_dir / "summary.json").exists() and (run_dir / "trials.jsonl").read_text().strip()
+        meta = json.loads((run_dir / "prunetune.json").read_text())
+        parents, _ = mlflow_runs(meta["tracking_uri"])
+        assert [p.info.status for p in parents] == ["KILLED"]
+        assert temp_dirs and not any(Path(d).exists() for d in temp_dirs)  # Ray's temp dir is removed
+        status = run_cli(["status", str(run_dir), "--json"], cache=cache, cwd=tmp_path)
+        assert json.loads(status.stdout)["state"] == "interrupted"
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        kill_leftover_ray(temp_dirs)
