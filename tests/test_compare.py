@@ -262,3 +262,23 @@ def test_experiment_tags_keep_a_user_s_own_kind_and_description():
         "custom_model_development"
     assert trials_url("http://h:5000/", "7") == \
         "http://h:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=trials"
+
+
+def test_benchmark_tables_regenerate_from_the_kept_small_files(searches, capsys, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "compare_table.py"
+    spec = importlib.util.spec_from_file_location("compare_table", path)
+    compare_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_table)
+    _, runs = searches
+    compare_table.keep([str(runs / "rnd"), str(runs / "arp")], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "arp").iterdir()) == sorted(compare_table.KEPT_FILES)
+    kept = compare_json([str(tmp_path / "rnd"), str(tmp_path / "arp")], capsys)
+    original = compare_json([str(runs / "rnd"), str(runs / "arp")], capsys)
+    for row in (*kept["searches"], *original["searches"]):
+        row.pop("source")
+    assert kept == original
+    table = compare_table.markdown(kept, "method")
+    assert table.splitlines()[2].startswith("| random | 1 | 3 + 0 |") and "| arpruning | 1 |" in table

@@ -9,12 +9,13 @@
 - Its description says how to read it and links to that view; it shows above every tab.
 - Every parent and child run carries tags of what the search is: method, model, dataset, MACs target.
 
-Pure data and two client calls; MLflow is not imported here.
+Pure data and a few client calls; MLflow is imported only inside ``mark_experiment``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,8 @@ from prunetune.tracking.tags import (
     TAG_MODEL,
     TAG_SHARED_VIEW_PREFIX,
 )
+
+logger = logging.getLogger(__name__)
 
 TRIALS_VIEW_KEY = "trials"
 # Kinds a user may have chosen in the UI for training runs: left as they are. Any other (missing, a
@@ -80,10 +83,19 @@ def experiment_tags(experiment_id: str, existing: Mapping[str, str]) -> dict[str
 
 
 def mark_experiment(client, experiment_id: str) -> None:
-    """Set the experiment's kind, description and trials view where they are missing (idempotent)."""
-    existing = client.get_experiment(experiment_id).tags
-    for key, value in experiment_tags(experiment_id, existing).items():
-        client.set_experiment_tag(experiment_id, key, value)
+    """Set the experiment's kind, description and trials view where they are missing (idempotent).
+
+    A store that refuses (e.g. a server where this user may log runs but not edit the experiment)
+    costs a warning, never the search."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        existing = client.get_experiment(experiment_id).tags
+        for key, value in experiment_tags(experiment_id, existing).items():
+            client.set_experiment_tag(experiment_id, key, value)
+    except MlflowException as error:
+        logger.warning("could not set the view tags of MLflow experiment %s: %s", experiment_id,
+                       str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
 
 
 def search_tags(config: Mapping[str, Any]) -> dict[str, str]:

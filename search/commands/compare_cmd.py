@@ -76,9 +76,15 @@ def write_report(searches: list, table: dict, budgets, out_dir: Path) -> list[Pa
 def log_to_parents(searches: list, files: list[Path]) -> None:
     """Log the report to each compared search's parent run; a store that fails is a warning."""
     from prunetune.tracking.compare_mlflow import log_report
+    from prunetune.tracking.uri import sqlite_file, uri_scheme
 
     by_uri: dict[str, list[str]] = {}
     for search in searches:
+        if search.tracking_uri and uri_scheme(search.tracking_uri) == "sqlite" and \
+                not sqlite_file(search.tracking_uri).is_file():
+            print(f"prunetune: warning: {search.name}'s MLflow store {search.tracking_uri} is gone; "
+                  f"the report is not logged there", file=sys.stderr)
+            continue
         if search.tracking_uri and search.parent_run_id:
             by_uri.setdefault(search.tracking_uri, []).append(search.parent_run_id)
     for uri, run_ids in by_uri.items():
