@@ -146,11 +146,15 @@ def test_space_json_is_the_space_and_nothing_else():
 def test_prune_uniform_halves_the_model_and_reports_json(first_run):
     result = first_run["result"]
     assert set(result) == {"base", "pruned", "macs_ratio", "params_ratio", "policy", "importance",
-                           "finetune_epochs"}
+                           "finetune_epochs", "latency"}
     for side in ("base", "pruned"):
         assert set(result[side]) == {"val_accuracy", "test_accuracy", "macs", "params", "latency_ms"}
         assert 0.0 <= result[side]["val_accuracy"] <= 1.0 and 0.0 <= result[side]["test_accuracy"] <= 1.0
         assert result[side]["latency_ms"] > 0
+        timing = result["latency"][side]  # the spread behind the figure (issue 17, item 11)
+        assert timing["latency_ms"] == result[side]["latency_ms"] and timing["latency_repeats"] == 20
+        assert timing["latency_iqr_ms"] >= 0 and timing["latency_threads"] == 1
+    assert "warning" in result["latency"]
     assert result["pruned"]["macs"] < result["base"]["macs"]
     assert result["macs_ratio"] < 0.7
     assert result["macs_ratio"] == pytest.approx(result["pruned"]["macs"] / result["base"]["macs"])
