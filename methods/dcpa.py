@@ -190,12 +190,11 @@ class LayerAttention(nn.Module):
         self.embed = nn.Linear(DESCRIPTOR_SIZE, dim)
         self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm = nn.LayerNorm(dim)
-        self.width_head = nn.Linear(dim, width_count)
+        self.width_head = nn.Linear(dim, width_count, bias=False)  # a shared bias would move every layer alike
         depth_size = max(depth_counts, default=1)
-        self.depth_head = nn.Linear(dim, depth_size)
-        for head in (self.width_head, self.depth_head):  # start near the uniform distribution
+        self.depth_head = nn.Linear(dim, depth_size, bias=False)
+        for head in (self.width_head, self.depth_head):  # start near the free logits' distribution
             nn.init.normal_(head.weight, std=0.01)
-            nn.init.zeros_(head.bias)
         self.width_logits = nn.Parameter(torch.zeros(groups, width_count))
         self.depth_logits = nn.Parameter(torch.zeros(len(depth_counts), depth_size))
         valid = torch.zeros(len(depth_counts), depth_size, dtype=torch.bool)
@@ -356,14 +355,37 @@ class DcpaRun:
             torch.manual_seed(epoch_seed(data.seed, 7))
             self.attention = LayerAttention(len(space.groups), len(self.rhos), [s.choices for s in self.stages],
                                             options.attention_dim, options.attention_heads).to(device)
+        if options.start_at_target:
+            with torch.no_grad():
+                self.attention.width_logits.copy_(self.start_logits())
         recipe = data.recipe
         self.weight_optimizer = torch.optim.SGD(self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                                 weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
-        self.arch_optimizer = torch.optim.Adam(self.attention.parameters(), lr=options.arch_lr)
+        free = [self.attention.width_logits, self.attention.depth_logits]
+        shared = [p for name, p in self.attention.named_parameters() if not name.endswith("_logits")]
+        self.arch_optimizer = torch.optim.Adam([{"params": free, "lr": options.arch_lr},
+                                                {"params": shared, "lr": options.arch_lr * options.attention_lr_scale}])
         self.prefixes: list[torch.Tensor] = []
         self.descriptors: torch.Tensor | None = None
         self.step, self.reranks, self.seconds = 0, 0, 0.0
         self.trajectory: list[dict] = []
+
+    def start_logits(self) -> torch.Tensor:
+        """Free width logits peaked around the uniform keep ratio u at which E[MACs] (uniform depth
+        choices) meets the loss target: ``alpha_lk = -((w_lk / C_l - u) / (2 width_step))^2``, so
+        stage 2 starts near the target and spends its steps moving channels between groups (the
+        MACs term, identical in sign for every group, would otherwise drive them alike; our design)."""
+        fractions = self.widths.to(torch.float32) / self.channels.unsqueeze(1)
+        depth = torch.zeros(len(self.stages), self.attention.depth_logits.shape[1], device=fractions.device)
+        for s, stage in enumerate(self.stages):
+            depth[s, :stage.choices] = 1.0 / stage.choices
+        gates = block_gates(depth, self.stages, self.space.droppable_blocks) if self.stages else None
+        low, high = 0.0, 1.0
+        for _ in range(30):
+            middle = (low + high) / 2
+            ratios = torch.full((len(self.space.groups),), middle, device=fractions.device)
+            low, high = (middle, high) if float(self.macs.ratio(ratios, gates)) <= self.loss_target else (low, middle)
+        return -((fractions - low) / (2 * self.options.width_step)) ** 2
 
     # -- hooks and descriptors --
 

@@ -40,11 +40,17 @@ class DcpaOptions(Section):
     width_step: float = option(0.0625, "step between a group's width choices, from width_min up to 1",
                                check=FRACTION)
     depth: bool = option(True, "also learn each residual stage's depth (blocks past it skipped via their shortcut)")
+    start_at_target: bool = option(True, "start the width logits peaked around the uniform width meeting the "
+                                   "loss target (false: every choice equally likely)")
     hard: bool = option(True, "straight-through hard Gumbel-softmax samples (one choice forward, soft gradient)")
     tolerance: float = option(0.03, "the MACs loss is 0 between loss target - tolerance and the loss target",
                               check=TOLERANCE)
     tau_min: float = option(0.1, "Gumbel-softmax temperature at the end of stage 2", check=POSITIVE)
     arch_lr: float = option(0.05, "Adam learning rate of the attention and the logits", check=POSITIVE)
+    attention_lr_scale: float = option(0.1, "the attention's learning rate as a fraction of arch_lr (the free "
+                                       "logits take arch_lr): its weights are shared by all layers, and Adam "
+                                       "moves each by the same step, so at arch_lr they drive every layer alike",
+                                       check=POSITIVE)
     attention_dim: int = option(16, "width of the attention over the layer descriptors", check=AT_LEAST_ONE)
     attention_heads: int = option(2, "heads of that attention (must divide attention_dim)", check=AT_LEAST_ONE)
     checkpoint_every: int = option(20, "learning steps between progress reports with a checkpoint",
