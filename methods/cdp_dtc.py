@@ -21,7 +21,9 @@ Li, Wang, Wu, Kang. *AI Communications* 36(4) (2023) 311-323, after "Pruning Fil
   ``tau_n = delta * mean_m(||FS_m||_1) / ||FS_n||_1`` (``dtc_thresholds``); entries with
   ``|FS| <= tau_n`` are zeroed with their gradients and momentum, so they stay zero; a filter with no
   entry left (dead) has its following BatchNorm's scale and shift zeroed the same way, so its
-  channel outputs exactly 0.
+  channel outputs exactly 0. By default (``threshold: relative``) tau_n is measured in units of the
+  layer's mean skeleton entry, which makes it blind to a layer's skeleton shrinking as a whole (see
+  ``dtc_thresholds`` for why: with the formula as it is, whole layers died at once).
 - Result (``survival``, ``learned_policy``): a channel of a group dies when its filter is dead in
   every convolution of the group (a residual sum adds the group's members: one live member carries
   the channel); groups with a member that has no skeleton (a Linear) never die. The policy keeps

@@ -319,3 +319,46 @@ def test_unreachable_targets_and_bad_options_are_one_line_user_errors():
         CdpDtcOptions(skeleton_lr=0)
     ranges = {r.name: r for r in CdpDtcOptions().hparam_ranges()}
     assert set(ranges) == set(HPARAMS) and ranges["delta"].log and not ranges["group"].log
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_prunetune_run_method_cdp_dtc_end_to_end(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli
+
+    result = run_cli(["run", *QUICK, "--method", "cdp-dtc", "--trials", "2", "--concurrency", "2",
+                      "--objective", "pareto", "--name", "cdp2", "--storage", str(tmp_path / "runs"),
+                      "--set", "cdp_dtc.epochs=3", "--set", "cdp_dtc.checkpoint_every=10",
+                      "--set", "cdp_dtc.skeleton_lr=0.03", "--set", "cdp_dtc.adaptive_min=0.2",
+                      "--set", "cdp_dtc.adaptive_max=0.3"],
+                     cache=tmp_path / "cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "cdp2"
+    records = read_jsonl(run_dir / "trials.jsonl")
+    assert len(records) == 2
+    for record in records:
+        assert record["status"] == "finished"
+        assert record["params"]["importance"] == "texture"  # cdp-dtc's default criterion
+        assert 0.1 <= record["params"]["delta"] <= 0.6 and 0.2 <= record["params"]["adaptive"] <= 0.3
+        learning = record["learning"]
+        assert learning["learned_macs_ratio"] == pytest.approx(record["metrics"]["macs_ratio"], abs=0.01)
+        rows = learning["trajectory"]
+        assert [r["epoch"] for r in rows if float(r["epoch"]).is_integer()] == [0, 1, 2, 3]
+        assert set(learning["survival"]) == {k[len("filters."):] for k in rows[-1] if k.startswith("filters.")}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == "cdp-dtc" and summary["trials"]["finished"] == 2
+
+    meta = json.loads((run_dir / "prunetune.json").read_text())
+    _, children = mlflow_runs(meta["tracking_uri"])
+    client = MlflowClient(meta["tracking_uri"])
+    assert len(children) == 2
+    for child in children:
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"survival.png", "keep_ratios.png", "policy.json"} <= artifacts
+        assert client.get_metric_history(child.info.run_id, "learn.filters.features.3")
