@@ -7,17 +7,21 @@ prune width and depth. The rest is our design after TAS (Dong and Yang, NeurIPS 
 METHODS.md (DCP-A) specifies it:
 
 - Choices (``width_choices``, ``depth_stages``): group l keeps ``w_lk = ceil(rho_k C_l)`` channels
-  (to its rounding unit), rho from the options; a residual stage keeps its first d droppable blocks,
-  the others skipped through their identity shortcut (at least one block of the stage stays).
+  (to its rounding unit), rho from the options; a residual stage (``space.stages``) runs its first
+  d blocks, 1 <= d <= n_blocks, the others skipped through their shortcut (identity, or the
+  projection of a downsampling block, as ``pruning.models.drop_blocks`` replaces them).
 - Attention (``LayerAttention``, ``layer_descriptors``): a descriptor per group (the quantiles of
   its channels' mean |BN output| on the batch, their spread, its MACs share, position, width) and
-  per stage goes through one self-attention layer; linear heads plus free logits give alpha_l over
-  the width choices and alpha_s over the depth choices.
+  per stage goes through one self-attention layer; linear heads (no bias) plus free logits give
+  alpha_l over the width choices and alpha_s over the depth choices. Our additions: the free width
+  logits start peaked around the uniform width meeting the loss target (``start_logits``), and the
+  attention's Adam learning rate is ``attention_lr_scale`` times the free logits' (its weights are
+  shared by every layer; at the full rate they moved all layers to one width).
 - Sampling (``gumbel_softmax``, ``mixed_masks``, ``block_gates``):
   ``g = softmax((log_softmax(alpha) + Gumbel) / tau)``, straight-through hard when ``hard``; the mask
   of group l is ``sum_k g_k m_k``, m_k the first w_lk channels in importance order (re-ranked at
   every epoch of the weight stream); a block's gate is the sampled probability that the stage's
-  depth reaches it, and the gated block computes ``gate * block(x) + (1 - gate) * x``.
+  depth reaches it, and the gated block computes ``gate * block(x) + (1 - gate) * skip(x)``.
 - Cost (``MacsTerm`` with block gates, ``macs_loss``): E[MACs] from the expected widths and
   expected block gates, differentiable; ``L_macs = log E`` above t, ``-log E`` below ``t - tolerance``, else 0.
 - Two stages (``DcpaRun.learn``): stage 1 trains the weights under uniformly sampled widths and
