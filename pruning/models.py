@@ -245,20 +245,26 @@ class ConcatNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _torchvision_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """torchvision's ``name`` with random weights (never downloads); a new first convolution
-    of the same geometry takes ``in_channels`` when that is not 3."""
+def _torchvision_model(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+    """torchvision's classification model ``name`` with random weights (never downloads); a new
+    first convolution of the same geometry takes ``in_channels`` when that is not 3."""
     from prunetune.pruning.torchvision_compat import import_torchvision
 
     tv = import_torchvision()
-    model = getattr(tv.models, name)(weights=None, num_classes=num_classes)
+    known = tv.models.list_models(module=tv.models)
+    if name not in known:
+        raise UserError(f"torchvision has no classification model '{name}'; choose one of: {', '.join(known)}")
+    try:
+        model = tv.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as error:
+        raise UserError(f"torchvision's {name} refused its arguments ({error}); fix --set model_args.KEY=VALUE") from None
     if in_channels != 3:
-        parent, attr = (model, "conv1") if hasattr(model, "conv1") else (model.features[0], "0")
-        old = getattr(parent, attr)
+        path, old = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        parent_name, _, attr = path.rpartition(".")
         new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                        bias=False)
+                        dilation=old.dilation, bias=old.bias is not None)
         nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-        setattr(parent, attr, new)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return model
 
 
@@ -336,15 +342,33 @@ def model_names() -> list[str]:
     return sorted(MODEL_BUILDERS)
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """A freshly initialised ``name`` for ``num_classes`` classes and ``in_channels`` input planes."""
-    if name not in MODEL_BUILDERS:
-        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_names())}")
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, model_args=None) -> nn.Module:
+    """A freshly initialised ``name`` for ``num_classes`` classes and ``in_channels`` input planes.
+
+    ``name`` is a registry name or a reference to the user's own model (``pruning.user_models``:
+    ``package.module:factory``, ``path/to/file.py:factory``, ``torchvision:NAME``), whose factory
+    ``model_args`` go to.
+    """
+    from prunetune.pruning.user_models import build_reference, is_reference
+
     if num_classes < 2:
         raise UserError(f"num_classes must be at least 2, got {num_classes}; set the dataset's class count")
     if in_channels < 1:
         raise UserError(f"in_channels must be at least 1, got {in_channels}; use 1 for grey, 3 for colour")
+    if is_reference(name):
+        return build_reference(name, num_classes, in_channels, model_args)
+    if name not in MODEL_BUILDERS:
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_names())}, or name your own: "
+                        f"package.module:factory, path/to/file.py:factory or torchvision:NAME")
+    if model_args:
+        raise UserError(f"model '{name}' takes no model_args (got {', '.join(sorted(model_args))}); remove them")
     return MODEL_BUILDERS[name](num_classes, in_channels)
+
+
+def create_from_arch(arch: dict) -> nn.Module:
+    """A fresh model from a saved ``arch``: ``{"name", "num_classes", "in_channels"[, "model_args"]}``."""
+    return create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                        model_args=arch.get("model_args") or None)
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear:

@@ -108,7 +108,9 @@ def save_pruned(path: str | Path, model: nn.Module, *, arch: dict, space: Search
                 extra: dict | None = None) -> None:
     """Write a pruned model as plain data (loadable with ``torch.load(weights_only=True)``), atomically.
 
-    ``arch`` holds ``create_model``'s arguments: ``{"name", "num_classes", "in_channels"}``.
+    ``arch`` holds ``create_model``'s arguments: ``{"name", "num_classes", "in_channels"}`` and, for
+    a user's model, ``"model_args"``; ``name`` is then its reference (a file by absolute path), so
+    another machine that has the same module or file rebuilds it.
     """
     path = Path(path)
     payload = {
@@ -123,7 +125,7 @@ def save_pruned(path: str | Path, model: nn.Module, *, arch: dict, space: Search
 
 def load_pruned(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model saved by ``save_pruned``; returns it and ``{"arch", "space", "policy", "extra"}``."""
-    from prunetune.pruning.models import create_model
+    from prunetune.pruning.models import create_from_arch
 
     try:
         payload = torch.load(Path(path), map_location=map_location, weights_only=True)
@@ -136,7 +138,7 @@ def load_pruned(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module,
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise UserError(f"cannot read pruned model {path} ({type(exc).__name__}); it is not a prunetune "
                         f"checkpoint or it is damaged: export it again") from None
-    base = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
+    base = create_from_arch(arch)
     model = prune(base, space, policy, importance=first_channels)
     model.load_state_dict(state)
     return model, {"arch": arch, "space": space, "policy": policy, "extra": extra}

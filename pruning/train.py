@@ -290,11 +290,15 @@ def dataset_cache_key(name: str, image_size: int, data_fraction: float, val_frac
 
 
 def pretrain_path(
-    model_name: str, dataset_key: str, recipe: TrainRecipe, seed: int, cache_dir: str | Path
+    model_name: str, dataset_key: str, recipe: TrainRecipe, seed: int, cache_dir: str | Path,
+    model_args: dict | None = None,
 ) -> Path:
     """Where :func:`pretrain` caches ``model_name`` trained on ``dataset_key`` (:func:`dataset_cache_key`)
-    with ``recipe`` and ``seed``."""
-    return Path(cache_dir) / f"{model_name}-{dataset_key}-{recipe.key()}-s{seed}.pt"
+    with ``recipe`` and ``seed`` (a user's model is named by a key of its reference, arguments and file)."""
+    from prunetune.pruning.user_models import is_reference, reference_key
+
+    name = reference_key(model_name, model_args) if is_reference(model_name) else model_name
+    return Path(cache_dir) / f"{name}-{dataset_key}-{recipe.key()}-s{seed}.pt"
 
 
 def _save_atomically(payload: dict, path: Path) -> None:
@@ -317,7 +321,8 @@ def _load_cached(path: Path, device: str | torch.device) -> tuple[nn.Module, dic
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model = create_model(
-            payload["model_name"], num_classes=payload["num_classes"], in_channels=payload["in_channels"]
+            payload["model_name"], num_classes=payload["num_classes"], in_channels=payload["in_channels"],
+            model_args=payload.get("model_args") or None,
         )
         model.load_state_dict(payload["state_dict"])
         metrics = dict(payload["metrics"])
@@ -338,6 +343,7 @@ def pretrain(
     dataset_key: str,
     device: str | torch.device = "cpu",
     on_epoch: Callable[[EpochReport], None] | None = None,
+    model_args: dict | None = None,
 ) -> tuple[nn.Module, dict]:
     """The base model trained with ``recipe`` and ``seed``, and its val/test metrics, cached on disk.
 
@@ -345,12 +351,13 @@ def pretrain(
     ones loads it and trains nothing. Returns the model in eval mode on ``device`` and
     ``{"val_accuracy", "test_accuracy", "val_loss"}``.
     """
-    path = pretrain_path(model_name, dataset_key, recipe, seed, cache_dir)
+    path = pretrain_path(model_name, dataset_key, recipe, seed, cache_dir, model_args)
     if path.exists():
         return _load_cached(path, device)
     info = splits.info
     seed_everything(seed)  # the initial weights follow the seed too
-    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels,
+                         model_args=model_args)
     train(model, splits, recipe, seed=seed, device=device, on_epoch=on_epoch)
     val_accuracy, val_loss = evaluate(model, splits.val, device=device)
     test_accuracy, _ = evaluate(model, splits.test, device=device)
@@ -361,6 +368,7 @@ def pretrain(
             "model_name": model_name,
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
+            "model_args": dict(model_args or {}),
             "state_dict": state,
             "metrics": metrics,
             "recipe": asdict(recipe),

@@ -248,6 +248,51 @@ class MethodSections(Mapping):
         return len(self.entries)
 
 
+class ModelArgs(Mapping):
+    """The keyword arguments of the user's model factory (``model_args.KEY``): any keys, YAML values.
+
+    Read by ``pruning.models.create_model`` for a model reference (``package.module:factory``); a
+    registry model takes none.
+    """
+
+    def __init__(self, entries: Mapping[str, Any] | None = None):
+        self._entries = dict(entries or {})
+
+    @classmethod
+    def coerce_section(cls, value: Any) -> ModelArgs:
+        """``value`` (a mapping or null) as the factory's arguments, for the schema's field coercion."""
+        if isinstance(value, ModelArgs):
+            return value
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping) or not all(isinstance(key, str) and key for key in value):
+            raise UserError(f"config key 'model_args' must map argument names to values, got {value!r}; "
+                            "set them with --set model_args.KEY=VALUE")
+        return cls(value)
+
+    @classmethod
+    def describe_sections(cls) -> list[KeyDoc]:
+        return [KeyDoc(key="model_args.KEY", type="any", default=None, rule="",
+                       doc="keyword argument KEY of the model factory (a model reference only)")]
+
+    def __getitem__(self, key: str) -> Any:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self) == dict(other)
+
+    __hash__ = None  # values may be lists
+
+    def __repr__(self) -> str:
+        return f"ModelArgs({self._entries!r})"
+
+
 # ----------------------------------------------------------------------------------------------
 # The config
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +308,18 @@ class SearchConfig(Section):
     seed: int = option(
         0, "seed of the data splits, the base model and the searcher", check=Range(0, 2**32 - 1)
     )
-    model: str = option("small_cnn", "model name from pruning.models")
+    model: str = option(
+        "small_cnn", "model name from pruning.models, or your own: package.module:factory, "
+        "path/to/file.py:factory (recorded by absolute path) or torchvision:NAME"
+    )
+    model_args: ModelArgs = field(
+        default_factory=ModelArgs,
+        metadata={"doc": "model factory arguments", "check": None, "choices": (), "from_config": None},
+    )
+    weights: str | None = option(
+        None, "state_dict file of the model's trained weights (loaded with weights_only=True); set, the base "
+        "model is not pretrained; null = pretrain it"
+    )
     dataset: DatasetSection = section_field(DatasetSection, "the data")
     pretrain: PretrainSection = section_field(PretrainSection, "the base model's training recipe")
     finetune: FinetuneSection = section_field(FinetuneSection, "each trial's recovery training")
@@ -313,9 +369,14 @@ class SearchConfig(Section):
                 f"config key 'name' is {self.name!r}, not a safe directory name; use letters, digits, '-', "
                 "'_' and '.' (starting with a letter or digit, at most 128 characters), or null for the default"
             )
-        for key in ("storage", "experiment", "model", "method", "importance"):
+        for key in ("storage", "experiment", "model", "method", "importance", "weights"):
             if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise UserError(f"config key '{key}' is empty; give it a value")
+        from prunetune.pruning.user_models import canonical_reference
+
+        object.__setattr__(self, "model", canonical_reference(self.model))
+        if self.weights is not None:
+            object.__setattr__(self, "weights", str(Path(self.weights).expanduser().resolve()))
         if self.ray_storage is not None and "://" not in self.ray_storage:
             raise UserError(
                 f"config key 'ray_storage' is {self.ray_storage!r}, not a URI; give one such as s3://bucket/prefix, "
@@ -358,10 +419,12 @@ def check_names(cfg: SearchConfig) -> None:
     from prunetune.pruning.data import dataset_names
     from prunetune.pruning.importance import criterion_names
     from prunetune.pruning.models import model_names
+    from prunetune.pruning.user_models import is_reference
 
     for key, value, valid, what in (
-        ("model", cfg.model, model_names(), "model"),
-        ("dataset.name", cfg.dataset.name, dataset_names(), "dataset"),
+        ("model", cfg.model, [cfg.model] if is_reference(cfg.model) else model_names(), "model"),
+        ("dataset.name", cfg.dataset.name,
+         [cfg.dataset.name] if is_reference(cfg.dataset.name) else dataset_names(), "dataset"),
         ("importance", resolved_importance(cfg), criterion_names(), "importance criterion"),
         ("method", cfg.method, method_names(), "method"),
     ):
@@ -385,6 +448,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, spec.name)
         if isinstance(value, MethodSections):
             out.update({name: section_dict(options) for name, options in value.items()})
+        elif isinstance(value, ModelArgs):
+            out[spec.name] = dict(value)
         elif spec.metadata.get("from_config"):
             continue
         elif dataclasses.is_dataclass(value):
@@ -451,7 +516,9 @@ def resolved_scheduler(cfg: SearchConfig) -> str:
 
 def default_run_name(cfg: SearchConfig, now: datetime) -> str:
     """``<method>-<model>-<dataset>-<YYYYmmdd-HHMMSS>``, made safe as a directory name."""
-    raw = f"{cfg.method}-{cfg.model}-{cfg.dataset.name}-{now:%Y%m%d-%H%M%S}"
+    from prunetune.pruning.user_models import short_name
+
+    raw = f"{cfg.method}-{short_name(cfg.model)[:40]}-{short_name(cfg.dataset.name)[:40]}-{now:%Y%m%d-%H%M%S}"
     return re.sub(r"[^A-Za-z0-9._-]", "-", raw)
 
 

@@ -81,7 +81,7 @@ def load_inputs(cfg):
     splits = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
                           data_fraction=d.data_fraction, image_size=d.image_size, download=d.download)
     space = model_space(cfg.model, splits.info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels,
-                        model_args=cfg.model_args)
+                        model_args=cfg.model_args, weights=cfg.weights)
     check_target(cfg, space)
     return splits, space, resolve_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial)
 

@@ -56,28 +56,43 @@ class BaseModel:
     splits: object  # pruning.data.Splits
     space: object  # pruning.space.SearchSpace
     metrics: dict  # val_accuracy, test_accuracy, macs, params, latency_ms
-    arch: dict  # {"name", "num_classes", "in_channels"}
+    arch: dict  # {"name", "num_classes", "in_channels"[, "model_args"]}: pruning.models.create_from_arch
 
 
-def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int = 1):
-    """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size."""
+def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int = 1, model_args=None,
+                weights: str | None = None):
+    """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size;
+    ``weights`` (the user's state_dict file) are checked against that model here, before Ray starts."""
     from prunetune.pruning.dependency import build_space
     from prunetune.pruning.models import create_model
+    from prunetune.pruning.user_models import load_weights
 
-    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels,
+                         model_args=dict(model_args or {}))
+    if weights is not None:
+        load_weights(model, weights, model_name=model_name)
     shape = (info.in_channels, info.image_size, info.image_size)
     return build_space(model, model_name, shape, round_to=round_to, min_channels=min_channels)
 
 
 def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir: Path, data_key: str,
-                       device: str, space=None, log: Log = log_to_stderr, latency_threads: int = 1) -> BaseModel:
+                       device: str, space=None, log: Log = log_to_stderr, latency_threads: int = 1,
+                       model_args=None, weights: str | None = None) -> BaseModel:
     """Train (or load from the cache) the base model and measure it: MACs, params, latency (on
-    ``latency_threads`` torch threads on a CPU: the trials' own count, so their latency ratios hold)."""
-    from prunetune.pruning.dependency import build_space
-    from prunetune.pruning.measure import measure
+    ``latency_threads`` torch threads on a CPU: the trials' own count, so their latency ratios hold).
+
+    With ``weights`` (the user's state_dict file) nothing is trained: the model is built, given
+    those weights and evaluated on the data as given.
+    """
     from prunetune.pruning.train import pretrain, pretrain_path
 
-    path = pretrain_path(model_name, data_key, recipe, seed, cache_dir)
+    model_args = dict(model_args or {})
+    if weights is not None:
+        model, metrics = given_weights_model(model_name, splits, weights, device=device, model_args=model_args)
+        log(f"base model: {model_name} with the weights of {weights} (not pretrained)")
+        return _measured_base(model, metrics, model_name, splits, space, device, log, latency_threads,
+                              model_args, cached=False)
+    path = pretrain_path(model_name, data_key, recipe, seed, cache_dir, model_args)
     cached = path.exists()
     if not cached:
         log(f"base model: training {model_name} on {splits.info.name} ({len(splits.train)} images) for "
@@ -88,7 +103,33 @@ def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir:
             f"val accuracy {report.val_accuracy:.4f} ({report.seconds:.1f} s)")
 
     model, metrics = pretrain(model_name, splits, recipe, seed=seed, cache_dir=cache_dir, dataset_key=data_key,
-                              device=device, on_epoch=on_epoch)
+                              device=device, on_epoch=on_epoch, model_args=model_args)
+    return _measured_base(model, metrics, model_name, splits, space, device, log, latency_threads, model_args,
+                          cached=cached)
+
+
+def given_weights_model(model_name: str, splits, weights: str, *, device: str, model_args=None):
+    """The model built for the data with the user's ``weights``, and its val and test accuracy."""
+    from prunetune.pruning.models import create_model
+    from prunetune.pruning.train import evaluate
+    from prunetune.pruning.user_models import load_weights
+
+    info = splits.info
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels,
+                         model_args=dict(model_args or {}))
+    load_weights(model, weights, model_name=model_name)
+    model = model.to(device).eval()
+    val_accuracy, val_loss = evaluate(model, splits.val, device=device)
+    test_accuracy, _ = evaluate(model, splits.test, device=device)
+    return model, {"val_accuracy": val_accuracy, "test_accuracy": test_accuracy, "val_loss": val_loss}
+
+
+def _measured_base(model, metrics, model_name, splits, space, device, log, latency_threads, model_args, *,
+                   cached: bool) -> BaseModel:
+    """The base model measured (MACs, params, latency), with its space and its ``arch`` for rebuilding."""
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.measure import measure
+
     info = splits.info
     shape = (info.in_channels, info.image_size, info.image_size)
     if space is None:
@@ -100,4 +141,6 @@ def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir:
         f"test accuracy {metrics['test_accuracy']:.4f}, {measured.macs / 1e6:.2f}M MACs, "
         f"{measured.params / 1e6:.3f}M params")
     arch = {"name": model_name, "num_classes": info.num_classes, "in_channels": info.in_channels}
+    if model_args:
+        arch["model_args"] = dict(model_args)
     return BaseModel(model, splits, space, metrics, arch)

@@ -31,7 +31,7 @@ REUSED_KEY = "reused_result"  # a resumed trial reported its result recorded bef
 class TrialSetup:
     """What every trial of one search shares: the base model, the data, the space, the recipe."""
 
-    arch: dict  # create_model's arguments: {"name", "num_classes", "in_channels"}
+    arch: dict  # create_model's arguments: {"name", "num_classes", "in_channels", "model_args"}
     base_state: dict  # the trained base model's state_dict
     base_metrics: dict  # {"val_accuracy", "test_accuracy", "macs", "params", "latency_ms"}
     space: SearchSpace
@@ -55,10 +55,9 @@ Report = Callable[[dict, Callable[[Path], None] | None], None]
 
 
 def build_base_model(setup: TrialSetup) -> nn.Module:
-    from prunetune.pruning.models import create_model
+    from prunetune.pruning.models import create_from_arch
 
-    model = create_model(setup.arch["name"], num_classes=setup.arch["num_classes"],
-                         in_channels=setup.arch["in_channels"])
+    model = create_from_arch(setup.arch)
     model.load_state_dict(setup.base_state)
     return model.to(setup.device)
 

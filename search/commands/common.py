@@ -77,7 +77,10 @@ def default_cache_dir() -> str:
 def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --dataset, --data-root, --image-size and --download: what a model is built for."""
     parser.add_argument("--model", required=True, metavar="NAME",
-                        help="model name (e.g. resnet20, small_cnn, tiny_resnet)")
+                        help="model name (e.g. resnet20, small_cnn, tiny_resnet), or your own: "
+                             "package.module:factory, path/to/file.py:factory, torchvision:NAME")
+    parser.add_argument("--set", dest="model_sets", action="append", default=[], metavar="model_args.KEY=VALUE",
+                        help="an argument of your model's factory (repeatable)")
     parser.add_argument("--dataset", required=True, metavar="NAME",
                         help="dataset name (e.g. digits, fashion-mnist, cifar10)")
     parser.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
@@ -103,6 +106,9 @@ def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"cache of trained base models (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
     parser.add_argument("--pretrain-epochs", type=non_negative_int, default=DEFAULT_PRETRAIN_EPOCHS,
                         metavar="N", help=f"epochs to train the base model (default: {DEFAULT_PRETRAIN_EPOCHS})")
+    parser.add_argument("--weights", metavar="FILE", default=None,
+                        help="a state_dict of your trained model (torch.save(model.state_dict(), FILE)); "
+                             "the base model is then not pretrained")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,12 +116,32 @@ def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_model_name(name: str) -> None:
-    """UserError listing the registered models unless ``name`` is one."""
+def check_model_name(name: str) -> str:
+    """``name`` (a file reference made absolute); UserError listing the registered models unless it
+    is one of them or a reference to the user's own model."""
     from prunetune.pruning.models import model_names
+    from prunetune.pruning.user_models import canonical_reference, is_reference
 
+    if is_reference(name):
+        return canonical_reference(name)
     if name not in model_names():
-        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_names())}")
+        raise UserError(f"unknown model '{name}'; choose one of: {', '.join(model_names())}, or name your own: "
+                        f"package.module:factory, path/to/file.py:factory or torchvision:NAME")
+    return name
+
+
+def model_args(args: argparse.Namespace) -> dict:
+    """The model factory's arguments from ``--set model_args.KEY=VALUE``."""
+    from prunetune.search.config import parse_set
+
+    result = {}
+    for item in getattr(args, "model_sets", []):
+        key, value = parse_set(item)
+        name = key.removeprefix("model_args.")
+        if name == key or not name or "." in name:
+            raise UserError(f"--set {key}: this command sets model_args.KEY only; e.g. --set model_args.width=16")
+        result[name] = value
+    return result
 
 
 def check_cache_dir(path: str) -> Path:
@@ -169,12 +195,13 @@ def input_shape(info: DatasetInfo) -> tuple[int, int, int]:
     return (info.in_channels, info.image_size, info.image_size)
 
 
-def build_model_space(model_name: str, info: DatasetInfo) -> SearchSpace:
+def build_model_space(model_name: str, info: DatasetInfo, model_args: dict | None = None) -> SearchSpace:
     """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size."""
     from prunetune.pruning.dependency import build_space
     from prunetune.pruning.models import create_model
 
-    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels)
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels,
+                         model_args=model_args)
     return build_space(model, model_name, input_shape(info))
 
 
@@ -205,16 +232,25 @@ def pretrained_base(args: argparse.Namespace, splits: Splits, device: str) -> tu
     trained now (progress on stderr) and cached. A corrupt cache file is a UserError naming it."""
     from prunetune.pruning.train import pretrain, pretrain_path
 
+    if getattr(args, "weights", None):
+        from prunetune.search.prepare import given_weights_model
+
+        model, metrics = given_weights_model(args.model, splits, args.weights, device=device,
+                                             model_args=model_args(args))
+        progress(f"base model: {args.model} with the weights of {args.weights} (not pretrained): val accuracy "
+                 f"{metrics['val_accuracy']:.4f}, test accuracy {metrics['test_accuracy']:.4f}")
+        return model, metrics
     recipe = pretrain_recipe(args)
     key = dataset_key(args, splits.info)
     cache_dir = check_cache_dir(args.cache_dir)
-    path = pretrain_path(args.model, key, recipe, args.seed, cache_dir)
+    path = pretrain_path(args.model, key, recipe, args.seed, cache_dir, model_args(args))
     cached = path.exists()
     if not cached:
         progress(f"base model: training {args.model} on {splits.info.name} for {recipe.epochs} epochs "
                  f"({len(splits.train)} images) on {device}; caching it as {path}")
     model, metrics = pretrain(args.model, splits, recipe, seed=args.seed, cache_dir=cache_dir,
-                              dataset_key=key, device=device, on_epoch=epoch_printer("pretrain", recipe.epochs))
+                              dataset_key=key, device=device, on_epoch=epoch_printer("pretrain", recipe.epochs),
+                              model_args=model_args(args))
     progress(f"base model{f' (loaded from {path})' if cached else ''}: val accuracy {metrics['val_accuracy']:.4f}, "
              f"test accuracy {metrics['test_accuracy']:.4f}")
     return model, metrics

@@ -1,9 +1,11 @@
-"""`prunetune export RUN_DIR [--trial best|ID] --out FILE [--format state|torchscript]`.
+"""`prunetune export RUN_DIR [--trial best|ID] --out FILE [--format state|torchscript|onnx]`.
 
 Writes the pruned, fine-tuned model of a trial: ``state`` is prunetune's plain-data format (load it
 with ``pruning.surgery.load_pruned``, no pickled modules), ``torchscript`` a traced module that
-loads with ``torch.jit.load`` alone. ``--check`` evaluates the exported model on the test split
-and compares it with the trial's recorded test accuracy.
+loads with ``torch.jit.load`` alone, ``onnx`` an ONNX graph (``pruning.onnx_export``) with a
+dynamic batch axis. ``--check`` evaluates the exported model on the test split and compares it
+with the trial's recorded test accuracy; for ONNX it runs the file with onnxruntime and compares
+its outputs with PyTorch's too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from prunetune.pruning.errors import UserError
 
 NAME = "export"
-FORMATS = ("state", "torchscript")
+FORMATS = ("state", "torchscript", "onnx")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("run_dir", help="the run directory of the search")
     parser.add_argument("--trial", default="best", help="'best' (within the MACs target) or a trial id")
     parser.add_argument("--out", required=True, help="file to write")
-    parser.add_argument("--format", choices=FORMATS, default="state", help="state (default) or torchscript")
+    parser.add_argument("--format", choices=FORMATS, default="state", help="state (default), torchscript or onnx (needs the onnx extra to check)")
     parser.add_argument("--check", action="store_true", help="re-evaluate the test accuracy of the export")
     parser.set_defaults(handler=run)
     return parser
@@ -70,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         tmp = out.with_name(out.name + ".tmp")
         if args.format == "state":
             shutil.copyfile(source, tmp)
+        elif args.format == "onnx":
+            from prunetune.pruning.onnx_export import export_onnx
+
+            export_onnx(model, meta["space"].input_shape, tmp)
         else:
             import torch
 
@@ -79,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported trial {record['trial_id']} ({args.format}) to {out}: MACs ratio "
           f"{record['metrics']['macs_ratio']:.3f}, val accuracy {record['metrics']['val_accuracy']:.4f}, "
           f"test accuracy {_accuracy(record['test_accuracy'], 4)}")
-    if args.check:
+    if args.check and args.format == "onnx":
+        accuracy, gap = check_onnx(run_dir, out, model)
+        print(f"test accuracy of the ONNX export (onnxruntime): {accuracy:.6f} (recorded "
+              f"{_accuracy(record['test_accuracy'], 6)}); largest difference from PyTorch's logits {gap:.2e}")
+    elif args.check:
         accuracy = check_test_accuracy(run_dir, out, args.format)
         print(f"test accuracy of the export: {accuracy:.6f} (recorded {_accuracy(record['test_accuracy'], 6)})")
     return 0
@@ -143,19 +153,43 @@ def _accuracy(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def check_test_accuracy(run_dir: Path, path: Path, fmt: str) -> float:
-    """The exported model's accuracy on the run's test split."""
-    import torch
-
+def _test_split(run_dir: Path):
     from prunetune.pruning.data import load_dataset
-    from prunetune.pruning.surgery import load_pruned
-    from prunetune.pruning.train import evaluate
     from prunetune.search.config import load_config
     from prunetune.tracking.rundir import CONFIG_FILE
 
     cfg = load_config(run_dir / CONFIG_FILE)
     d = cfg.dataset
-    splits = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
-                          data_fraction=d.data_fraction, image_size=d.image_size)
+    return load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
+                        data_fraction=d.data_fraction, image_size=d.image_size).test
+
+
+def check_test_accuracy(run_dir: Path, path: Path, fmt: str) -> float:
+    """The exported model's accuracy on the run's test split."""
+    import torch
+
+    from prunetune.pruning.surgery import load_pruned
+    from prunetune.pruning.train import evaluate
+
     model = load_pruned(path)[0] if fmt == "state" else torch.jit.load(str(path))
-    return evaluate(model, splits.test)[0]
+    return evaluate(model, _test_split(run_dir))[0]
+
+
+def check_onnx(run_dir: Path, path: Path, model) -> tuple[float, float]:
+    """The ONNX file's test accuracy through onnxruntime, and the largest absolute difference of its
+    logits from the PyTorch model's on the test split."""
+    import torch
+
+    from prunetune.pruning.data import make_loader
+    from prunetune.pruning.onnx_export import onnx_outputs, onnx_session
+
+    session = onnx_session(path)
+    model = model.cpu().eval()
+    correct, total, gap = 0, 0, 0.0
+    with torch.no_grad():
+        for images, labels in make_loader(_test_split(run_dir), 256, shuffle=False):
+            logits = onnx_outputs(session, images)
+            gap = max(gap, float((logits - model(images)).abs().max()))
+            correct += int((logits.argmax(1) == labels).sum())
+            total += len(labels)
+    return correct / max(total, 1), gap

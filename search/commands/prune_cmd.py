@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from prunetune.pruning.policy import Policy, check_keep_ratio
 
     out = common.check_output_file(args.out)
-    common.check_model_name(args.model)
+    args.model = common.check_model_name(args.model)
     criterion = get_criterion(args.importance)
     requested = Policy.load(args.policy) if args.policy is not None else None
     if args.uniform is not None:
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
 
     splits = common.load_splits(args)
-    space = common.build_model_space(args.model, splits.info)
+    space = common.build_model_space(args.model, splits.info, common.model_args(args))
     policy = _policy_for(space, requested, args.uniform)
     base_model, base_metrics = common.pretrained_base(args, splits, device)
     base, base_latency = _measure(base_model, space, base_metrics["val_accuracy"], base_metrics["test_accuracy"],
@@ -199,6 +199,8 @@ def _save(out: Path, model: nn.Module, args: argparse.Namespace, splits: Splits,
     from prunetune.pruning.surgery import save_pruned
 
     arch = {"name": args.model, "num_classes": splits.info.num_classes, "in_channels": splits.info.in_channels}
+    if common.model_args(args):
+        arch["model_args"] = common.model_args(args)
     extra = {"dataset": splits.info.name, "image_size": splits.info.image_size, "importance": args.importance,
              "finetune_epochs": args.finetune_epochs, "base": asdict(base), "pruned": asdict(pruned)}
     try:

@@ -15,7 +15,9 @@ NAME = "run"
 # flag -> (config key, type, help)
 FLAGS = {
     "--name": ("name", str, "run name: the run directory under --storage"),
-    "--model": ("model", str, "model name (see `prunetune space --help`)"),
+    "--model": ("model", str, "model name (see `prunetune space --help`), or your own: package.module:factory, "
+                "path/to/file.py:factory, torchvision:NAME (its arguments: --set model_args.KEY=VALUE)"),
+    "--weights": ("weights", str, "a state_dict of your trained model; the base model is then not pretrained"),
     "--dataset": ("dataset.name", str, "dataset name"),
     "--data-root": ("dataset.root", str, "folder holding the dataset's files"),
     "--image-size": ("dataset.image_size", positive_int, "image side in pixels"),

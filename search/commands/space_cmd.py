@@ -31,9 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Build the space and print it as a table, or as JSON with --json."""
-    common.check_model_name(args.model)
+    args.model = common.check_model_name(args.model)
     info = common.load_splits(args).info
-    space = common.build_model_space(args.model, info)
+    space = common.build_model_space(args.model, info, common.model_args(args))
     if args.json:
         print(json.dumps(space.to_json(), indent=1))
     else:

@@ -1,0 +1,234 @@
+"""A user's own model, named by a reference instead of a registry name.
+
+``create_model`` accepts, besides the registry's names:
+
+- ``package.module:factory``: an importable module and a name in it;
+- ``path/to/file.py:factory``: a Python file and a name in it (recorded by absolute path);
+- ``torchvision:NAME``: any torchvision classification model, with random weights (never downloads).
+
+No torch at import (the config canonicalises references through this module); the model is
+built by ``pruning.models.create_model``.
+
+The factory is a class or a function returning an ``nn.Module``; it is called with the config's
+``model_args`` and, when its signature takes them, ``num_classes`` and ``in_channels``.
+
+A file is imported once per process under a private module name. Where its recorded path does not
+exist (a Ray worker on another machine), the module is imported by the file's stem instead: the
+driver ships the file to a cluster's workers as a Ray ``py_modules`` entry (:func:`code_to_ship`),
+which makes it importable by that name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prunetune.pruning.errors import UserError
+
+TORCHVISION_PREFIX = "torchvision:"
+_FILE_MODULE_PREFIX = "prunetune_user_file_"
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def is_reference(name: str) -> bool:
+    """Whether ``name`` is a model reference (``a:b``) rather than a registry name."""
+    return ":" in name
+
+
+def _split(ref: str) -> tuple[str, str]:
+    where, _, attr = ref.rpartition(":")
+    if not where or not attr:
+        raise UserError(f"model reference {ref!r} is malformed; write package.module:factory, "
+                        f"path/to/file.py:factory or torchvision:NAME")
+    return where, attr
+
+
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def short_name(ref: str) -> str:
+    """A short label of a model or dataset: a registry name itself, a reference's factory name."""
+    return ref.rpartition(":")[2].rpartition(".")[2] or ref if is_reference(ref) else ref
+
+
+def canonical_reference(ref: str) -> str:
+    """``ref`` with a file path made absolute (so a Ray worker and a saved model find the same file)."""
+    if not is_reference(ref) or ref.startswith(TORCHVISION_PREFIX):
+        return ref
+    where, attr = _split(ref)
+    if _is_file(where):
+        return f"{Path(where).expanduser().resolve()}:{attr}"
+    return ref
+
+
+def _load_file(path: Path) -> Any:
+    """The module of Python file ``path``, imported once per process (or, where the path does not
+    exist here, the module of that stem shipped to this worker)."""
+    if not path.is_file():
+        try:
+            return importlib.import_module(path.stem)
+        except ImportError:
+            raise UserError(f"model file {path} does not exist; give the path of a Python file "
+                            f"(on a cluster, the driver ships it to the workers)") from None
+    name = _FILE_MODULE_PREFIX + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[name]
+        raise UserError(f"cannot import model file {path} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}); fix the file") from None
+    return module
+
+
+def _import(where: str) -> Any:
+    try:
+        return importlib.import_module(where)
+    except ImportError as error:
+        raise UserError(f"cannot import module '{where}' of the model ({error}); check the name, or "
+                        f"give a file path such as path/to/{where.rpartition('.')[2]}.py:factory") from None
+    except Exception as error:
+        raise UserError(f"importing module '{where}' of the model failed ({type(error).__name__}: {error}); "
+                        f"fix the module") from None
+
+
+def resolve_factory(ref: str) -> Callable[..., nn.Module]:
+    """The class or function that ``ref`` (``module:name`` or ``file.py:name``) names."""
+    where, attr = _split(ref)
+    module = _load_file(Path(where).expanduser()) if _is_file(where) else _import(where)
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UserError(f"'{where}' has no attribute '{attr}'; name a class or function defined there")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"'{ref}' is a {type(target).__name__}, not a class or function; name a factory "
+                        f"that returns an nn.Module")
+    return target
+
+
+def _accepts(factory: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def build_reference(ref: str, num_classes: int, in_channels: int, model_args: Mapping[str, Any] | None) -> nn.Module:
+    """A fresh model from reference ``ref``; UserError unless it yields an ``nn.Module``."""
+    from torch import nn
+
+    from prunetune.pruning.models import _torchvision_model
+
+    args = dict(model_args or {})
+    if ref.startswith(TORCHVISION_PREFIX):
+        return _torchvision_model(ref[len(TORCHVISION_PREFIX):], num_classes, in_channels, **args)
+    factory = resolve_factory(ref)
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if name not in args and _accepts(factory, name):
+            args[name] = value
+    try:
+        model = factory(**args)
+    except TypeError as error:
+        raise UserError(f"model factory '{ref}' refused its arguments {sorted(args)} ({error}); set or "
+                        f"remove them with --set model_args.KEY=VALUE") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model factory '{ref}' returned a {type(model).__name__}, not a torch.nn.Module; "
+                        f"return the model from it")
+    return model
+
+
+def reference_key(ref: str, model_args: Mapping[str, Any] | None) -> str:
+    """A short name safe in a file name, that changes with the reference, its arguments and, for a
+    file, the file's contents (so a cached base model is not reused for an edited model)."""
+    text = f"{ref}|{sorted((model_args or {}).items())!r}"
+    if is_reference(ref) and not ref.startswith(TORCHVISION_PREFIX):
+        where, _ = _split(ref)
+        path = Path(where)
+        if _is_file(where) and path.is_file():
+            text += hashlib.sha256(path.read_bytes()).hexdigest()
+    stem = "".join(c if c.isalnum() or c in "._" else "-" for c in ref.rpartition("/")[2])[-40:]
+    return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def code_to_ship(ref: str) -> list[str]:
+    """The local files or package folders a cluster's Ray workers need to import ``ref``: a Ray
+    runtime environment's ``py_modules`` (a file path's file; an import path's top-level package)."""
+    if not is_reference(ref) or ref.startswith(TORCHVISION_PREFIX):
+        return []
+    where, _ = _split(ref)
+    if _is_file(where):
+        return [str(Path(where).expanduser().resolve())]
+    top = where.split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return []
+    if spec is None or spec.origin in (None, "built-in", "frozen") or _installed(spec.origin):
+        return []
+    if spec.submodule_search_locations:  # a package: its folder
+        return [str(Path(next(iter(spec.submodule_search_locations))).resolve())]
+    return [str(Path(spec.origin).resolve())]
+
+
+def _installed(origin: str) -> bool:
+    """Whether a module lives in an installed environment (which the cluster's image provides)."""
+    return any(part in ("site-packages", "dist-packages") for part in Path(origin).parts)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, model_name: str) -> nn.Module:
+    """Load the user's trained ``state_dict`` file into ``model``, with ``weights_only=True``.
+
+    A file holding a pickled module (``torch.save(model)``) is refused, as is one whose keys or
+    shapes do not fit: the message names the first mismatched key.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; give the file saved with "
+                        f"torch.save(model.state_dict(), PATH)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"weights file {path} holds a pickled object, not a state_dict; save the weights "
+                        f"alone with torch.save(model.state_dict(), PATH)") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise UserError(f"cannot read weights file {path} ({type(error).__name__}); give a file saved with "
+                        f"torch.save(model.state_dict(), PATH)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint that holds one
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} holds a {type(state).__name__}, not a state_dict of tensors; "
+                        f"save it with torch.save(model.state_dict(), PATH)")
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise UserError(f"weights {path} do not fit {model_name}: key '{key}' (shape {tuple(tensor.shape)}) "
+                            f"is missing from the file; save the state_dict of this architecture")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise UserError(f"weights {path} do not fit {model_name}: key '{key}' has shape "
+                            f"{tuple(state[key].shape)} in the file, {tuple(tensor.shape)} in the model; "
+                            f"build the model for the same classes, channels and model_args")
+    extra = [key for key in state if key not in expected]
+    if extra:
+        raise UserError(f"weights {path} do not fit {model_name}: the file has key '{extra[0]}', which the "
+                        f"model has not; save the state_dict of this architecture")
+    model.load_state_dict(state)
+    return model
