@@ -69,7 +69,8 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
                             f"check the address printed by `prunetune cluster up` or `ray start`, and that "
                             f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH name the cluster's token "
                             f"(`prunetune cluster status` prints them)") from None
-    else:
+    else:  # Ray's note that token auth is on by default for this local Ray is not the user's concern
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, **kwargs)
     quiet_tune_logs()
 

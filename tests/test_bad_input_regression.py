@@ -15,6 +15,7 @@ Add rows to ``CASES``: ``argv(ws)`` builds the arguments from the workspace ``ws
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class Case:
     prepare: Callable[[Workspace], None] = lambda ws: None
     absent: tuple[str, ...] = field(default=())  # paths under ws.root that must not exist afterwards
     timeout: float = 300
+    in_process: bool = False  # run ``cli.main`` in the test's process (a refusal before Ray: no import cost)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,12 +177,113 @@ CASES = [
 ]
 
 
+# ----------------------------------------------------------------------------------------------
+# `prunetune run` and `resume`: the driver's checks (issue 17, items 2-5, 8 and 12)
+# ----------------------------------------------------------------------------------------------
+
+NOTHING = ("runs/x", "runs/mlflow.db", "cache")  # no run folder, no tracking store, no base model
+
+
+def _run(*extra: str, name: str = "x"):
+    return lambda ws: ["run", *QUICK, "--storage", ws.path("runs"), "--name", name, *extra]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _write(name: str, text: str):
+    return lambda ws: (ws.root / name).write_text(text)
+
+
+def _corrupt_cached_base_model(ws: Workspace) -> None:
+    """The cache file the run would load, as garbage (the same key and recipe as the driver's)."""
+    from prunetune.pruning.train import dataset_cache_key, pretrain_path
+    from prunetune.search.config import load_config
+
+    cfg = load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits", "dataset.image_size": 8,
+                                       "pretrain.epochs": 1})
+    d = cfg.dataset
+    key = dataset_cache_key(d.name, 8, d.data_fraction, d.val_fraction, d.root)
+    path = pretrain_path("small_cnn", key, cfg.pretrain.recipe(), cfg.seed, ws.root / "cache")
+    path.parent.mkdir()
+    path.write_bytes(b"not a checkpoint")
+
+
+def _finished(ws: Workspace) -> None:
+    (ws.run / "summary.json").write_text(json.dumps({"name": RUN_NAME, "trials": {"finished": 2}}))
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _fewer_cores_than(count: int) -> bool:
+    return (os.cpu_count() or 1) < count
+
+
+DRIVER_CASES = [
+    Case("run-unknown-model", _run("--model", "resnet21"), "unknown model 'resnet21'", absent=NOTHING, in_process=True),
+    Case("run-unknown-dataset", _run("--dataset", "mnist"), "unknown dataset 'mnist'", absent=NOTHING, in_process=True),
+    Case("run-unknown-method", _run("--method", "anneal"), "unknown method 'anneal'", absent=NOTHING, in_process=True),
+    Case("run-unknown-criterion", _run("--importance", "magic"), "unknown importance criterion 'magic'",
+         absent=NOTHING, in_process=True),
+    Case("run-target-above-one", _run("--macs-target", "1.5"), "macs_target", absent=NOTHING, in_process=True),
+    Case("run-target-below-reach", _run("--macs-target", "0.001"), "MACs ratios from", absent=NOTHING, in_process=True),
+    Case("run-target-not-a-number", _run("--macs-target", "half"), "'half' is not a number", absent=NOTHING, in_process=True),
+    Case("run-no-trials", _run("--trials", "0"), "--trials: 0 is not a positive integer", absent=NOTHING, in_process=True),
+    Case("run-fractional-trials", _run("--trials", "3.5"), "'3.5' is not an integer", absent=NOTHING, in_process=True),
+    Case("run-negative-concurrency", _run("--concurrency", "-1"), "-1 is not a positive integer", absent=NOTHING, in_process=True),
+    Case("run-malformed-yaml", lambda ws: [*_run()(ws), ws.path("bad.yaml")], "fix the YAML there",
+         prepare=_write("bad.yaml", "model: [small_cnn\n"), absent=NOTHING, in_process=True),
+    Case("run-unknown-set-key", _run("--set", "finetune.epoch=2"), "did you mean 'finetune.epochs'",
+         absent=NOTHING, in_process=True),
+    Case("run-bad-sampler-pair", _run("--set", "optuna.sampler=nsga2"), "nsga2", absent=NOTHING, in_process=True),
+    Case("run-unreachable-tracking-server", lambda ws: _run("--tracking-uri", f"http://127.0.0.1:{_closed_port()}")(ws),
+         "no MLflow tracking server answers", absent=NOTHING, in_process=True),
+    Case("run-unknown-uri-scheme", _run("--tracking-uri", "ftp://example.org/x"), "unsupported scheme 'ftp'",
+         absent=NOTHING, in_process=True),
+    Case("run-sqlite-folder-missing", lambda ws: _run("--tracking-uri", f"sqlite:///{ws.root}/no/such/m.db")(ws),
+         "does not exist; create it first", absent=(*NOTHING, "no"), in_process=True),
+    Case("run-unreachable-address", lambda ws: _run("--address", f"127.0.0.1:{_closed_port()}")(ws),
+         "nothing answers there", absent=NOTHING, in_process=True),
+    Case("run-read-only-storage", lambda ws: ["run", *QUICK, "--storage", "/proc/prunetune-runs", "--name", "x"],
+         "cannot be written", absent=("cache",), in_process=True),
+    Case("run-name-already-used", _run(name=RUN_NAME), "resume it with `prunetune resume",
+         absent=("runs/mlflow.db", "cache"), in_process=True),
+    *([Case("run-cuda-without-a-gpu", _run("--set", "resources.device=cuda", "--gpus-per-trial", "1"),
+            "no CUDA device is available", absent=NOTHING, in_process=True)] if _no_gpu() else []),
+    Case("resume-a-finished-run", lambda ws: ["resume", str(ws.run)], "has already finished", exit=0,
+         prepare=_finished, absent=("runs/mlflow.db", "cache"), in_process=True),
+    # these start a local Ray (a few seconds each), then refuse before anything is written
+    *([Case("run-gpus-per-trial-without-a-gpu", _run("--gpus-per-trial", "1"),
+            "--gpus-per-trial 1: no trial could start", absent=NOTHING, timeout=120)] if _no_gpu() else []),
+    *([Case("run-more-cpus-per-trial-than-cores", _run("--cpus-per-trial", "4"),
+            "--cpus-per-trial 4: no trial could start", absent=NOTHING, timeout=120)]
+      if _fewer_cores_than(4) else []),
+    Case("run-corrupt-cached-base-model", _run(), "delete it", prepare=_corrupt_cached_base_model,
+         absent=("runs/x", "runs/mlflow.db"), timeout=120),
+]
+CASES += DRIVER_CASES
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Case, template: Path, tmp_path: Path):
+def test_bad_input(case: Case, template: Path, tmp_path: Path, capsys, monkeypatch):
     ws = Workspace(tmp_path, tmp_path / "runs" / RUN_NAME)
     shutil.copytree(template.parent, ws.run.parent)
     case.prepare(ws)
-    result = run_cli(case.argv(ws), cache=tmp_path / "cache", cwd=tmp_path, timeout=case.timeout)
+    if case.in_process:
+        result = _main_in_process(case.argv(ws), cache=tmp_path / "cache", cwd=tmp_path, capsys=capsys,
+                                  monkeypatch=monkeypatch)
+    else:
+        result = run_cli(case.argv(ws), cache=tmp_path / "cache", cwd=tmp_path, timeout=case.timeout)
     if case.exit == 2:
         assert_user_error(result, case.says)
     else:
@@ -190,3 +293,18 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path):
         assert output.count(case.says) == 1, output[-3000:]
     for name in case.absent:
         assert not (tmp_path / name).exists(), name
+
+
+def _main_in_process(argv: list[str], *, cache: Path, cwd: Path, capsys, monkeypatch):
+    """``prunetune ARGV`` through ``cli.main`` here, as ``run_cli`` runs it in a subprocess."""
+    import subprocess
+
+    from prunetune.search.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PRUNETUNE_CACHE", str(cache))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    capsys.readouterr()
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, status, out, err)

@@ -71,6 +71,22 @@ def test_every_server_listens_on_loopback_and_ray_refuses_a_client_without_the_t
     assert admitted.stdout.split() == ["admitted"], admitted.stdout + admitted.stderr[-2000:]
 
 
+def test_a_driver_without_the_clusters_token_is_refused_at_once(cluster):
+    """Without RAY_AUTH_* ray.init retried for many minutes (against the machine's outward address):
+    the driver says in one line which exports it needs, in seconds, and creates nothing."""
+    import time
+
+    env = {k: v for k, v in cluster.driver_env.items() if not k.startswith("RAY_AUTH")}
+    started = time.monotonic()
+    result = cli(["run", *QUICK, *cluster.sweep_args("no-token", experiment="no-token")], env=env, cwd=cluster.work,
+                 timeout=120)
+    assert time.monotonic() - started < 30
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "refused this driver's authentication" in lines[0] and "export RAY_AUTH_MODE=token" in lines[0]
+    assert not (cluster.work / "runs" / "no-token").exists()
+
+
 def test_a_sweep_spreads_over_the_nodes_and_survives_the_tracking_server_going_down(cluster):
     """Trials run on both worker nodes; with the server stopped mid-sweep and started again no trial
     fails, and `prunetune sync` completes MLflow: every trial exactly once."""
