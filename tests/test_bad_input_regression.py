@@ -158,9 +158,13 @@ CASES = [
     Case("export-unknown-trial", _export(lambda ws: ws.run, "nosuch"), "no trial 'nosuch'", absent=("out.pt",)),
     Case("export-out-in-missing-folder", _export(lambda ws: ws.run, TRIAL, "missing/out.pt"),
          "does not exist", absent=("missing",)),
-    # missing folders (folders that are not runs: tests/test_search_bad_input.py)
+    # missing folders, and folders that are not runs
     *[Case(f"{command}-missing-folder", lambda ws, c=command, e=extra: [c, ws.path("nosuch"), *e],
            "does not exist or is not a folder", absent=("nosuch",))
+      for command, extra in (("status", []), ("export", ["--out", "x.pt"]), ("resume", []), ("sync", []))],
+    *[Case(f"{command}-not-a-run", lambda ws, c=command, e=extra: [c, ws.path("plain"), *e], "prunetune.json",
+           prepare=lambda ws: (ws.root / "plain").mkdir() or (ws.root / "plain" / "notes.txt").write_text("hi"),
+           absent=("x.pt", "plain/prunetune.json", "plain/trials.jsonl"), in_process=True)
       for command, extra in (("status", []), ("export", ["--out", "x.pt"]), ("resume", []), ("sync", []))],
     # messages name what exists (issue 17, item 9)
     Case("run-storage-is-a-file", lambda ws: ["run", *QUICK, "--storage", ws.path("afile"), "--name", "x"],
