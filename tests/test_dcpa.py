@@ -370,7 +370,9 @@ def test_prunetune_run_method_dcpa_end_to_end(tmp_path):
         assert record["status"] == "finished"
         assert record["metrics"]["macs_ratio"] <= 0.5 + 1e-9  # measured on the pruned model
         params = record["params"]
-        assert 1 <= params["lambda"] <= 10 and 2 <= params["search_epochs"] <= 2 and 2 <= params["tau_max"] <= 8
+        defaults = DcpaOptions()
+        assert defaults.lambda_min <= params["lambda"] <= defaults.lambda_max and params["search_epochs"] <= 2
+        assert defaults.tau_max_min <= params["tau_max"] <= defaults.tau_max_max
         assert params["importance"] == "bn_scale"
         learning = record["learning"]
         assert any(key.startswith("prob.layer1.d") for key in learning["trajectory"][-1])  # depth choices
