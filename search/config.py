@@ -75,6 +75,20 @@ _CONFIG_FOLDER = "configs"
 METHOD_SECTIONS: dict[str, type] = method_sections()
 
 
+def _own_criteria() -> str:
+    """``"attention for arpruning, bn_scale for dcm and dcpa, l1 for the others"``, from the registry."""
+    by_criterion: dict[str, list[str]] = {}
+    for name, spec in METHODS.items():
+        by_criterion.setdefault(spec.default_importance, []).append(name)
+    common = max(by_criterion, key=lambda criterion: len(by_criterion[criterion]))
+    named = [f"{criterion} for {' and '.join(names)}" for criterion, names in by_criterion.items()
+             if criterion != common]
+    return ", ".join([*named, f"{common} for the others"])
+
+
+_OWN_CRITERIA = _own_criteria()
+
+
 def _unknown_key(key: Any, valid: Sequence[str], prefix: str) -> UserError:
     """The error for an unknown ``key`` under ``prefix``: the closest valid key, and all of them."""
     name = str(key)
@@ -326,7 +340,7 @@ class SearchConfig(Section):
     method: str = option("optuna", "pruning method from methods.registry")
     importance: str | None = option(
         None, "channel importance criterion from pruning.importance; null = the method's own "
-        "(attention for arpruning, bn_scale for dcm and dcpa, l1 for the others)"
+        f"({_OWN_CRITERIA})"
     )
     macs_target: float = option(0.5, "kept fraction of the base model's MACs", check=FRACTION)
     macs_tolerance: float = option(
