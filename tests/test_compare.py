@@ -282,3 +282,18 @@ def test_benchmark_tables_regenerate_from_the_kept_small_files(searches, capsys,
     assert kept == original
     table = compare_table.markdown(kept, "method")
     assert table.splitlines()[2].startswith("| random | 1 | 3 + 0 |") and "| arpruning | 1 |" in table
+
+
+def test_a_final_fine_tune_is_the_final_column_from_the_run_directory_and_from_mlflow(searches, capsys):
+    """Last in this file: it adds a final fine-tune to the random search."""
+    work, runs = searches
+    result = run_cli(["finetune", str(runs / "rnd"), "--epochs", "1"], cache=work / "cache", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((runs / "rnd" / "summary.json").read_text())["final"]
+    from_dir = compare_json([str(runs / "rnd")], capsys)["searches"][0]["final"]
+    from_mlflow = [row for row in compare_json(["--experiment", "prunetune", "--tracking-uri",
+                                                f"sqlite:///{runs}/mlflow.db"], capsys)["searches"]
+                   if row["name"] == "rnd"][0]["final"]
+    for cell in (from_dir, from_mlflow):
+        assert (cell["val_accuracy"], cell["test_accuracy"]) == (final["val_accuracy"], final["test_accuracy"])
+        assert cell["trial_id"] == f"final-{final['trial_id']}"

@@ -75,6 +75,7 @@ class Search:
     baseline: Mapping[str, Any] = field(default_factory=dict)
     groups: Mapping[str, int] = field(default_factory=dict)  # group -> base channels (from the space)
     experiment_id: str | None = None  # the MLflow experiment, for a search read from MLflow
+    final: TrialPoint | None = None  # ``prunetune finetune``'s result (summary.json's ``final``)
 
 
 def best_within(search: Search, budget: float) -> TrialPoint | None:
@@ -103,7 +104,10 @@ def front_of(search: Search) -> list[TrialPoint]:
 
 
 def final_of(search: Search) -> TrialPoint | None:
-    """The searcher's final full fine-tune (ARPruning's ``role: final``), the last if several."""
+    """The search's final fine-tune: ``prunetune finetune``'s result where there is one, else a
+    searcher's own final full fine-tune (ARPruning's ``role: final`` trial, the last if several)."""
+    if search.final is not None:
+        return search.final
     finals = [t for t in search.trials if t.role == "final" and t.status == "finished"]
     return finals[-1] if finals else None
 
@@ -257,6 +261,20 @@ def point_from_record(record: Mapping[str, Any], order: int) -> TrialPoint:
         dropped_blocks=tuple(policy.get("dropped_blocks") or ()))
 
 
+def final_point(result: Mapping[str, Any] | None, order: int) -> TrialPoint | None:
+    """``summary.json``'s ``final`` (a ``prunetune finetune`` result) as a TrialPoint, or None."""
+    if not isinstance(result, Mapping) or _number(result.get("val_accuracy")) is None:
+        return None
+    policy = result.get("policy") or {}
+    return TrialPoint(
+        trial_id=f"final-{result.get('trial_id', '')}", order=order, status="finished", fidelity="final",
+        role="final", val_accuracy=_number(result.get("val_accuracy")),
+        test_accuracy=_number(result.get("test_accuracy")), macs_ratio=_number(result.get("macs_ratio")),
+        macs=_number(result.get("macs")),
+        keep_ratios={str(g): float(r) for g, r in (policy.get("keep_ratios") or {}).items()},
+        dropped_blocks=tuple(policy.get("dropped_blocks") or ()))
+
+
 def search_from_run_dir(run_dir: Path) -> Search:
     """Read one search from its run directory; a folder that is not a run is a UserError."""
     from prunetune.tracking.rundir import read_run_dir
@@ -275,4 +293,5 @@ def search_from_run_dir(run_dir: Path) -> Search:
         wall_s=_number(summary.get("wall_s")),
         trials=tuple(point_from_record(r, i) for i, r in enumerate(contents.trials)),
         source=str(run_dir), tracking_uri=meta.get("tracking_uri"), parent_run_id=meta.get("parent_run_id"),
-        baseline=dict(summary.get("baseline") or {}), groups=groups)
+        baseline=dict(summary.get("baseline") or {}), groups=groups,
+        final=final_point(summary.get("final"), len(contents.trials)))

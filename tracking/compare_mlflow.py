@@ -47,12 +47,17 @@ def searches_from_mlflow(tracking_uri: str, experiments: Sequence[str]) -> list[
         children: dict[str, list[Run]] = defaultdict(list)
         for run in search_runs_by_tags(client, experiment.experiment_id, {TAG_ROLE: "trial"}):
             children[run.data.tags.get(TAG_PARENT, "")].append(run)
-        searches += [search_from_runs(parent, children[parent.info.run_id], tracking_uri) for parent in parents]
+        finals: dict[str, Run] = {}  # the latest final fine-tune (``prunetune finetune``) of each parent
+        for run in search_runs_by_tags(client, experiment.experiment_id, {TAG_ROLE: "final"}):
+            finals[run.data.tags.get(TAG_PARENT, "")] = run
+        searches += [search_from_runs(parent, children[parent.info.run_id], tracking_uri,
+                                      final=finals.get(parent.info.run_id)) for parent in parents]
     return searches
 
 
-def search_from_runs(parent: Run, children: Sequence[Run], tracking_uri: str) -> Search:
-    """One search from its parent run and child runs."""
+def search_from_runs(parent: Run, children: Sequence[Run], tracking_uri: str, *,
+                     final: Run | None = None) -> Search:
+    """One search from its parent run, its trials' child runs and its final fine-tune's run."""
     params, metrics, tags = parent.data.params, parent.data.metrics, parent.data.tags
     ordered = sorted(children, key=lambda run: (run.info.end_time or run.info.start_time or 0))
     return Search(
@@ -65,7 +70,8 @@ def search_from_runs(parent: Run, children: Sequence[Run], tracking_uri: str) ->
         trials=tuple(point_from_run(run, order) for order, run in enumerate(ordered)),
         source=f"{tracking_uri} run {parent.info.run_id}", tracking_uri=tracking_uri,
         parent_run_id=parent.info.run_id, experiment_id=parent.info.experiment_id,
-        baseline={key[len("base_"):]: value for key, value in metrics.items() if key.startswith("base_")})
+        baseline={key[len("base_"):]: value for key, value in metrics.items() if key.startswith("base_")},
+        final=None if final is None else point_from_run(final, len(ordered)))
 
 
 def point_from_run(run: Run, order: int) -> TrialPoint:
