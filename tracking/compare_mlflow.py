@@ -30,7 +30,8 @@ def searches_from_mlflow(tracking_uri: str, experiments: Sequence[str]) -> list[
 
     if uri_scheme(tracking_uri) == "sqlite" and not sqlite_file(tracking_uri).is_file():
         raise UserError(f"no MLflow database at {sqlite_file(tracking_uri)} (tracking URI {tracking_uri}); "
-                        f"pass the store your searches logged to, e.g. sqlite:///runs/mlflow.db")
+                        f"pass run directories, or --tracking-uri of the store your searches logged to "
+                        f"(by default sqlite:///<storage>/mlflow.db)")
     check_tracking_uri(tracking_uri)
     client = make_client(tracking_uri)
     searches: list[Search] = []
