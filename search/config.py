@@ -262,6 +262,15 @@ class MethodSections(Mapping):
         return len(self.entries)
 
 
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a YAML value (lists as tuples, mappings as sorted item tuples)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((key, _frozen(inner)) for key, inner in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(inner) for inner in value)
+    return value
+
+
 class ModelArgs(Mapping):
     """The keyword arguments of the user's model factory (``model_args.KEY``): any keys, YAML values.
 
@@ -301,7 +310,8 @@ class ModelArgs(Mapping):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mapping) and dict(self) == dict(other)
 
-    __hash__ = None  # values may be lists
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((key, _frozen(value)) for key, value in self._entries.items())))
 
     def __repr__(self) -> str:
         return f"ModelArgs({self._entries!r})"
