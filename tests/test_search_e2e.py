@@ -139,6 +139,11 @@ def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path):
 
         resumed = run_cli(["resume", str(run_dir)], cache=cache, cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
+        counters = [line for line in resumed.stderr.splitlines() if line.startswith("[")]
+        assert counters and counters[0].startswith(f"[{len(before_kill) + 1}/4]"), resumed.stderr[-3000:]
+        best = max(r["metrics"]["val_accuracy"] for r in before_kill)
+        assert f"best {best:.4f}" in counters[0] or float(counters[0].split("best ")[1][:6]) > best
+        assert "Tuner.restore" not in resumed.stderr and "Failed to fetch metrics" not in resumed.stderr
         assert not any(processes_using(d) for d in temp_dirs), "leftover Ray processes of the killed run"
 
         records = read_jsonl(run_dir / "trials.jsonl")
