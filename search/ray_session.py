@@ -76,14 +76,24 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
 
 
 def quiet_tune_logs() -> None:
-    """Silence Ray Tune's error log of each failed trial attempt (a traceback each, printed again at
+    """Drop Ray Tune's error log of each failed trial attempt (a traceback each, all printed again at
     the end): the search names its failures itself, in one line (``search.failures``), and each
-    trial's traceback stays in its ``error.txt``."""
+    trial's traceback stays in its ``error.txt``. Ray Tune's other messages pass."""
     import logging
 
-    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune",
-                 "ray.tune.analysis.experiment_analysis"):  # "Failed to fetch metrics" of trials cut short
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _TrialFailureFilter) for f in logger.filters):
+            logger.addFilter(_TrialFailureFilter())
+
+
+class _TrialFailureFilter:
+    """A logging filter that refuses Ray Tune's records of failed trials."""
+
+    PREFIXES = ("Trial task failed", "Trials did not complete")
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
 
 
 class RaySession:
@@ -95,6 +105,7 @@ class RaySession:
         self.address = address
         self.runtime_env = runtime_env
         self.temp_dir: str | None = None
+        self.started = False
 
     @property
     def temp_dirs(self) -> list[str]:
@@ -104,14 +115,16 @@ class RaySession:
     def start(self) -> None:
         if not self.address:
             self.temp_dir = new_temp_dir()
+        self.started = True  # also when start_ray fails half way: what it started is stopped on exit
         start_ray(address=self.address, temp_dir=self.temp_dir, runtime_env=self.runtime_env)
 
     def __enter__(self) -> RaySession:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        stop_ray()
-        remove_temp_dirs(self.temp_dirs)
+        if self.started:
+            stop_ray()
+            remove_temp_dirs(self.temp_dirs)
 
 
 def check_trial_resources(*, cpus: float, gpus: float, address: str | None) -> None:

@@ -104,3 +104,20 @@ def test_every_registry_kind_has_its_ray_tune_wiring():
 
     assert {spec.kind for spec in METHODS.values()} <= set(TUNE_KINDS)
     assert all(callable(tune_kind(spec).search_algorithm) for spec in METHODS.values())
+
+
+def test_ray_tunes_per_attempt_failure_logs_are_dropped_and_its_other_messages_kept():
+    import logging
+
+    from prunetune.search.ray_session import quiet_tune_logs
+
+    quiet_tune_logs()
+    quiet_tune_logs()  # idempotent: one filter
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    assert len(logger.filters) == 1
+
+    def record(msg):
+        return logging.LogRecord(logger.name, logging.ERROR, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record("Trial task failed for trial policy_trainable_1"))
+    assert logger.filter(record("No trial is running and no new trial has been started"))
