@@ -205,10 +205,16 @@ def _start_ray(ray: RaySession, stop: StopSignals, cfg) -> None:
     """Start or join Ray (once), take the stop signals back from it, and check the trials fit a node."""
     from prunetune.search.ray_session import check_trial_resources
 
+    def check() -> None:
+        check_trial_resources(cpus=cfg.resources.cpus_per_trial, gpus=cfg.resources.gpus_per_trial,
+                              address=cfg.address)
+
+    if not cfg.address:
+        check()  # a local Ray's resources are known before it starts
     ray.start()
     stop.install()  # ray.init replaced the SIGTERM handler
-    check_trial_resources(cpus=cfg.resources.cpus_per_trial, gpus=cfg.resources.gpus_per_trial,
-                          address=cfg.address)
+    if cfg.address:
+        check()
 
 
 def _recorded_results(run_dir: Path) -> dict:

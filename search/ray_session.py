@@ -128,14 +128,14 @@ class RaySession:
 
 
 def check_trial_resources(*, cpus: float, gpus: float, address: str | None) -> None:
-    """Refuse a trial that no node of the running Ray cluster could ever hold (Ray would wait forever).
+    """Refuse a trial that no node of the Ray cluster could ever hold (Ray would wait forever).
 
     Compared with the largest alive node, as a trial runs on one node; the message gives the
-    cluster's totals too. An autoscaling cluster that would add bigger nodes is not foreseen.
+    cluster's totals too. An autoscaling cluster that would add bigger nodes is not foreseen. A
+    local Ray (no ``address``) is judged before it starts, by what it will get: this machine's
+    CPUs and the GPUs torch sees; a joined cluster once joined, by its alive nodes.
     """
-    import ray
-
-    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    nodes = _node_resources(address)
     where = f"the Ray cluster at {address}" if address else "the local Ray (this machine)"
     for key, flag, asked in (("CPU", "--cpus-per-trial", cpus), ("GPU", "--gpus-per-trial", gpus)):
         if asked <= 0:
@@ -147,6 +147,16 @@ def check_trial_resources(*, cpus: float, gpus: float, address: str | None) -> N
             raise UserError(f"{flag} {asked:g}: no trial could start, since {where} has {total:g} {key}s in "
                             f"all and at most {largest:g} on one node; {fix}, or join a cluster that has "
                             f"them (--address)")
+
+
+def _node_resources(address: str | None) -> list[dict]:
+    if address is None:  # what start_ray gives a local Ray
+        import torch
+
+        return [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}]
+    import ray
+
+    return [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
 
 
 def check_reachable(address: str, *, timeout_s: float = 5.0) -> None:
