@@ -18,6 +18,9 @@ from ray.tune import Callback
 from prunetune.search.trainable import config_key
 from prunetune.search.trial import CHECKPOINT_MODEL, COMPLETE_KEY, REUSED_KEY
 from prunetune.tracking.rundir import (
+    STATUS_FAILED,
+    STATUS_FINISHED,
+    STATUS_STOPPED,
     TRIALS_FILE,
     append_trial,
     file_sha256,
@@ -26,7 +29,6 @@ from prunetune.tracking.rundir import (
     relative_checkpoint,
 )
 
-STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED = "finished", "stopped", "failed"
 RECORDED_METRICS = ("val_accuracy", "val_loss", "train_loss", "macs", "params", "latency_ms",
                     "latency_median_ms", "latency_iqr_ms", "latency_repeats", "latency_load_avg",
                     "macs_ratio", "params_ratio", "latency_ratio", "epoch")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from prunetune.search.callbacks import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
 from prunetune.tracking.pareto import pareto_front
+from prunetune.tracking.rundir import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
 
 
 def _point(record: Mapping) -> dict:

@@ -42,6 +42,7 @@ SUMMARY_FILE = "summary.json"
 DRIVER_FILE = "driver.json"
 PARETO_PNG = "pareto.png"
 META_FORMAT = 1
+STATUS_FINISHED, STATUS_STOPPED, STATUS_FAILED = "finished", "stopped", "failed"  # a trial record's status
 REQUIRED_META = ("run_uid", "name", "tracking_uri", "experiment")
 
 
