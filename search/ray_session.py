@@ -81,16 +81,19 @@ def quiet_tune_logs() -> None:
     trial's traceback stays in its ``error.txt``. Ray Tune's other messages pass."""
     import logging
 
-    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _TrialFailureFilter) for f in logger.filters):
             logger.addFilter(_TrialFailureFilter())
 
 
 class _TrialFailureFilter:
-    """A logging filter that refuses Ray Tune's records of failed trials."""
+    """A logging filter that refuses Ray Tune's records of failed trials, its ``Tuner.restore(...)``
+    hint after an interruption (prunetune says ``prunetune resume RUN_DIR`` instead) and its
+    warnings about metrics it cannot read of trials an interruption cut short."""
 
-    PREFIXES = ("Trial task failed", "Trials did not complete")
+    PREFIXES = ("Trial task failed", "Trials did not complete", "Experiment has been interrupted",
+                "Training has been interrupted", "Failed to fetch metrics", "Could not fetch metrics")
 
     def filter(self, record) -> bool:
         return not str(record.msg).startswith(self.PREFIXES)

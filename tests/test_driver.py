@@ -121,3 +121,17 @@ def test_ray_tunes_per_attempt_failure_logs_are_dropped_and_its_other_messages_k
 
     assert not logger.filter(record("Trial task failed for trial policy_trainable_1"))
     assert logger.filter(record("No trial is running and no new trial has been started"))
+
+
+def test_ray_tunes_restore_hint_and_metrics_fetch_noise_are_dropped():
+    """They contradict prunetune's own `prunetune resume RUN_DIR` (issue 17, item 7)."""
+    import logging
+
+    from prunetune.search.ray_session import quiet_tune_logs
+
+    quiet_tune_logs()
+    for name, msg in (("ray.tune.tune", "Experiment has been interrupted, but the most recent state was saved.\n"
+                                        "Resume experiment with: Tuner.restore(path=\"/r\", trainable=...)"),
+                      ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for 1 trial(s):\n...")):
+        logger = logging.getLogger(name)
+        assert not logger.filter(logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (), None))
