@@ -21,7 +21,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,7 +64,17 @@ class Latency:
     def to_json(self) -> dict:
         return {"latency_ms": self.ms, "latency_median_ms": self.median_ms, "latency_iqr_ms": self.iqr_ms,
                 "latency_repeats": self.repeats, "latency_load_avg": self.load_avg,
-                "latency_threads": self.threads}
+                "latency_threads": self.threads, "latency_cpus": self.cpus}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "Latency | None":
+        """The timing a record's ``to_json`` keys describe; None for a record without its spread."""
+        if not isinstance(data.get("latency_ms"), int | float) or data.get("latency_iqr_ms") is None:
+            return None
+        return cls(ms=data["latency_ms"], median_ms=data.get("latency_median_ms") or data["latency_ms"],
+                   iqr_ms=data["latency_iqr_ms"], repeats=int(data.get("latency_repeats") or 0), rounds=0,
+                   load_avg=data.get("latency_load_avg"), cpus=int(data.get("latency_cpus") or os.cpu_count() or 1),
+                   threads=data.get("latency_threads"))
 
 
 def latency_warning(*latencies: Latency) -> str | None:

@@ -30,7 +30,7 @@ from prunetune.tracking.rundir import (
 )
 
 RECORDED_METRICS = ("val_accuracy", "val_loss", "train_loss", "macs", "params", "latency_ms",
-                    "latency_median_ms", "latency_iqr_ms", "latency_repeats", "latency_load_avg",
+                    "latency_median_ms", "latency_iqr_ms", "latency_repeats", "latency_load_avg", "latency_cpus",
                     "macs_ratio", "params_ratio", "latency_ratio", "epoch")
 SEARCHER_KEYS = ("policy", "proposal_id", "estimated_macs_ratio")
 

@@ -46,7 +46,7 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
         "name": name, "method": method, "macs_target": macs_target,
         "baseline": {k: baseline.get(k) for k in ("val_accuracy", "test_accuracy", "macs", "params",
                                                    "latency_ms", "latency_iqr_ms", "latency_repeats",
-                                                   "latency_load_avg")},
+                                                   "latency_load_avg", "latency_cpus")},
         "best": None if best is None else {k: best[k] for k in (
             "trial_id", "val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio",
             "latency_ms", "policy")},
@@ -54,8 +54,20 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
                                       "macs_ratio", "params")} for p in front],
         "trials": counts,
         "first_failure": dict(first_failure) if first_failure else None,
+        "latency_warning": _latency_warning(baseline, records, best),
         "wall_s": round(wall_s, 1),
     }
+
+
+def _latency_warning(baseline: Mapping, records: Sequence[Mapping], best: Mapping | None) -> str | None:
+    """Why the best trial's latency ratio to the base cannot be trusted (their spread or load), or None."""
+    if best is None:
+        return None
+    from prunetune.pruning.measure import Latency, latency_warning  # torch: only where a search ends
+
+    metrics = next((r.get("metrics") or {} for r in records if r["trial_id"] == best["trial_id"]), {})
+    timings = [t for t in (Latency.from_json(baseline), Latency.from_json(metrics)) if t is not None]
+    return latency_warning(*timings) if timings else None
 
 
 def format_summary(summary: Mapping) -> str:
@@ -65,6 +77,7 @@ def format_summary(summary: Mapping) -> str:
              f"{summary['trials']['finished']} finished, {summary['trials']['stopped']} stopped early, "
              f"{summary['trials']['failed']} failed in {summary['wall_s'] / 60:.1f} min",
              *_failure_lines(summary),
+             *([f"warning: {summary['latency_warning']}"] if summary.get("latency_warning") else []),
              f"base model: val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
              f"{_human(base['macs'])} MACs, {_human(base['params'])} params", "",
              "Pareto front (validation accuracy against MACs):",

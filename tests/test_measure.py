@@ -128,6 +128,8 @@ def test_cuda_latency_moves_the_model_back():
 
 
 def test_latency_keeps_its_spread_and_the_load_beside_the_figure():
+    from dataclasses import replace
+
     from prunetune.pruning.measure import Latency, time_latency
 
     threads = torch.get_num_threads()
@@ -138,7 +140,9 @@ def test_latency_keeps_its_spread_and_the_load_beside_the_figure():
     assert latency.threads == 1 and torch.get_num_threads() == threads  # the caller's threads restored
     record = latency.to_json()
     assert set(record) == {"latency_ms", "latency_median_ms", "latency_iqr_ms", "latency_repeats",
-                           "latency_load_avg", "latency_threads"}
+                           "latency_load_avg", "latency_threads", "latency_cpus"}
+    assert Latency.from_json(record) == replace(latency, rounds=0)  # what a trial record keeps
+    assert Latency.from_json({"latency_ms": 1.0}) is None  # a record of an older version: no spread
     assert measure(tiny_net(), (3, 8, 8), batch_size=2, repeats=3).latency.repeats >= 3
 
 

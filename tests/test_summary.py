@@ -1,0 +1,43 @@
+"""summary.json from trial records: the latency warning beside the best trial (issue 17, item 11)."""
+
+from __future__ import annotations
+
+from prunetune.search.summary import build_summary, format_summary
+
+
+def record(trial_id: str, **latency) -> dict:
+    metrics = {"val_accuracy": 0.9, "macs": 500, "params": 50, "macs_ratio": 0.5, "params_ratio": 0.5,
+               "latency_ms": 1.0, **latency}
+    return {"trial_id": trial_id, "trial_key": f"u:{trial_id}", "status": "finished", "metrics": metrics,
+            "test_accuracy": 0.9, "policy": None}
+
+
+BASE = {"val_accuracy": 0.95, "test_accuracy": 0.95, "macs": 1000, "params": 100, "latency_ms": 2.0,
+        "latency_median_ms": 2.0, "latency_iqr_ms": 0.1, "latency_repeats": 10, "latency_load_avg": 0.5,
+        "latency_cpus": 2}
+
+
+def summary_of(records) -> dict:
+    return build_summary(name="s", method="random", baseline=BASE, records=records, macs_target=0.5,
+                         macs_tolerance=0.02, wall_s=10.0)
+
+
+def test_a_steady_measurement_gives_no_warning():
+    quiet = record("a", latency_median_ms=1.0, latency_iqr_ms=0.05, latency_repeats=10, latency_load_avg=0.4,
+                   latency_cpus=2)
+    summary = summary_of([quiet])
+    assert summary["latency_warning"] is None and "warning" not in format_summary(summary)
+    assert summary["baseline"]["latency_iqr_ms"] == 0.1 and summary["baseline"]["latency_load_avg"] == 0.5
+
+
+def test_a_loaded_measurement_of_the_best_trial_is_flagged_in_the_summary_and_its_table():
+    loaded = record("b", latency_median_ms=1.0, latency_iqr_ms=0.6, latency_repeats=10, latency_load_avg=9.0,
+                    latency_cpus=2)
+    summary = summary_of([loaded])
+    assert "IQR 60% of the median" in summary["latency_warning"]
+    assert "load average 9.0 on 2 CPUs" in summary["latency_warning"]
+    assert f"warning: {summary['latency_warning']}" in format_summary(summary)
+
+
+def test_records_of_older_versions_without_a_spread_give_no_warning():
+    assert summary_of([record("c")])["latency_warning"] is None
