@@ -249,23 +249,34 @@ class CdpPenalty:
 # --- DTC ---------------------------------------------------------------------------------------
 
 
-def dtc_thresholds(skeleton: torch.Tensor, delta: float, *, relative: bool = False) -> torch.Tensor:
-    """``tau_n = delta * mean_m(||FS_m||_1) / ||FS_n||_1`` per filter (METHODS.md, DTC); a filter with
-    nothing left has an infinite threshold.
+def dtc_thresholds(skeleton: torch.Tensor, delta: float, *, unit: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``tau_n = delta * mean_m(||FS_m||_1) / ||FS_n||_1`` per filter (METHODS.md, DTC), times ``unit``;
+    a filter with nothing left has an infinite threshold.
 
-    ``relative`` measures tau_n in units of the layer's mean skeleton entry ``mean |FS|`` (1 at the
-    start, where both agree), so that a layer whose skeleton shrinks as a whole keeps its filters:
-    a BatchNorm after the conv makes each filter's scale irrelevant to the loss, so nothing resists
-    the penalties shrinking every entry alike, and with the absolute threshold whole layers die at
-    once when the entries reach delta (measured on digits: MACs ratios of 1.0 or about 0, nothing
-    between). Relative, an entry dies when it is small against its layer's entries.
+    ``unit`` is 1 for the formula as it is (``threshold: absolute``). A BatchNorm after the conv makes
+    each filter's scale irrelevant to the loss, so nothing resists the penalties shrinking every entry
+    alike, and with the absolute threshold whole layers die at once when the entries reach delta
+    (measured on digits: MACs ratios of 1.0 or about 0, nothing between). ``threshold: relative``
+    measures tau_n in units of the layer's mean skeleton entry (1 at the start, where all agree): an
+    entry dies when it is small against its layer's, and a layer never empties while delta < 1 (its
+    largest filter keeps its largest entry). ``threshold: model`` uses the mean entry over every
+    layer, so a layer dies whole only when it shrank more than the others: depth can be pruned.
     """
     norms = filter_l1(skeleton.detach())
     safe = norms.clamp_min(torch.finfo(norms.dtype).tiny)
-    tau = delta * norms.mean() / safe
-    if relative:
-        tau = tau * skeleton.detach().abs().mean()
+    tau = delta * norms.mean() / safe * unit
     return torch.where(norms > 0, tau, torch.full_like(norms, math.inf))
+
+
+def threshold_units(layers: Sequence[SkeletonLayer], threshold: str) -> list[float | torch.Tensor]:
+    """Each layer's unit of tau_n: 1 (``absolute``), its mean |FS| (``relative``) or every layer's (``model``)."""
+    if threshold == "absolute":
+        return [1.0] * len(layers)
+    if threshold == "relative":
+        return [layer.skeleton.detach().abs().mean() for layer in layers]
+    entries = sum(layer.skeleton.numel() for layer in layers)
+    mean = sum(layer.skeleton.detach().abs().sum() for layer in layers) / entries
+    return [mean] * len(layers)
 
 
 def _zero_where(parameter: torch.Tensor, keep: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -281,12 +292,13 @@ def _zero_where(parameter: torch.Tensor, keep: torch.Tensor, optimizers: Sequenc
 
 @torch.no_grad()
 def apply_dtc(layers: Sequence[SkeletonLayer], delta: float, optimizers: Sequence[torch.optim.Optimizer], *,
-              relative: bool = False) -> None:
+              threshold: str = "absolute") -> None:
     """DTC, between backward and the optimiser steps: entries with ``|FS| <= tau_n`` are zeroed with
-    their gradients (and momentum), and a dead filter's following BatchNorm scale and shift too."""
-    for layer in layers:
+    their gradients (and momentum), and a dead filter's following BatchNorm scale and shift too
+    (``threshold``: the unit of tau_n, see ``dtc_thresholds``)."""
+    for layer, unit in zip(layers, threshold_units(layers, threshold), strict=True):
         skeleton = layer.skeleton
-        tau = dtc_thresholds(skeleton, delta, relative=relative)
+        tau = dtc_thresholds(skeleton, delta, unit=unit)
         keep = (skeleton.abs() > tau[:, None, None]).to(skeleton.dtype)
         _zero_where(skeleton, keep, optimizers)
         norm = layer.norm
@@ -458,7 +470,7 @@ class CdpDtcRun:
         self.skeleton_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         apply_dtc(self.layers, self.hp["delta"], [self.weight_optimizer, self.skeleton_optimizer],
-                  relative=self.options.threshold == "relative")
+                  threshold=self.options.threshold)
         self.weight_optimizer.step()
         self.skeleton_optimizer.step()
         self.step += 1

@@ -38,9 +38,10 @@ class CdpDtcOptions(Section):
                                 check=POSITIVE)
     adaptive_spread: float = option(0.5, "how far the adaptive term's group and L1 weights move apart: "
                                          "adaptive * (1 +- spread)", check=Range(0, 1))
-    threshold: str = option("relative", "DTC's tau_n in units of the layer's mean skeleton entry (relative) or "
-                                        "as it is (absolute; whole layers tend to die at once)",
-                            choices=("relative", "absolute"))
+    threshold: str = option("relative", "unit of DTC's tau_n: the layer's mean skeleton entry (relative: widths "
+                                        "only), every layer's (model: layers may empty, blocks drop) or none "
+                                        "(absolute; whole layers tend to die at once)",
+                            choices=("relative", "model", "absolute"))
     checkpoint_every: int = option(20, "training steps between progress reports with a checkpoint",
                                    check=AT_LEAST_ONE)
     delta_min: float = option(0.1, "searched range of delta, DTC's threshold factor: lowest", check=POSITIVE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from prunetune.methods.cdp_dtc import (
     learned_policy,
     remove_dead,
     survival,
+    threshold_units,
 )
 from prunetune.methods.cdp_dtc_options import CdpDtcOptions
 from prunetune.methods.learner import LearnData
@@ -95,9 +97,15 @@ def test_the_thresholds_follow_the_formula_on_a_constructed_skeleton():
     assert tau[0].item() == pytest.approx(0.4 * mean / 2.0)
     assert tau[1].item() == pytest.approx(0.4 * mean / 1.0)
     assert math.isinf(tau[2].item())
-    relative = dtc_thresholds(skeleton, 0.4, relative=True)  # in units of the mean entry, 3.0 / 12
+    layer = SimpleNamespace(skeleton=skeleton)
+    (unit,) = threshold_units([layer], "relative")  # the layer's mean entry, 3.0 / 12
+    relative = dtc_thresholds(skeleton, 0.4, unit=unit)
     torch.testing.assert_close(relative[:2], tau[:2] * 0.25)
-    torch.testing.assert_close(dtc_thresholds(skeleton * 8, 0.4, relative=True)[:2] / 8, relative[:2])  # scale-free
+    (scaled,) = threshold_units([SimpleNamespace(skeleton=skeleton * 8)], "relative")
+    torch.testing.assert_close(dtc_thresholds(skeleton * 8, 0.4, unit=scaled)[:2] / 8, relative[:2])  # scale-free
+    other = SimpleNamespace(skeleton=torch.full((1, 2, 2), 2.0))  # 8.0 over 4 entries
+    assert [float(u) for u in threshold_units([layer, other], "model")] == [11.0 / 16] * 2
+    assert threshold_units([layer, other], "absolute") == [1.0, 1.0]
 
 
 def test_entries_below_their_threshold_stay_zero_through_an_optimiser_step():
