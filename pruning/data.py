@@ -215,10 +215,14 @@ def load_dataset(
 
     The validation split is ``val_fraction`` of the training data; ``data_fraction`` then keeps
     that fraction of the remaining training split only (validation and test stay whole, so scores
-    stay comparable). ``image_size`` resizes the images (bilinear for in-memory data).
+    stay comparable). ``image_size`` resizes the images (bilinear for in-memory data). ``name`` may
+    also be the user's factory, ``package.module:factory`` (``pruning.user_data``).
     """
-    if name not in _BUILDERS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+    from prunetune.pruning.user_models import is_reference
+
+    if name not in _BUILDERS and not is_reference(name):
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}, or your own "
+                        f"factory: package.module:factory or path/to/file.py:factory")
     if not 0.0 < val_fraction <= 0.5:
         raise UserError(f"val_fraction must be in (0, 0.5], got {val_fraction}; pass e.g. 0.1")
     if not 0.0 < data_fraction <= 1.0:
@@ -227,6 +231,11 @@ def load_dataset(
         )
     if image_size is not None and image_size < 1:
         raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
+    if is_reference(name):  # the user's own factory (pruning.user_data)
+        from prunetune.pruning.user_data import factory_splits
+
+        return factory_splits(name, root=root, seed=seed, val_fraction=val_fraction, data_fraction=data_fraction,
+                              image_size=image_size)
     info, train_and_val, test = _BUILDERS[name](_Request(root=root, image_size=image_size, download=download))
     train_indices, val_indices = _carve(len(train_and_val), val_fraction, seed=seed, stream=1)
     if data_fraction < 1.0:

@@ -283,6 +283,10 @@ def dataset_cache_key(name: str, image_size: int, data_fraction: float, val_frac
     The one spelling of it: ``prunetune prune`` and ``prunetune run`` share a base model exactly
     when they train on the same data, so neither trains it again.
     """
+    from prunetune.pruning.user_models import is_reference, reference_key
+
+    if is_reference(name):  # the user's dataset factory: a key of its reference (and file)
+        name = reference_key(name, None)
     key = f"{name}-{image_size}px-f{data_fraction:g}-v{val_fraction:g}"
     if data_root is not None:
         key += "-" + hashlib.sha1(str(Path(data_root).expanduser().resolve()).encode()).hexdigest()[:8]

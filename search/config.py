@@ -120,7 +120,8 @@ class DatasetSection(Section):
     """Which data, and how much of it: passed to ``pruning.data.load_dataset``."""
 
     section: ClassVar[str] = "dataset"
-    name: str = option("digits", "dataset name from pruning.data")
+    name: str = option("digits", "dataset name from pruning.data, or your own factory: package.module:factory or "
+                       "path/to/file.py:factory returning (train, val, test) datasets of (image, label)")
     root: str | None = option(None, "folder holding the dataset's files; null = the dataset's default place")
     image_size: int | None = option(
         None, "image side in pixels; null = the dataset's default", check=AT_LEAST_ONE
@@ -399,6 +400,8 @@ class SearchConfig(Section):
         from prunetune.pruning.user_models import canonical_reference
 
         object.__setattr__(self, "model", canonical_reference(self.model))
+        if canonical_reference(self.dataset.name) != self.dataset.name:
+            object.__setattr__(self, "dataset", replace(self.dataset, name=canonical_reference(self.dataset.name)))
         if self.weights is not None:
             object.__setattr__(self, "weights", str(Path(self.weights).expanduser().resolve()))
         if self.ray_storage is not None and "://" not in self.ray_storage:
