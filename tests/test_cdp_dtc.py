@@ -264,11 +264,11 @@ def digits(tmp_path_factory):
     splits = load_dataset("digits", image_size=8, seed=0)
     cache = tmp_path_factory.mktemp("cache")
     model, metrics = pretrain("small_cnn", splits, TrainRecipe(epochs=8), seed=0, cache_dir=cache, dataset_key="d8")
-    return model, splits, model_space("small_cnn", splits.info)
+    return model, splits, model_space("small_cnn", splits.info), metrics
 
 
 def learn(digits, options, hparams, *, reports=None, state=None):
-    model, splits, space = digits
+    model, splits, space, _ = digits
     data = LearnData(space, splits.train, splits.val, splits.info.augment,
                      TrainRecipe(epochs=1, lr=0.01, batch_size=64), seed=0)
     sink = reports if reports is not None else []
@@ -280,7 +280,7 @@ def learn(digits, options, hparams, *, reports=None, state=None):
 
 
 def test_learning_on_digits_kills_filters_and_gives_a_policy_with_its_survival(digits):
-    _, _, space = digits
+    space = digits[2]
     reports = []
     learned = learn(digits, OPTIONS, HPARAMS, reports=reports)
     ratio = space.macs_ratio(learned.policy)
@@ -327,6 +327,52 @@ def test_unreachable_targets_and_bad_options_are_one_line_user_errors():
         CdpDtcOptions(skeleton_lr=0)
     ranges = {r.name: r for r in CdpDtcOptions().hparam_ranges()}
     assert set(ranges) == set(HPARAMS) and ranges["delta"].log and not ranges["group"].log
+
+
+
+def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(digits, tmp_path):
+    """Through search.learner_trial, as a Ray trial runs it: checkpoints written at every report."""
+    from prunetune.pruning.measure import measure
+    from prunetune.search.learner_trial import LEARNED_FILE, LEARNER_STATE, LearnerJob, run_learner_trial
+    from prunetune.search.trial import TrialSetup
+
+    model, splits, space, metrics = digits
+    measured = measure(model, space.input_shape, batch_size=64, repeats=2)
+    setup = TrialSetup(arch={"name": "small_cnn", "num_classes": 10, "in_channels": 1},
+                       base_state=model.state_dict(),
+                       base_metrics={**metrics, "macs": measured.macs, "params": measured.params,
+                                     "latency_ms": measured.latency_ms},
+                       space=space, splits=splits, finetune=TrainRecipe(epochs=1, lr=0.01, batch_size=64),
+                       importance="texture", bn_recalibration_batches=2, latency_repeats=2)
+    job = LearnerJob("cdp-dtc", {"epochs": 3, "checkpoint_every": 7, "criterion": "texture"}, 0.5)
+    config = {**HPARAMS, "learner": "cdp-dtc", "seed": 0}
+
+    def run(folder, *, stop_after=None, checkpoint_dir=None):
+        reports = []
+
+        def report(metrics, write_checkpoint):
+            reports.append(metrics)
+            if write_checkpoint is not None:
+                (folder / str(len(reports))).mkdir(parents=True)
+                write_checkpoint(folder / str(len(reports)))
+            if stop_after is not None and len(reports) == stop_after:
+                raise KeyboardInterrupt
+
+        try:
+            return run_learner_trial(setup, job, config, seed=0, report=report, checkpoint_dir=checkpoint_dir), reports
+        except KeyboardInterrupt:
+            return None, reports
+
+    whole, reports = run(tmp_path / "whole")
+    learning = [r for r in reports if "learn_step" in r]
+    assert len(learning) >= 3 and whole["learning"]["survival"]
+    _, _ = run(tmp_path / "cut", stop_after=2)
+    checkpoint = tmp_path / "cut" / "2"
+    assert (checkpoint / LEARNER_STATE).exists() and not (checkpoint / LEARNED_FILE).exists()
+    resumed, rest = run(tmp_path / "rest", checkpoint_dir=checkpoint)
+    assert rest[0]["learn_step"] == learning[2]["learn_step"]  # continues, does not start over
+    assert resumed["policy"] == whole["policy"]
+    assert resumed["val_accuracy"] == pytest.approx(whole["val_accuracy"])
 
 
 # --- end to end ------------------------------------------------------------------------------------
