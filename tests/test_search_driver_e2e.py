@@ -65,3 +65,46 @@ def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         kill_leftover_ray(temp_dirs)
+
+
+def _ray_temp_dirs_of_children(pid: int) -> set[Path]:
+    """The prunetune-ray-* folders named on the command lines of ``pid``'s child processes."""
+    import re
+
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found |= {Path(m) for m in re.findall(r"/tmp/prunetune-ray-[0-9a-f]{8}", command)}
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_a_signal_before_the_trials_leaves_nothing_behind(tmp_path):
+    """SIGTERM while the base model trains: exit 143, one line, and no run folder, store, cached
+    model or Ray temp dir left (the local Ray has started by then)."""
+    import time
+
+    storage, cache, log = tmp_path / "runs", tmp_path / "cache", tmp_path / "driver.log"
+    quick = list(QUICK)
+    quick[quick.index("--pretrain-epochs") + 1] = "200"
+    args = ["run", *quick, "--storage", str(storage), "--name", "early"]
+    driver = start_cli(args, cache=cache, cwd=tmp_path, log=log)
+    try:
+        deadline = time.monotonic() + 180
+        while "pretrain epoch 1/" not in log.read_text():
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        ours = _ray_temp_dirs_of_children(driver.pid)
+        os.kill(driver.pid, signal.SIGTERM)
+        assert driver.wait(timeout=60) == 143, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "interrupted (SIGTERM) before the search started; nothing was created" in text
+        assert "Traceback" not in text and "StackTrace" not in text
+        assert not storage.exists() and not list(cache.glob("*.pt"))
+        assert ours and not any(d.exists() for d in ours)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
