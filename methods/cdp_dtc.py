@@ -23,20 +23,25 @@ Li, Wang, Wu, Kang. *AI Communications* 36(4) (2023) 311-323, after "Pruning Fil
   entry left (dead) has its following BatchNorm's scale and shift zeroed the same way, so its
   channel outputs exactly 0. By default (``threshold: relative``) tau_n is measured in units of the
   layer's mean skeleton entry, which makes it blind to a layer's skeleton shrinking as a whole (see
-  ``dtc_thresholds`` for why: with the formula as it is, whole layers died at once).
+  ``dtc_thresholds`` for why: with the formula as it is, whole layers died at once); it never
+  empties a layer, so it prunes width only. ``threshold: model`` measures it in units of the mean
+  entry over every layer: a layer that shrank more than the others can die whole (depth).
 - Result (``survival``, ``learned_policy``): a channel of a group dies when its filter is dead in
   every convolution of the group (a residual sum adds the group's members: one live member carries
   the channel); groups with a member that has no skeleton (a Linear) never die. The policy keeps
   the surviving channels of every group (at least its ``min_channels``; the space rounds up to its
   unit) and drops every droppable block one of whose own groups (the channels living only inside
   its residual branch) has no survivor: that branch's convolution is empty, its output a constant,
-  and the block is replaced by its shortcut. The stripe sparsity of the surviving filters (zero
+  and the block is replaced by its shortcut (the constant, its last BatchNorm's shift, is lost; the
+  fine-tune absorbs it). The stripe sparsity of the surviving filters (zero
   skeleton entries among them) is reported. ``remove_dead`` cuts the folded model to the policy
   with the ``texture`` criterion, which ranks dead filters last (they score 0).
 
 The MACs reached follow from delta and the weights, not from the target: the target only bounds
 what ``check`` accepts (see there), and the search keeps the trials under it (``constrained``) or
-trades accuracy against MACs (``pareto``).
+trades accuracy against MACs (``pareto``). The trial prunes the *base* model to the policy with the
+search's criterion (``texture`` by default), as for every learner; the learned weights, and which
+filters died, are not carried over.
 """
 
 from __future__ import annotations
