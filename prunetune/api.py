@@ -16,7 +16,6 @@ torch, ray and mlflow are imported inside the functions, so ``import prunetune``
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.user_models import reference_of
 
 
 @dataclass(frozen=True)
@@ -54,23 +54,6 @@ class SearchResult:
             source = _checkpoint_model(self.run_dir, record, Path(fetched), CHECKPOINT_MODEL)
             model, _ = load_checked(self.run_dir, record, source)
         return model.eval()
-
-
-def reference_of(obj: Any, what: str = "model") -> str:
-    """``module:qualname`` of a class or function (the defining script's file when it is ``__main__``)."""
-    module_name = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", None)
-    if not module_name or not qualname or "<" in qualname:
-        raise UserError(f"the {what} factory {obj!r} is not a module-level class or function, so Ray workers "
-                        f"cannot import it; define it at the top level of a module or file")
-    if module_name == "__main__":
-        main = sys.modules["__main__"]
-        path = getattr(main, "__file__", None)
-        if not path:
-            raise UserError(f"the {what} factory {qualname} is defined in an interactive session, which Ray "
-                            f"workers cannot import; define it in a file and pass it, or 'path/to/file.py:{qualname}'")
-        return f"{Path(path).resolve()}:{qualname}"
-    return f"{module_name}:{qualname}"
 
 
 def _model_keys(model: Any, weights: str | None, scratch: Path) -> dict:

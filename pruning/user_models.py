@@ -232,3 +232,34 @@ def load_weights(model: nn.Module, path: str | Path, *, model_name: str) -> nn.M
                         f"model has not; save the state_dict of this architecture")
     model.load_state_dict(state)
     return model
+
+
+def reference_of(obj: Any, what: str = "model") -> str:
+    """``module:qualname`` of a class or function (the defining script's file when it is ``__main__``),
+    which a Ray worker imports to get ``obj`` again."""
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module_name or not qualname or "<" in qualname:
+        raise UserError(f"the {what} factory {obj!r} is not a module-level class or function, so Ray workers "
+                        f"cannot import it; define it at the top level of a module or file")
+    if module_name == "__main__":
+        path = getattr(sys.modules["__main__"], "__file__", None)
+        if not path:
+            raise UserError(f"the {what} factory {qualname} is defined in an interactive session, which Ray "
+                            f"workers cannot import; define it in a file and pass it, or 'path/to/file.py:{qualname}'")
+        return f"{Path(path).resolve()}:{qualname}"
+    return f"{module_name}:{qualname}"
+
+
+def portable_name(name: str) -> str:
+    """``name``, or for a builder the user put in ``MODEL_BUILDERS`` at run time (which a Ray worker's
+    fresh registry lacks) the reference to that builder, which the worker imports."""
+    from prunetune.pruning import models
+
+    builder = models.MODEL_BUILDERS.get(name)
+    if builder is None or getattr(builder, "__module__", None) == models.__name__:
+        return name
+    try:
+        return reference_of(builder)
+    except UserError:
+        return name

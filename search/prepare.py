@@ -140,7 +140,10 @@ def _measured_base(model, metrics, model_name, splits, space, device, log, laten
     log(f"base model{' (cached)' if cached else ''}: val accuracy {metrics['val_accuracy']:.4f}, "
         f"test accuracy {metrics['test_accuracy']:.4f}, {measured.macs / 1e6:.2f}M MACs, "
         f"{measured.params / 1e6:.3f}M params")
-    arch = {"name": model_name, "num_classes": info.num_classes, "in_channels": info.in_channels}
+    from prunetune.pruning.user_models import portable_name
+
+    # a model registered at run time is rebuilt in Ray workers, and by load_pruned, from its builder's module
+    arch = {"name": portable_name(model_name), "num_classes": info.num_classes, "in_channels": info.in_channels}
     if model_args:
         arch["model_args"] = dict(model_args)
     return BaseModel(model, splits, space, metrics, arch)

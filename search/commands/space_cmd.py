@@ -54,10 +54,18 @@ def format_space(space, dataset_name: str) -> str:
               f"{len(space.groups)} groups, {sum(g.channels for g in space.groups)} channels; "
               "a group's MACs share counts every layer its channels enter or leave",
               *format_stages(space),
+              format_whole(space),
               "droppable blocks: " + (", ".join(space.droppable_blocks) or "none"),
               f"base MACs:   {common.human_count(space.base_macs)} ({space.base_macs:,})",
               f"base params: {common.human_count(space.base_params)} ({space.base_params:,})"]
     return "\n".join(lines)
+
+
+def format_whole(space) -> str:
+    """The convolutions and linear layers left whole: no group holds their output channels (the
+    classifier, whose outputs are the classes, and any layer Torch-Pruning cannot prune)."""
+    whole = [layer.name for layer in space.layers if layer.out_group is None]
+    return "left whole (output channels not pruned): " + (", ".join(whole) or "none")
 
 
 def format_stages(space) -> list[str]:
