@@ -57,3 +57,33 @@ def test_prune_and_load_pruned(tmp_path):
         assert torch.equal(loaded.eval()(x), pruned.eval()(x))
     with pytest.raises(prunetune.pruning.errors.UserError, match="input_shape"):
         prunetune.prune(model, 0.5)
+
+
+class Wide(torch.nn.Module):
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, 4, 3)
+        self.head = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_search_takes_a_class_a_function_or_an_instance(tmp_path):
+    from prunetune.api import _model_keys
+
+    assert _model_keys(Wide, None, tmp_path) == {"model": "tests.test_python_api:Wide", "weights": None}
+    assert _model_keys(readme_example, "w.pt", tmp_path)["model"] == "tests.test_python_api:readme_example"
+    instance = Wide()
+    keys = _model_keys(instance, None, tmp_path)
+    assert keys["model"] == "tests.test_python_api:Wide"
+    saved = torch.load(keys["weights"], weights_only=True)
+    assert torch.equal(saved["conv.weight"], instance.conv.weight)
+    with pytest.raises(prunetune_errors().UserError, match="not a module-level class or function"):
+        _model_keys(lambda num_classes: Wide(num_classes), None, tmp_path)
+
+
+def prunetune_errors():
+    from prunetune.pruning import errors
+
+    return errors

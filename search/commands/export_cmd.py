@@ -11,6 +11,7 @@ its outputs with PyTorch's too.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported trial {record['trial_id']} ({args.format}) to {out}: MACs ratio "
           f"{record['metrics']['macs_ratio']:.3f}, val accuracy {record['metrics']['val_accuracy']:.4f}, "
           f"test accuracy {_accuracy(record['test_accuracy'], 4)}")
-    if args.check and args.format == "onnx":
+    if args.check and args.format == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        print('not checked: onnxruntime is not installed, so the ONNX export was not run (pip install "prunetune[onnx]")')
+    elif args.check and args.format == "onnx":
         accuracy, gap = check_onnx(run_dir, out, model)
         print(f"test accuracy of the ONNX export (onnxruntime): {accuracy:.6f} (recorded "
               f"{_accuracy(record['test_accuracy'], 6)}); largest difference from PyTorch's logits {gap:.2e}")
