@@ -221,7 +221,7 @@ def group_descriptor(output: torch.Tensor, macs_share: float, position: float, c
     magnitude = output.detach().abs().float().transpose(0, 1).flatten(1)  # channels x (batch, pixels)
     mean, spread = magnitude.mean(dim=1), magnitude.std(dim=1) if magnitude.shape[1] > 1 else magnitude.mean(1) * 0
     scale = mean.mean().clamp_min(1e-8)
-    quantiles = torch.quantile(mean / scale, torch.linspace(0, 1, QUANTILES))
+    quantiles = torch.quantile(mean / scale, torch.linspace(0, 1, QUANTILES, device=mean.device)).cpu()
     extra = torch.tensor([float((spread.mean() / scale).clamp(max=10)), float(torch.log(scale)), macs_share,
                           position, math.log2(channels) / 8, 0.0])
     return torch.cat([quantiles, extra])
