@@ -72,6 +72,7 @@ from prunetune.pruning.space import SearchSpace
 
 COSINE_LIMIT = 1 - 1e-6  # arccos has an infinite slope at +-1: cosines are clamped inside
 CHANGE_TOLERANCE = 1e-7  # a similarity change smaller than this (relative) counts as no change
+RECALIBRATION_BATCHES = 4  # BatchNorm statistics re-estimated before each progress report's evaluation
 
 
 # --- the filter skeleton -----------------------------------------------------------------------
@@ -496,8 +497,14 @@ class CdpDtcRun:
         return row
 
     def progress(self) -> LearnProgress:
-        from prunetune.pruning.train import evaluate
+        """Learning progress with the skeleton model's validation accuracy (reported, never used), after
+        re-estimating its BatchNorm statistics: the skeletons shrink faster than the running
+        statistics follow, and with stale ones the model scored chance while it was at 0.97 (digits).
+        Training normalises by batch statistics, so this changes nothing it learns."""
+        from prunetune.pruning.train import evaluate, recalibrate_bn
 
+        recalibrate_bn(self.model, self.data.train, batches=RECALIBRATION_BATCHES,
+                       batch_size=self.data.recipe.batch_size, seed=self.data.seed, device=self.data.device)
         val_accuracy, val_loss = evaluate(self.model, self.data.val, device=self.data.device)
         last = self.trajectory[-1]
         metrics = {"val_accuracy": val_accuracy, "val_loss": val_loss, "macs_ratio": last["macs_ratio"],
