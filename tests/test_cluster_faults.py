@@ -87,6 +87,16 @@ def test_a_driver_without_the_clusters_token_is_refused_at_once(cluster):
     assert not (cluster.work / "runs" / "no-token").exists()
 
 
+def test_a_trial_bigger_than_every_node_is_refused_once_joined(cluster):
+    """Two CPUs per trial on one-CPU worker nodes would wait forever: refused with the cluster's sizes."""
+    result = cluster.run(["run", *QUICK, *cluster.sweep_args("too-big", experiment="too-big"),
+                          "--cpus-per-trial", "2"], timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "--cpus-per-trial 2: no trial could start" in lines[0] and "at most 1 on one node" in lines[0]
+    assert not (cluster.work / "runs" / "too-big").exists()
+
+
 def test_a_sweep_spreads_over_the_nodes_and_survives_the_tracking_server_going_down(cluster):
     """Trials run on both worker nodes; with the server stopped mid-sweep and started again no trial
     fails, and `prunetune sync` completes MLflow: every trial exactly once."""
