@@ -2,9 +2,10 @@
 
 A straight line, each step once: check everything that can be checked without creating anything
 (names, storage, the data and the space with the MACs target, the device, the stores, the Ray
-address and its authentication); start or join Ray once and refuse trials no node could hold; train
-or load the base model; only then create the run directory, the tracking store and the parent run
-(one ``Tracker`` per search); run the tuner; summarise. Ray's local temp dir is removed when the
+address and its authentication); refuse trials no node could hold; join the cluster, then train or
+load the base model, or train or load it, then start the local Ray (one start or join either way);
+only then create the run directory, the tracking store and the parent run (one ``Tracker`` per
+search); run the tuner; summarise. Ray's local temp dir is removed when the
 driver ends, Ctrl-C and SIGTERM included (``search.interrupt``: both stop cleanly, finished trials
 kept, exit 130 or 143).
 
@@ -139,8 +140,7 @@ def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
             check_ray_storage(cfg.ray_storage)
             tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
             check_tracking_uri(tracking_uri, folder_may_be_missing=cfg.tracking_uri is None)
-            _start_ray(ray, stop, cfg)
-            base, setup, calib = prepare(cfg, cache_dir=cache_dir, log=log, inputs=inputs)
+            base, setup, calib = _ray_and_base_model(ray, stop, cfg, cache_dir=cache_dir, log=log, inputs=inputs)
         except Interrupted as stopped:
             log(f"prunetune: interrupted ({stopped}) before the search started; nothing was created")
             return stopped.exit_status
@@ -186,8 +186,7 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
             if killed:
                 log(f"stopped {len(killed)} leftover Ray processes of the interrupted search (PIDs {killed[:8]}...)")
             remove_temp_dirs(old_dirs)
-            _start_ray(ray, stop, cfg)
-            base, setup, calib = prepare(cfg, cache_dir=cache_dir, log=log, inputs=inputs)
+            base, setup, calib = _ray_and_base_model(ray, stop, cfg, cache_dir=cache_dir, log=log, inputs=inputs)
         except Interrupted as stopped:
             log(f"prunetune: interrupted ({stopped}); nothing changed in {run_dir}")
             return stopped.exit_status
@@ -201,20 +200,30 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
         return _run_tuner(Search(cfg, run_dir, meta, tracker, base, setup, calib), stop, log=log, restore=True)
 
 
-def _start_ray(ray: RaySession, stop: StopSignals, cfg) -> None:
-    """Start or join Ray (once), take the stop signals back from it, and check the trials fit a node."""
+def _ray_and_base_model(ray: RaySession, stop: StopSignals, cfg, *, cache_dir: Path, log: Log, inputs):
+    """Ray (one start or join) and the base model, in the order that refuses soonest.
+
+    A cluster is joined first, so that its refusals (authentication, trials bigger than every node)
+    come before minutes of training; a local Ray's resources are known without starting it, so it
+    starts after the base model, and a damaged cached model is refused without it. Each start takes
+    SIGINT and SIGTERM back from ``ray.init``.
+    """
     from prunetune.search.ray_session import check_trial_resources
 
-    def check() -> None:
+    def trials_fit() -> None:
         check_trial_resources(cpus=cfg.resources.cpus_per_trial, gpus=cfg.resources.gpus_per_trial,
                               address=cfg.address)
 
-    if not cfg.address:
-        check()  # a local Ray's resources are known before it starts
-    ray.start()
-    stop.install()  # ray.init replaced the SIGTERM handler
     if cfg.address:
-        check()
+        ray.start()
+        stop.install()
+        trials_fit()
+        return prepare(cfg, cache_dir=cache_dir, log=log, inputs=inputs)
+    trials_fit()
+    prepared = prepare(cfg, cache_dir=cache_dir, log=log, inputs=inputs)
+    ray.start()
+    stop.install()
+    return prepared
 
 
 def _recorded_results(run_dir: Path) -> dict:

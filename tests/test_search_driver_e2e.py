@@ -84,7 +84,7 @@ def _ray_temp_dirs_of_children(pid: int) -> set[Path]:
 
 def test_a_signal_before_the_trials_leaves_nothing_behind(tmp_path):
     """SIGTERM while the base model trains: exit 143, one line, and no run folder, store, cached
-    model or Ray temp dir left (the local Ray has started by then)."""
+    model, Ray process or Ray temp dir left."""
     import time
 
     storage, cache, log = tmp_path / "runs", tmp_path / "cache", tmp_path / "driver.log"
@@ -97,14 +97,13 @@ def test_a_signal_before_the_trials_leaves_nothing_behind(tmp_path):
         while "pretrain epoch 1/" not in log.read_text():
             assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        ours = _ray_temp_dirs_of_children(driver.pid)
+        assert not _ray_temp_dirs_of_children(driver.pid)  # a local Ray starts after the base model
         os.kill(driver.pid, signal.SIGTERM)
         assert driver.wait(timeout=60) == 143, log.read_text()[-3000:]
         text = log.read_text()
         assert "interrupted (SIGTERM) before the search started; nothing was created" in text
         assert "Traceback" not in text and "StackTrace" not in text
         assert not storage.exists() and not list(cache.glob("*.pt"))
-        assert ours and not any(d.exists() for d in ours)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
