@@ -3,13 +3,16 @@
 The best trial is the most accurate on *validation* among finished trials within the MACs budget
 (``macs_ratio <= macs_target + tolerance``) that were evaluated on the test split (a searcher's
 proxy trials are not); test accuracy is reported beside it, never used to choose. The Pareto front
-is validation accuracy against MACs over all finished trials.
+is validation accuracy against MACs over the finished full-fidelity trials: a searcher's proxy
+trials (scored after BatchNorm recalibration or a shorter fine-tune) are counted apart
+(``fidelity``), never set against fully fine-tuned ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from prunetune.tracking.names import fidelity_of
 from prunetune.tracking.pareto import pareto_front
 from prunetune.tracking.rundir import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
 
@@ -38,7 +41,8 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
     """``summary.json``: see README ("The run directory"). ``first_failure``: the first failed
     trial's id, cause and traceback file (``search.failures``), when a trial failed."""
     finished = [r for r in records if r["status"] == STATUS_FINISHED]
-    front = pareto_front([_point(r) for r in finished], x="macs", y="val_accuracy")
+    full = [r for r in finished if fidelity_of(r.get("params") or {}) == "full"]
+    front = pareto_front([_point(r) for r in full], x="macs", y="val_accuracy")
     best = best_trial(records, macs_limit=macs_target + macs_tolerance)
     counts = {status: sum(1 for r in records if r["status"] == status)
               for status in (STATUS_FINISHED, STATUS_FAILED, STATUS_STOPPED)}
@@ -53,6 +57,7 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
         "pareto": [{k: p[k] for k in ("trial_id", "trial_key", "val_accuracy", "test_accuracy", "macs",
                                       "macs_ratio", "params")} for p in front],
         "trials": counts,
+        "fidelity": {"full": len(full), "proxy": len(finished) - len(full)},  # finished trials by fidelity
         "first_failure": dict(first_failure) if first_failure else None,
         "latency_warning": _latency_warning(baseline, records, best),
         "wall_s": round(wall_s, 1),

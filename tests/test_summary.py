@@ -41,3 +41,13 @@ def test_a_loaded_measurement_of_the_best_trial_is_flagged_in_the_summary_and_it
 
 def test_records_of_older_versions_without_a_spread_give_no_warning():
     assert summary_of([record("c")])["latency_warning"] is None
+
+
+def test_proxy_trials_are_counted_apart_and_never_on_the_front():
+    """A BatchNorm-only proxy scoring higher at fewer MACs must not hide the fully fine-tuned trials."""
+    full = record("full")
+    proxy = {**record("proxy"), "params": {"finetune_epochs": 0}, "test_accuracy": None}
+    proxy["metrics"] = {**proxy["metrics"], "val_accuracy": 0.99, "macs": 400}
+    summary = summary_of([full, proxy])
+    assert [p["trial_id"] for p in summary["pareto"]] == ["full"]
+    assert summary["fidelity"] == {"full": 1, "proxy": 1} and summary["best"]["trial_id"] == "full"
