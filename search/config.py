@@ -367,6 +367,8 @@ class SearchConfig(Section):
     scheduler: str = option(
         "auto", f"trial scheduler; auto = asha when finetune.epochs >= {ASHA_MIN_EPOCHS}", choices=SCHEDULERS
     )
+    warm_start: bool = option(True, "optuna and random first evaluate the heuristics (uniform, global with "
+                              "the criterion, global LAMP), so the search's best is never below them")
     calibration_batches: int = option(
         4, "training batches fed to data-driven importance criteria", check=AT_LEAST_ONE
     )

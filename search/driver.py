@@ -289,7 +289,8 @@ def _new_tuner(search: Search, log: Log):
     from prunetune.search.callbacks import ProgressLine, TrialRecorder
     from prunetune.search.config import resolved_importance
     from prunetune.search.search_path import SearchPathLogger
-    from prunetune.search.tuner import build_search_algorithm, build_tuner, planned_trials
+    from prunetune.search.tuner import build_search_algorithm, build_tuner, planned_trials, search_heuristics
+    from prunetune.tracking.rundir import write_heuristics
 
     cfg, meta, run_dir = search.cfg, search.meta, search.run_dir
     recorder = TrialRecorder(run_dir, meta["run_uid"], tracking_uri=meta["tracking_uri"],
@@ -297,8 +298,12 @@ def _new_tuner(search: Search, log: Log):
                              params={"method": cfg.method, "importance": resolved_importance(cfg), "seed": cfg.seed})
     path_sink = SearchPathLogger(tracking_uri=meta["tracking_uri"], experiment=meta["experiment"],
                                  parent_run_id=meta["parent_run_id"])
+    heuristics = search_heuristics(cfg, search.base.space, search.base.model, search.calib)
+    if heuristics:
+        write_heuristics(run_dir, {name: policy.to_json() for name, policy in heuristics.items()})
+        log(f"warm start: the heuristics {', '.join(heuristics)} are evaluated first")
     search_alg = build_search_algorithm(cfg, search.base.space, base_model=search.base.model, calib=search.calib,
-                                        path_sink=path_sink)
+                                        path_sink=path_sink, heuristics=heuristics)
     return build_tuner(cfg, search.setup, name=run_dir.name, storage=cfg.ray_storage or run_dir.parent,
                        callbacks=[recorder, ProgressLine(planned_trials(cfg, search_alg, log))],
                        search_alg=search_alg)
@@ -338,7 +343,7 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
     from prunetune.search.failures import EXIT_ALL_FAILED, all_failed_message, first_failure
     from prunetune.search.summary import build_summary, format_summary
     from prunetune.tracking.plots import plot_search
-    from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_trials, write_summary
+    from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_heuristics, read_trials, write_summary
 
     cfg, meta, run_dir, baseline = search.cfg, search.meta, search.run_dir, search.base.metrics
     records = read_trials(run_dir / TRIALS_FILE)
@@ -346,6 +351,13 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
     summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,
                             macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, wall_s=wall_s,
                             first_failure=failure.to_json() if failure else None)
+    heuristics = read_heuristics(run_dir)
+    if heuristics:
+        from prunetune.methods.heuristics import heuristic_summary
+        from prunetune.pruning.policy import Policy
+
+        summary["heuristics"] = heuristic_summary(
+            records, {name: Policy.from_json(policy) for name, policy in heuristics.items()}, summary["best"])
     counts = summary["trials"]
     all_failed = counts["failed"] > 0 and counts["finished"] == 0 and counts["stopped"] == 0
     png = plot_search(records, summary, run_dir / PARETO_PNG)  # proxies apart, the target, the best ringed

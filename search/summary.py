@@ -98,7 +98,24 @@ def format_summary(summary: Mapping) -> str:
     else:
         lines.append(f"best within the MACs target: trial {best['trial_id']}, val {best['val_accuracy']:.4f}, "
                      f"test {best['test_accuracy']:.4f}, MACs ratio {best['macs_ratio']:.3f}")
+    lines.extend(_heuristic_lines(summary))
     return "\n".join(lines)
+
+
+def _heuristic_lines(summary: Mapping) -> list[str]:
+    """The warm start's heuristics and the best trial's margin over the best of them (val and test)."""
+    heuristics = summary.get("heuristics")
+    if not heuristics or heuristics.get("best") is None:
+        return []
+    rows = heuristics["policies"]
+    scored = ", ".join(f"{name} {row['val_accuracy']:.4f}" for name, row in rows.items()
+                       if row.get("val_accuracy") is not None)
+    margin = heuristics.get("best_margin") or {}
+    line = f"heuristics (val): {scored}"
+    if margin:
+        test = f", test {margin['test_accuracy']:+.4f}" if margin.get("test_accuracy") is not None else ""
+        line += f"; the best trial is {margin['val_accuracy']:+.4f} val{test} against the best of them"
+    return [line]
 
 
 def _failure_lines(summary: Mapping) -> list[str]:

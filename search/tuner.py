@@ -19,7 +19,7 @@ class TuneKind:
     """How Ray Tune runs the methods of one registry kind (``MethodSpec.kind``): the search algorithm
     that proposes trial configs, and the trial function with its setup bound."""
 
-    search_algorithm: Callable  # (cfg, spec, space, base_model, calib, path_sink) -> a Ray search algorithm
+    search_algorithm: Callable  # (cfg, spec, space, base_model, calib, path_sink, heuristics) -> a Ray search alg
     trainable: Callable  # (cfg, setup) -> the function trainable
 
 
@@ -28,20 +28,35 @@ def tune_kind(spec) -> TuneKind:
     return TUNE_KINDS[spec.kind]
 
 
-def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink=None):
+def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink=None, heuristics=None):
     """Ray Tune search algorithm for ``cfg.method``: OptunaSearch, or one of our searchers adapted.
 
     ``cfg.method_options`` carries the search's tolerance and criterion; ``path_sink`` receives the
-    searcher's path rows (``search.search_path``).
+    searcher's path rows (``search.search_path``); ``heuristics`` (name -> policy, from
+    :func:`search_heuristics`) are evaluated first where the method is warm-started.
     """
     from prunetune.methods.registry import get_method
 
     spec = get_method(cfg.method)
-    return tune_kind(spec).search_algorithm(cfg, spec, space, base_model, calib, path_sink)
+    return tune_kind(spec).search_algorithm(cfg, spec, space, base_model, calib, path_sink, heuristics or {})
 
 
-def _optuna_search(cfg, spec, space, base_model, calib, path_sink):
+def search_heuristics(cfg, space, base_model, calib) -> dict:
+    """The heuristic policies a warm-started search evaluates first (``methods.heuristics``): for a
+    method whose registry entry says so, when ``warm_start`` is on; else none."""
+    from prunetune.methods.heuristics import heuristic_policies
+    from prunetune.methods.registry import get_method
+    from prunetune.search.config import resolved_importance
+
+    if not (cfg.warm_start and get_method(cfg.method).warm_start):
+        return {}
+    return heuristic_policies(base_model, space, calib, macs_target=cfg.macs_target,
+                              criterion=resolved_importance(cfg))
+
+
+def _optuna_search(cfg, spec, space, base_model, calib, path_sink, heuristics):
     """Ray Tune's OptunaSearch over one keep ratio per group (and, if asked, the droppable blocks)."""
+    from prunetune.methods.heuristics import optuna_points
     from prunetune.search.optuna_space import make_optuna_search
 
     options = asdict(cfg.method_options)
@@ -49,10 +64,12 @@ def _optuna_search(cfg, spec, space, base_model, calib, path_sink):
                               sampler=options["sampler"], seed=cfg.seed,
                               n_startup_trials=options["n_startup_trials"],
                               min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance,
-                              search_depth=options["search_depth"])
+                              search_depth=options["search_depth"],
+                              points_to_evaluate=optuna_points(heuristics, space,
+                                                               search_depth=options["search_depth"]))
 
 
-def _policy_searcher(cfg, spec, space, base_model, calib, path_sink):
+def _policy_searcher(cfg, spec, space, base_model, calib, path_sink, heuristics):
     """One of our searchers (from its start policy where it has one), adapted to Ray Tune."""
     from prunetune.methods.registry import make_searcher, start_policy_for
     from prunetune.search.adapter import PolicySearcherAdapter
@@ -63,11 +80,12 @@ def _policy_searcher(cfg, spec, space, base_model, calib, path_sink):
         start = start_policy_for(cfg.method, base_model, space, macs_target=cfg.macs_target, calib=calib,
                                  options=options)
     searcher = make_searcher(cfg.method, space, macs_target=cfg.macs_target, seed=cfg.seed, budget=cfg.trials,
-                             concurrency=cfg.concurrency, options=options, start_policy=start)
+                             concurrency=cfg.concurrency, options=options, start_policy=start,
+                             heuristics=heuristics)
     return PolicySearcherAdapter(searcher, seed=cfg.seed, path_sink=path_sink)
 
 
-def _learner_search(cfg, spec, space, base_model, calib, path_sink):
+def _learner_search(cfg, spec, space, base_model, calib, path_sink, heuristics):
     return build_learner_search(cfg, space)
 
 

@@ -104,3 +104,23 @@ def test_the_summary_margin_is_the_best_over_the_best_heuristic():
     assert summary["policies"]["uniform"]["val_accuracy"] == pytest.approx(0.80)
     missing = heuristic_summary([], found, best)
     assert missing["best"] is None and missing["best_margin"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["optuna", "random"])
+def test_a_search_evaluates_the_heuristics_and_reports_its_margin_over_them(method, tmp_path):
+    from tests.search_helpers import QUICK, read_jsonl, run_cli
+
+    result = run_cli(["run", *QUICK, "--method", method, "--trials", "4", "--name", "w",
+                      "--storage", str(tmp_path / "runs")], cache=tmp_path / "cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "w"
+    heuristics = json.loads((run_dir / "heuristics.json").read_text())
+    records = read_jsonl(run_dir / "trials.jsonl")
+    keys = {Policy.from_json(r["policy"]).key() for r in records}
+    assert heuristics and all(Policy.from_json(p).key() in keys for p in heuristics.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = summary["heuristics"]["policies"]
+    assert set(rows) == set(heuristics) and all(row["val_accuracy"] is not None for row in rows.values())
+    assert summary["heuristics"]["best_margin"]["val_accuracy"] >= 0  # the best is chosen among them too
+    assert "heuristics (val):" in result.stdout and "warm start" in result.stderr

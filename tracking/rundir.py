@@ -39,6 +39,7 @@ CONFIG_FILE = "config.yaml"
 SPACE_FILE = "space.json"
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
+HEURISTICS_FILE = "heuristics.json"  # the warm start's policies by name (methods.heuristics)
 DRIVER_FILE = "driver.json"
 PARETO_PNG = "pareto.png"
 META_FORMAT = 1
@@ -239,6 +240,17 @@ def _is_prunetune_process(pid: int) -> bool:
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     write_json_atomically(run_dir / SUMMARY_FILE, summary)
+
+
+def write_heuristics(run_dir: Path, policies: dict) -> None:
+    """The warm start's heuristic policies (name -> ``Policy.to_json()``), for the summary's margin."""
+    write_json_atomically(run_dir / HEURISTICS_FILE, policies)
+
+
+def read_heuristics(run_dir: Path) -> dict:
+    """What :func:`write_heuristics` wrote (name -> policy JSON), or {} for a search without a warm start."""
+    path = run_dir / HEURISTICS_FILE
+    return _read_json(path) if path.exists() else {}
 
 
 # ----------------------------------------------------------------------------------------------
