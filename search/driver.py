@@ -309,6 +309,19 @@ def _new_tuner(search: Search, log: Log):
                        search_alg=search_alg)
 
 
+def _final_fine_tune(search: Search, log: Log) -> None:
+    """The ``final`` section's long fine-tune of the best policy (``search.final``), printed after
+    the summary; interrupted, it continues with ``prunetune finetune RUN_DIR`` (same settings)."""
+    from prunetune.search.final import format_final, record_final, run_final
+
+    log(f"final fine-tune of the best policy ({search.cfg.final.epochs} epochs); if interrupted, continue "
+        f"with `prunetune finetune {search.run_dir}`")
+    result = run_final(search.run_dir, trial="best", final=search.cfg.final, cache_dir=None, log=log,
+                       setup=search.setup)
+    record_final(search.run_dir, result, log)
+    print(format_final(result), flush=True)
+
+
 def _restored_tuner(search: Search, location: str):
     from prunetune.search.callbacks import resume_progress
     from prunetune.search.tuner import restore_tuner
@@ -378,6 +391,8 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
         log(f"prunetune: error: {all_failed_message(counts['failed'], failure)}")
         return EXIT_ALL_FAILED
     print(format_summary(summary), flush=True)
+    if cfg.final.epochs > 0 and summary["best"] is not None:
+        _final_fine_tune(search, log)
     uri = meta["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     print(f"\nnext: {ui}   |   prunetune status {run_dir}   |   "

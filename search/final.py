@@ -45,9 +45,12 @@ def plan_folder(run_dir: Path, plan: dict) -> Path:
     return Path(run_dir) / FINAL_DIR / f"{plan['trial_id']}-{digest}"
 
 
-def run_final(run_dir: Path, *, trial: str, final, cache_dir: Path, log: Log) -> dict:
+def run_final(run_dir: Path, *, trial: str, final, cache_dir: Path | None, log: Log, setup=None) -> dict:
     """Fine-tune ``trial`` ('best' or an id) of the search in ``run_dir`` with the ``final`` settings
-    (a ``search.config.FinalSection``); return the result (also written to the run directory)."""
+    (a ``search.config.FinalSection``); return the result (also written to the run directory).
+
+    ``setup`` is the search's ``TrialSetup`` when the search itself runs this (the data and the base
+    model are then at hand); without it they are prepared from the cache in ``cache_dir``."""
     from prunetune.pruning.policy import Policy
     from prunetune.search.commands.export_cmd import find_trial
     from prunetune.search.config import load_config
@@ -67,7 +70,8 @@ def run_final(run_dir: Path, *, trial: str, final, cache_dir: Path, log: Log) ->
         return json.loads((folder / RESULT_FILE).read_text())
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomically(folder / PLAN_FILE, plan)
-    _, setup, _ = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log)
+    if setup is None:
+        _, setup, _ = prepare(cfg, run_dir=run_dir, cache_dir=cache_dir, log=log)
     setup = replace(setup, finetune=recipe, distillation=_distillation(setup, final, recipe))
     resume_from = folder / CHECKPOINT if (folder / CHECKPOINT).is_dir() else None
     log(f"final fine-tune of trial {record['trial_id']}: {final.epochs} epochs at lr {final.lr:g}"

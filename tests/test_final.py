@@ -91,3 +91,13 @@ def test_finetune_refuses_bad_input_in_one_line(search, tmp_path):
                               cache=work / "cache", cwd=work), "distill_weight")
     records = read_jsonl(run_dir / "trials.jsonl")
     assert len(records) == 2  # nothing added to the search's trials
+
+
+def test_the_final_section_runs_the_final_fine_tune_at_the_end_of_run(tmp_path):
+    result = run_cli(["run", *QUICK, "--method", "random", "--trials", "2", "--name", "f", "--storage",
+                      str(tmp_path / "runs"), "--set", "final.epochs=2", "--set", "final.distill=true"],
+                     cache=tmp_path / "cache", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "f" / "summary.json").read_text())
+    assert summary["final"]["trial_id"] == summary["best"]["trial_id"] and summary["final"]["distill"]
+    assert summary["final"]["recipe"]["epochs"] == 2 and "final fine-tune of trial" in result.stdout
