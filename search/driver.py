@@ -391,10 +391,11 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
         log(f"prunetune: error: {all_failed_message(counts['failed'], failure)}")
         return EXIT_ALL_FAILED
     print(format_summary(summary), flush=True)
-    if cfg.final.epochs > 0 and summary["best"] is not None:
+    final = cfg.final.epochs > 0 and summary["best"] is not None
+    if final:
         _final_fine_tune(search, log)
     uri = meta["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
     print(f"\nnext: {ui}   |   prunetune status {run_dir}   |   "
-          f"prunetune export {run_dir} --trial best --out pruned.pt", flush=True)
+          f"prunetune export {run_dir} --trial {'final' if final else 'best'} --out pruned.pt", flush=True)
     return 0

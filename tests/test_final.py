@@ -101,3 +101,9 @@ def test_the_final_section_runs_the_final_fine_tune_at_the_end_of_run(tmp_path):
     summary = json.loads((tmp_path / "runs" / "f" / "summary.json").read_text())
     assert summary["final"]["trial_id"] == summary["best"]["trial_id"] and summary["final"]["distill"]
     assert summary["final"]["recipe"]["epochs"] == 2 and "final fine-tune of trial" in result.stdout
+    assert "--trial final" in result.stdout
+    exported = run_cli(["export", str(tmp_path / "runs" / "f"), "--trial", "final", "--out", str(tmp_path / "m.pt"),
+                        "--check"], cache=tmp_path / "cache", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    recorded = f"(recorded {summary['final']['test_accuracy']:.6f})"
+    assert f"test accuracy of the export: {summary['final']['test_accuracy']:.6f} {recorded}" in exported.stdout

@@ -20,13 +20,15 @@ from pathlib import Path
 from prunetune.pruning.errors import UserError
 
 NAME = "export"
+FINAL = "final"  # --trial final: the final fine-tune of the best policy
 FORMATS = ("state", "torchscript", "onnx")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(NAME, help="export a trial's pruned, fine-tuned model")
     parser.add_argument("run_dir", help="the run directory of the search")
-    parser.add_argument("--trial", default="best", help="'best' (within the MACs target) or a trial id")
+    parser.add_argument("--trial", default="best",
+                        help="'best' (within the MACs target), 'final' (the final fine-tune) or a trial id")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--format", choices=FORMATS, default="state", help="state (default), torchscript or onnx (needs the onnx extra to check)")
     parser.add_argument("--check", action="store_true", help="re-evaluate the test accuracy of the export")
@@ -35,12 +37,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def find_trial(run_dir: Path, trial: str) -> dict:
-    """The trials.jsonl record of ``trial`` ('best' or an id), which must have finished."""
+    """The trials.jsonl record of ``trial`` ('best' or an id), which must have finished; 'final'
+    gives the final fine-tune's (summary.json's ``final``, ``search.final``) in the same shape."""
     from prunetune.search.config import load_config
     from prunetune.search.summary import best_trial
     from prunetune.tracking.rundir import CONFIG_FILE, TRIALS_FILE, read_meta, read_trials
 
     read_meta(run_dir)
+    if trial == FINAL:
+        return _final_record(run_dir)
     records = read_trials(run_dir / TRIALS_FILE)
     if trial == "best":
         cfg = load_config(run_dir / CONFIG_FILE)
@@ -56,6 +61,23 @@ def find_trial(run_dir: Path, trial: str) -> dict:
     if record["status"] != "finished" or not record.get("checkpoint"):
         raise UserError(f"trial {trial} did not finish ({record['status']}); export a finished trial")
     return record
+
+
+def _final_record(run_dir: Path) -> dict:
+    """The final fine-tune as a trial record: its policy, metrics and checkpoint (relative to the run)."""
+    import json
+
+    from prunetune.tracking.rundir import SUMMARY_FILE
+
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).exists() else {}
+    final = summary.get("final")
+    if not final:
+        raise UserError(f"the search in {run_dir} has no final fine-tune; run `prunetune finetune {run_dir} "
+                        f"--epochs N` first, or export --trial best")
+    metrics = {key: final.get(key) for key in ("val_accuracy", "macs", "params", "macs_ratio", "params_ratio")}
+    return {"trial_id": f"final-{final['trial_id']}", "status": "finished", "checkpoint": final["checkpoint"],
+            "policy": final["policy"], "metrics": metrics, "test_accuracy": final.get("test_accuracy"),
+            FINAL: True}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +126,12 @@ def _checkpoint_model(run_dir: Path, record: dict, fetched: Path, filename: str)
     from prunetune.search.config import load_config
     from prunetune.tracking.rundir import CONFIG_FILE, local_checkpoint, relative_checkpoint
 
+    if record.get(FINAL):  # written by this machine's driver or `prunetune finetune`, in the run directory
+        source = run_dir / record["checkpoint"] / filename
+        if not source.is_file():
+            raise UserError(f"the final fine-tune's checkpoint is gone ({source}); run `prunetune finetune "
+                            f"{run_dir}` again")
+        return source
     ray_storage = load_config(run_dir / CONFIG_FILE).ray_storage
     if ray_storage:
         import pyarrow.fs
