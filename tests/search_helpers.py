@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-# A small, fast search: digits at 8x8, a tiny model, 1 fine-tuning epoch.
+# A small, fast search: digits at 8x8, a tiny model, 1 fine-tuning epoch, no final fine-tune (the
+# embedded default's 10 epochs; a test that wants one sets final.epochs after these).
 QUICK = ["--model", "small_cnn", "--dataset", "digits", "--image-size", "8", "--pretrain-epochs", "2",
          "--finetune-epochs", "1", "--set", "finetune.bn_recalibration_batches=2",
-         "--set", "optuna.n_startup_trials=2"]
+         "--set", "optuna.n_startup_trials=2", "--set", "final.epochs=0"]
 
 
 def cli_env(cache: Path) -> dict:
