@@ -134,11 +134,14 @@ def check_trial_resources(*, cpus: float, gpus: float, address: str | None) -> N
     """Refuse a trial that no node of the Ray cluster could ever hold (Ray would wait forever).
 
     Compared with the largest alive node, as a trial runs on one node; the message gives the
-    cluster's totals too. An autoscaling cluster that would add bigger nodes is not foreseen. A
-    local Ray (no ``address``) is judged before it starts, by what it will get: this machine's
-    CPUs and the GPUs torch sees; a joined cluster once joined, by its alive nodes.
+    cluster's totals too. A cluster with an autoscaler is judged by its node types too (KubeRay
+    publishes them), or not at all where they are unknown (``ray up``'s autoscaler). A local Ray
+    (no ``address``) is judged before it starts, by what it will get: this machine's CPUs and the
+    GPUs torch sees; a joined cluster once joined, by its alive nodes.
     """
     nodes = _node_resources(address)
+    if nodes is None:
+        return  # an autoscaler whose node types are unknown here may add nodes that fit
     where = f"the Ray cluster at {address}" if address else "the local Ray (this machine)"
     for key, flag, asked in (("CPU", "--cpus-per-trial", cpus), ("GPU", "--gpus-per-trial", gpus)):
         if asked <= 0:
@@ -152,14 +155,43 @@ def check_trial_resources(*, cpus: float, gpus: float, address: str | None) -> N
                             f"them (--address)")
 
 
-def _node_resources(address: str | None) -> list[dict]:
+def _node_resources(address: str | None) -> list[dict] | None:
     if address is None:  # what start_ray gives a local Ray
         import torch
 
         return [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}]
     import ray
 
-    return [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    alive = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    types = _autoscaled_node_types()
+    return None if types is None else alive + types
+
+
+def _autoscaled_node_types() -> list[dict] | None:
+    """The resources of the node types an autoscaler may start (KubeRay and autoscaler v2 publish
+    them in the cluster config); [] without an autoscaler; None when one runs whose node types are
+    not published (``ray up``'s autoscaler v1)."""
+    try:
+        from ray._private import ray_constants
+        from ray._private.state import state
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        config = state.get_cluster_config()
+        if config is not None and config.node_group_configs:
+            return [dict(group.resources) for group in config.node_group_configs if group.max_count != 0]
+        status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        return None if status is not None and _configured_node_types(status) else []
+    except Exception:  # noqa: BLE001 - Ray's private state API changed: judge by the alive nodes only
+        return []
+
+
+def _configured_node_types(status: bytes) -> bool:
+    """Whether Ray's autoscaler status names configured node types. Every Ray head runs the monitor;
+    without an autoscaling config (``ray start``, a local Ray) it calls each node ``node_<id>``."""
+    import json
+
+    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items())
 
 
 def check_reachable(address: str, *, timeout_s: float = 5.0) -> None:

@@ -71,7 +71,7 @@ def _finish(tmp_path: Path, statuses: list[str], capsys):
     parent = tracker.start_parent("uid", "r", {})
     for record in records:
         tracker.log_trial(parent, record)
-    cfg = load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits"})
+    cfg = load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits", "final.epochs": 0})
     meta = {"name": "r", "run_uid": "uid", "parent_run_id": parent, "tracking_uri": tracker.tracking_uri}
     base = SimpleNamespace(metrics={"val_accuracy": 0.9, "test_accuracy": 0.9, "macs": 200.0, "params": 20.0})
     search = Search(cfg, run_dir, meta, tracker, base, setup=None, calib=[])
@@ -135,3 +135,12 @@ def test_ray_tunes_restore_hint_and_metrics_fetch_noise_are_dropped():
                       ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for 1 trial(s):\n...")):
         logger = logging.getLogger(name)
         assert not logger.filter(logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (), None))
+
+
+def test_an_autoscaler_is_told_from_the_monitor_every_ray_head_runs():
+    from prunetune.search.ray_session import _configured_node_types
+
+    plain = b'{"autoscaler_report": {"node_type_mapping": {"8a5c": "node_8a5c", "77f1": "node_77f1"}}}'
+    scaling = b'{"autoscaler_report": {"node_type_mapping": {"8a5c": "ray.head.default", "77f1": "gpu_workers"}}}'
+    assert not _configured_node_types(plain) and not _configured_node_types(b"{}")
+    assert _configured_node_types(scaling)
