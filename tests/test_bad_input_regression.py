@@ -266,14 +266,14 @@ DRIVER_CASES = [
             "no CUDA device is available", absent=NOTHING, in_process=True)] if _no_gpu() else []),
     Case("resume-a-finished-run", lambda ws: ["resume", str(ws.run)], "has already finished", exit=0,
          prepare=_finished, absent=("runs/mlflow.db", "cache"), in_process=True),
-    # a local Ray's resources are judged before it starts; a corrupt cached model only after
+    # a local Ray's resources are judged, and the cached base model loaded, before Ray starts
     *([Case("run-gpus-per-trial-without-a-gpu", _run("--gpus-per-trial", "1"),
             "--gpus-per-trial 1: no trial could start", absent=NOTHING, in_process=True)] if _no_gpu() else []),
     *([Case("run-more-cpus-per-trial-than-cores", _run("--cpus-per-trial", "4"),
             "--cpus-per-trial 4: no trial could start", absent=NOTHING, in_process=True)]
       if _fewer_cores_than(4) else []),
     Case("run-corrupt-cached-base-model", _run(), "delete it", prepare=_corrupt_cached_base_model,
-         absent=("runs/x", "runs/mlflow.db"), timeout=120),
+         absent=("runs/x", "runs/mlflow.db"), in_process=True),
 ]
 CASES += DRIVER_CASES
 
