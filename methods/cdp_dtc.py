@@ -59,7 +59,6 @@ from torch.nn.utils import parametrize
 from prunetune.methods.batch_stream import BatchStream
 from prunetune.methods.cdp_dtc_options import CdpDtcOptions
 from prunetune.methods.learner import (
-    HParamRange,
     LearnData,
     Learned,
     Learner,
@@ -393,12 +392,6 @@ class CdpDtcLearner(Learner):
 
     name = "cdp-dtc"
     meets_target = False  # its MACs follow from delta and the weights; the search keeps those under the target
-
-    def __init__(self, options: CdpDtcOptions):
-        self.options = options
-
-    def hparam_ranges(self) -> tuple[HParamRange, ...]:
-        return self.options.hparam_ranges()
 
     def check(self, space: SearchSpace, target: float) -> None:
         """Refuse a target below the smallest MACs ratio any policy of this space reaches (every group at

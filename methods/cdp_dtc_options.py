@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunetune.methods.learner import HParamRange
+from prunetune.methods.learner import HParamRange, LearnerOptions
 from prunetune.pruning.errors import UserError
-from prunetune.pruning.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, Section, option
+from prunetune.pruning.schema import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, option
 
 # The searched hyperparameters: DTC's delta and the five CDP penalty weights (methods/cdp_dtc.py).
 SEARCHED = ("delta", "similarity", "similarity_skeleton", "group", "frobenius", "adaptive")
@@ -27,10 +27,11 @@ PENALTY_WEIGHTS = SEARCHED[1:]
 
 
 @dataclass(frozen=True)
-class CdpDtcOptions(Section):
+class CdpDtcOptions(LearnerOptions):
     """CDP + DTC's options (config section ``cdp_dtc``; METHODS.md, CDP + DTC; methods/cdp_dtc.py)."""
 
     section: ClassVar[str] = "cdp_dtc"
+    searched: ClassVar[tuple[str, ...]] = SEARCHED
     epochs: int = option(1, "learning epochs of each trial (passes over the training split)", check=AT_LEAST_ONE)
     criterion: str = option("texture", "importance criterion the trial prunes the base model with",
                             from_config="importance")
@@ -67,11 +68,6 @@ class CdpDtcOptions(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in SEARCHED:
-            low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
-            if low > high:
-                raise UserError(f"config key 'cdp_dtc.{name}_min' ({low:g}) is above 'cdp_dtc.{name}_max' "
-                                f"({high:g}); give a range with min <= max (equal values fix {name})")
         if not any(getattr(self, f"{name}_max") > 0 for name in PENALTY_WEIGHTS):
             raise UserError("every CDP penalty weight is fixed at 0, so no skeleton entry shrinks and nothing is "
                             "pruned; give one of cdp_dtc.<weight>_max above 0 "

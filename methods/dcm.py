@@ -37,7 +37,6 @@ from prunetune.methods.batch_stream import BatchStream
 from prunetune.methods.channel_mask import ChannelMasks
 from prunetune.methods.dcm_options import DcmOptions
 from prunetune.methods.learner import (
-    HParamRange,
     LearnData,
     Learned,
     Learner,
@@ -141,12 +140,6 @@ class DcmLearner(Learner):
     """DCM as a learner (see the module doc); ``learn`` runs ``alternate`` and reports progress."""
 
     name = "dcm"
-
-    def __init__(self, options: DcmOptions):
-        self.options = options
-
-    def hparam_ranges(self) -> tuple[HParamRange, ...]:
-        return self.options.hparam_ranges()
 
     def check(self, space: SearchSpace, target: float) -> None:
         lowest = target - self.options.target_margin_max

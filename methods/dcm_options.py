@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunetune.methods.learner import HParamRange
+from prunetune.methods.learner import HParamRange, LearnerOptions
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.schema import (
     AT_LEAST_ONE,
@@ -19,7 +19,6 @@ from prunetune.pruning.schema import (
     OPEN_FRACTION,
     POSITIVE,
     TOLERANCE,
-    Section,
     option,
 )
 
@@ -28,10 +27,11 @@ SEARCHED = ("lambda", "k", "temperature_start", "temperature_end", "target_margi
 
 
 @dataclass(frozen=True)
-class DcmOptions(Section):
+class DcmOptions(LearnerOptions):
     """DCM's options (config section ``dcm``; METHODS.md, DCM; methods/dcm.py says what each does)."""
 
     section: ClassVar[str] = "dcm"
+    searched: ClassVar[tuple[str, ...]] = SEARCHED
     epochs: int = option(1, "learning epochs of each trial (passes over the training split less its held-out part)",
                          check=AT_LEAST_ONE)
     criterion: str = option("bn_scale", "importance criterion that ranks each group's channels",
@@ -69,11 +69,6 @@ class DcmOptions(Section):
         if self.start_keep_ratio is not None and not self.floor < self.start_keep_ratio < 1:
             raise UserError(f"config key 'dcm.start_keep_ratio' must lie between dcm.floor ({self.floor:g}) and "
                             f"1, got {self.start_keep_ratio:g}; change it, or null to start at the target")
-        for name in SEARCHED:
-            low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
-            if low > high:
-                raise UserError(f"config key 'dcm.{name}_min' ({low:g}) is above 'dcm.{name}_max' ({high:g}); "
-                                f"give a range with min <= max (equal values fix {name})")
         if self.temperature_end_max > self.temperature_start_min:
             raise UserError(f"DCM anneals the mask temperature down: config key 'dcm.temperature_end_max' "
                             f"({self.temperature_end_max:g}) must be at most 'dcm.temperature_start_min' "

@@ -49,7 +49,6 @@ from prunetune.methods.channel_mask import ChannelMasks, masked_modules
 from prunetune.methods.dcm import rounded_policy, split_held_out
 from prunetune.methods.dcpa_options import DcpaOptions
 from prunetune.methods.learner import (
-    HParamRange,
     LearnData,
     Learned,
     Learner,
@@ -260,12 +259,6 @@ class DcpaLearner(Learner):
     """DCP-A as a learner (see the module doc); ``learn`` runs ``DcpaRun.learn``."""
 
     name = "dcpa"
-
-    def __init__(self, options: DcpaOptions):
-        self.options = options
-
-    def hparam_ranges(self) -> tuple[HParamRange, ...]:
-        return self.options.hparam_ranges()
 
     def check(self, space: SearchSpace, target: float) -> None:
         smallest = Policy.uniform(space, self.options.width_min)

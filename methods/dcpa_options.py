@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunetune.methods.learner import HParamRange
+from prunetune.methods.learner import HParamRange, LearnerOptions
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.schema import (
     AT_LEAST_ONE,
@@ -33,7 +33,6 @@ from prunetune.pruning.schema import (
     NON_NEGATIVE,
     POSITIVE,
     TOLERANCE,
-    Section,
     option,
 )
 
@@ -41,10 +40,11 @@ SEARCHED = ("lambda", "target_margin", "tau_max", "warmup_epochs", "search_epoch
 
 
 @dataclass(frozen=True)
-class DcpaOptions(Section):
+class DcpaOptions(LearnerOptions):
     """DCP-A's options (config section ``dcpa``; METHODS.md, DCP-A; methods/dcpa.py says what each does)."""
 
     section: ClassVar[str] = "dcpa"
+    searched: ClassVar[tuple[str, ...]] = SEARCHED
     criterion: str = option("bn_scale", "importance criterion that orders each group's channels",
                             from_config="importance")
     width_min: float = option(0.25, "smallest width choice rho of a group (keeps ceil(rho * C) channels)",
@@ -89,11 +89,6 @@ class DcpaOptions(Section):
         if self.attention_dim % self.attention_heads:
             raise UserError(f"config key 'dcpa.attention_dim' ({self.attention_dim}) must be a multiple of "
                             f"'dcpa.attention_heads' ({self.attention_heads})")
-        for name in SEARCHED:
-            low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
-            if low > high:
-                raise UserError(f"config key 'dcpa.{name}_min' ({low:g}) is above 'dcpa.{name}_max' ({high:g}); "
-                                f"give a range with min <= max (equal values fix {name})")
         if self.tau_max_min < self.tau_min:
             raise UserError(f"DCP-A anneals the temperature down: config key 'dcpa.tau_max_min' "
                             f"({self.tau_max_min:g}) must be at least 'dcpa.tau_min' ({self.tau_min:g})")

@@ -22,10 +22,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
+from prunetune.pruning.schema import Section
 from prunetune.pruning.space import SearchSpace
 
 if TYPE_CHECKING:  # this module imports no torch, so config validation can use HParamRange
@@ -55,6 +56,28 @@ class HParamRange:
 
     def contains(self, value: float) -> bool:
         return self.low - 1e-12 <= value <= self.high + 1e-12
+
+
+@dataclass(frozen=True)
+class LearnerOptions(Section):
+    """A learner's options: each hyperparameter the search proposes is declared as a pair of
+    fields ``<name>_min`` / ``<name>_max`` (equal bounds fix it), named in ``searched``; this
+    checks every pair once. ``hparam_ranges()`` turns them into the search's ranges."""
+
+    searched: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in self.searched:
+            low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if low > high:
+                raise UserError(f"config key '{self.section}.{name}_min' ({low:g}) is above "
+                                f"'{self.section}.{name}_max' ({high:g}); give a range with min <= max "
+                                f"(equal values fix {name})")
+
+    def hparam_ranges(self) -> tuple[HParamRange, ...]:
+        """The searched hyperparameters' ranges (each learner's options say which are log or integer)."""
+        raise NotImplementedError(f"{type(self).__name__} must declare its hparam_ranges")
 
 
 @dataclass(frozen=True)
@@ -127,9 +150,12 @@ class Learner(ABC):
     # best trial within the target (the contract suite checks the promise where it is made).
     meets_target: bool = True
 
-    @abstractmethod
+    def __init__(self, options: LearnerOptions):
+        self.options = options
+
     def hparam_ranges(self) -> tuple[HParamRange, ...]:
-        """The hyperparameters the search proposes and their ranges."""
+        """The hyperparameters the search proposes and their ranges (declared by the options)."""
+        return self.options.hparam_ranges()
 
     @abstractmethod
     def check(self, space: SearchSpace, target: float) -> None:
