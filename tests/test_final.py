@@ -17,17 +17,31 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
+    """A 2-trial search whose config's ``final`` section fine-tunes its best policy at the end."""
     work = tmp_path_factory.mktemp("final")
     result = run_cli(["run", *QUICK, "--method", "random", "--trials", "2", "--name", "s",
-                      "--storage", str(work / "runs")], cache=work / "cache", cwd=work)
+                      "--storage", str(work / "runs"), "--set", "final.epochs=2"], cache=work / "cache", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
-    return work, work / "runs" / "s"
+    return work, work / "runs" / "s", result
+
+
+def test_the_final_section_runs_the_final_fine_tune_at_the_end_of_run(search):
+    work, run_dir, result = search
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["trial_id"] == summary["best"]["trial_id"] and not summary["final"]["distill"]
+    assert summary["final"]["recipe"]["epochs"] == 2 and "final fine-tune of trial" in result.stdout
+    assert "--trial final" in result.stdout
+    exported = run_cli(["export", str(run_dir), "--trial", "final", "--out", str(work / "m.pt"), "--check"],
+                       cache=work / "cache", cwd=work)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    recorded = f"(recorded {summary['final']['test_accuracy']:.6f})"
+    assert f"test accuracy of the export: {summary['final']['test_accuracy']:.6f} {recorded}" in exported.stdout
 
 
 def test_finetune_distils_records_logs_and_exports(search):
     from prunetune.pruning.surgery import load_pruned
 
-    work, run_dir = search
+    work, run_dir, _ = search
     result = run_cli(["finetune", str(run_dir), "--epochs", "2", "--distill", "--out", str(work / "final.pt")],
                      cache=work / "cache", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,12 +56,15 @@ def test_finetune_distils_records_logs_and_exports(search):
 
     _, trials = mlflow_runs(json.loads((run_dir / "prunetune.json").read_text())["tracking_uri"])
     finals = [r for r in mlflow_runs_all(run_dir) if r.data.tags.get("prunetune.role") == "final"]
-    assert len(trials) == 2 and len(finals) == 1 and finals[0].data.tags["prunetune.fidelity"] == "final"
-    assert finals[0].data.metrics["test_accuracy"] == pytest.approx(final["test_accuracy"])
+    assert len(trials) == 2 and len(finals) == 2  # the run's own final (2 epochs) and this distilled one
+    assert all(r.data.tags["prunetune.fidelity"] == "final" for r in finals)
+    distilled = [r for r in finals if r.data.params.get("distill") == "True"]
+    assert len(distilled) == 1
+    assert distilled[0].data.metrics["test_accuracy"] == pytest.approx(final["test_accuracy"])
 
     again = run_cli(["finetune", str(run_dir), "--epochs", "2", "--distill"], cache=work / "cache", cwd=work)
     assert again.returncode == 0 and "is done" in again.stderr  # recorded: nothing trained twice
-    assert len([r for r in mlflow_runs_all(run_dir) if r.data.tags.get("prunetune.role") == "final"]) == 1
+    assert len([r for r in mlflow_runs_all(run_dir) if r.data.tags.get("prunetune.role") == "final"]) == 2
 
 
 def mlflow_runs_all(run_dir):
@@ -60,7 +77,7 @@ def mlflow_runs_all(run_dir):
 
 
 def test_finetune_resumes_after_sigkill(search, tmp_path):
-    work, run_dir = search
+    work, run_dir, _ = search
     args = ["finetune", str(run_dir), "--epochs", "8", "--lr", "0.02"]
     log = tmp_path / "first.log"
     driver = start_cli(args, cache=work / "cache", cwd=work, log=log)
@@ -84,7 +101,7 @@ def test_finetune_resumes_after_sigkill(search, tmp_path):
 
 
 def test_finetune_refuses_bad_input_in_one_line(search, tmp_path):
-    work, run_dir = search
+    work, run_dir, _ = search
     assert_user_error(run_cli(["finetune", str(tmp_path)], cache=work / "cache", cwd=work), "")
     assert_user_error(run_cli(["finetune", str(run_dir), "--epochs", "2", "--trial", "nope"],
                               cache=work / "cache", cwd=work), "no trial 'nope'")
@@ -93,18 +110,3 @@ def test_finetune_refuses_bad_input_in_one_line(search, tmp_path):
     records = read_jsonl(run_dir / "trials.jsonl")
     assert len(records) == 2  # nothing added to the search's trials
 
-
-def test_the_final_section_runs_the_final_fine_tune_at_the_end_of_run(tmp_path):
-    result = run_cli(["run", *QUICK, "--method", "random", "--trials", "2", "--name", "f", "--storage",
-                      str(tmp_path / "runs"), "--set", "final.epochs=2", "--set", "final.distill=true"],
-                     cache=tmp_path / "cache", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "f" / "summary.json").read_text())
-    assert summary["final"]["trial_id"] == summary["best"]["trial_id"] and summary["final"]["distill"]
-    assert summary["final"]["recipe"]["epochs"] == 2 and "final fine-tune of trial" in result.stdout
-    assert "--trial final" in result.stdout
-    exported = run_cli(["export", str(tmp_path / "runs" / "f"), "--trial", "final", "--out", str(tmp_path / "m.pt"),
-                        "--check"], cache=tmp_path / "cache", cwd=tmp_path)
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    recorded = f"(recorded {summary['final']['test_accuracy']:.6f})"
-    assert f"test accuracy of the export: {summary['final']['test_accuracy']:.6f} {recorded}" in exported.stdout

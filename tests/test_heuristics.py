@@ -107,7 +107,7 @@ def test_the_summary_margin_is_the_best_over_the_best_heuristic():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["optuna", "random"])
+@pytest.mark.parametrize("method", ["optuna"])  # random's warm start: the WarmStart tests above
 def test_a_search_evaluates_the_heuristics_and_reports_its_margin_over_them(method, tmp_path):
     from tests.search_helpers import QUICK, read_jsonl, run_cli
 
