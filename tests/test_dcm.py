@@ -7,7 +7,6 @@ import json
 import pickle
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.train import TrainRecipe, pretrain
 from prunetune.search.prepare import model_space
+from tests.learner_helpers import run_and_keep_checkpoints
 
 TARGET = 0.5
 HPARAMS = {"lambda": 200.0, "k": 1, "temperature_start": 1.0, "temperature_end": 0.02, "target_margin": 0.0}
@@ -291,33 +291,6 @@ def trial_setup(digits):
                       base_state=model.state_dict(), base_metrics=base, space=space, splits=splits,
                       finetune=TrainRecipe(epochs=1, lr=0.01, batch_size=64), importance="bn_scale",
                       bn_recalibration_batches=2, latency_repeats=2)
-
-
-class Interrupted(RuntimeError):
-    pass
-
-
-def run_and_keep_checkpoints(setup, job, config, folder: Path, *, stop_after: int | None = None,
-                             checkpoint_dir: Path | None = None):
-    """Run a learner trial; every checkpoint is written to ``folder/<n>``; stop after ``stop_after``."""
-    from prunetune.search.learner_trial import run_learner_trial
-
-    reports = []
-
-    def report(metrics, write_checkpoint):
-        reports.append(metrics)
-        if write_checkpoint is not None:
-            target = folder / str(len(reports))
-            target.mkdir(parents=True)
-            write_checkpoint(target)
-        if stop_after is not None and len(reports) == stop_after:
-            raise Interrupted
-
-    try:
-        result = run_learner_trial(setup, job, config, seed=0, report=report, checkpoint_dir=checkpoint_dir)
-    except Interrupted:
-        result = None
-    return result, reports
 
 
 def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(trial_setup, tmp_path):

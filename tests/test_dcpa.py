@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pickle
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.train import TrainRecipe, pretrain
 from prunetune.search.prepare import model_space
+from tests.learner_helpers import run_and_keep_checkpoints
 
 TARGET = 0.5
 HPARAMS = {"lambda": 3.0, "target_margin": 0.0, "tau_max": 5.0, "warmup_epochs": 1, "search_epochs": 3}
@@ -262,32 +262,6 @@ def trial_setup(trained_model, splits):
                       base_state=model.state_dict(), base_metrics=base, space=space, splits=splits,
                       finetune=TrainRecipe(epochs=1, lr=0.01, batch_size=64), importance="bn_scale",
                       bn_recalibration_batches=2, latency_repeats=2)
-
-
-class Interrupted(RuntimeError):
-    pass
-
-
-def run_and_keep_checkpoints(setup, job, config, folder: Path, *, stop_when=None, checkpoint_dir=None):
-    """Run a learner trial, every checkpoint written to ``folder/<n>``; stop once ``stop_when(report)``."""
-    from prunetune.search.learner_trial import run_learner_trial
-
-    reports = []
-
-    def report(metrics, write_checkpoint):
-        reports.append(metrics)
-        if write_checkpoint is not None:
-            target = folder / str(len(reports))
-            target.mkdir(parents=True)
-            write_checkpoint(target)
-        if stop_when is not None and stop_when(metrics):
-            raise Interrupted
-
-    try:
-        result = run_learner_trial(setup, job, config, seed=0, report=report, checkpoint_dir=checkpoint_dir)
-    except Interrupted:
-        result = None
-    return result, reports
 
 
 def test_a_trial_killed_in_stage_2_resumes_rather_than_restarting(resnet, splits, tmp_path):
