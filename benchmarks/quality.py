@@ -9,14 +9,20 @@ wall time. The goal it measures against: at target 0.25 the best search at least
 best heuristic, at 0.5 no search below it.
 
 Setting: Fashion-MNIST at 28x28, resnet20, one base model per seed (cached), ``--data-fraction``
-of the training split (default 0.02: about 1,100 images, so the whole grid fits in about an hour
-and a half on 2 cores). It is resumable: a search or final fine-tune whose result is already in
-``--storage`` is not run again, so after an interruption run the same command again:
+of the training split (default 0.02: about 1,100 images; validation and test splits whole). The
+no-distillation final is the search's own end-of-run fine-tune (``final.epochs``); the distilled
+one is ``prunetune finetune --distill`` on the same run. The loop goes target by target (0.25
+first: there the goal asks for a win), seed by seed, so an interrupted run has whole targets. It is
+resumable: a search or final fine-tune whose result is already in ``--storage`` is not run again,
+so after an interruption run the same command again:
 
-    PRUNETUNE_CACHE=/work/cache python benchmarks/quality.py --storage /tmp/quality
+    PRUNETUNE_CACHE=/work/cache python benchmarks/quality.py --storage /work/quality
     python benchmarks/quality.py --targets 0.25 --seeds 0 --methods global,optuna   # a slice
 
-Raw results (every search's small files and the final results) are kept under ``--keep``.
+Every search's small files (``prunetune.json``, ``config.yaml``, ``space.json``, ``trials.jsonl``,
+``summary.json``) and final results are kept under ``--keep``, with ``rows.json``; the method
+table is printed a second time from the kept files through ``prunetune compare``
+(``benchmarks/compare_table.py``), so anyone can print it again from them.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from compare_table import compare_json, keep, markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 HEURISTIC_METHODS = ("uniform", "global", "global-lamp")
-SEARCH_METHODS = ("random", "optuna", "arpruning", "dcm")
+SEARCH_METHODS = ("optuna", "arpruning", "dcm", "dcpa", "cdp-dtc")
 # method name -> the flags that make it (global-lamp is the global baseline with LAMP normalisation)
 METHOD_FLAGS = {
     "uniform": ["--method", "uniform"],
@@ -44,13 +52,19 @@ METHOD_FLAGS = {
     "arpruning": ["--method", "arpruning", "--set", "arpruning.proxy=bn"],
     "dcm": ["--method", "dcm"],
     "dcpa": ["--method", "dcpa"],
+    "cdp-dtc": ["--method", "cdp-dtc"],
 }
+LEARNERS = ("dcm", "dcpa", "cdp-dtc")  # a trial learns its policy: fewer, longer trials (--learner-trials)
 
 
 def shared_flags(args) -> list[str]:
     return ["--model", "resnet20", "--dataset", "fashion-mnist", "--data-fraction", str(args.data_fraction),
             "--pretrain-epochs", str(args.pretrain_epochs), "--finetune-epochs", str(args.finetune_epochs),
-            "--trials", str(args.trials), "--concurrency", "2", "--scheduler", "none"]
+            "--concurrency", "2", "--scheduler", "none", "--set", f"final.epochs={args.final_epochs}"]
+
+
+def trials_flags(method: str, args) -> list[str]:
+    return ["--trials", str(args.learner_trials if method in LEARNERS else args.trials)]
 
 
 def cli(arguments: list[str]) -> tuple[subprocess.CompletedProcess, float]:
@@ -60,91 +74,125 @@ def cli(arguments: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     return done, time.monotonic() - started
 
 
+def run_name(method: str, target: float, seed: int) -> str:
+    return f"{method}-t{target:g}-s{seed}"
+
+
 def search(method: str, target: float, seed: int, args) -> dict:
     """One search (skipped when its summary.json exists); returns its summary."""
-    name = f"{method}-t{target:g}-s{seed}"
+    name = run_name(method, target, seed)
     run_dir = args.storage / name
     if not (run_dir / "summary.json").exists():
-        done, wall = cli(["run", *shared_flags(args), *METHOD_FLAGS[method], "--macs-target", str(target),
-                          "--seed", str(seed), "--name", name, "--storage", str(args.storage)])
+        done, wall = cli(["run", *shared_flags(args), *trials_flags(method, args), *METHOD_FLAGS[method],
+                          "--macs-target", str(target), "--seed", str(seed), "--name", name,
+                          "--storage", str(args.storage)])
         if done.returncode != 0:
             raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         print(f"  {name}: {wall:.0f} s", file=sys.stderr, flush=True)
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def final_results(run_dir: Path, distill: bool, epochs: int) -> list[dict]:
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "final").glob("*/result.json"))]
+    return [r for r in results if r["distill"] == distill and r["recipe"]["epochs"] == epochs]
+
+
 def final(method: str, target: float, seed: int, distill: bool, args) -> dict:
-    """The final fine-tune of the search's best policy (recorded in the run: resumable)."""
-    name = f"{method}-t{target:g}-s{seed}"
-    flags = ["--distill"] if distill else ["--no-distill"]
-    done, wall = cli(["finetune", str(args.storage / name), "--epochs", str(args.final_epochs), *flags])
-    if done.returncode != 0:
-        raise SystemExit(f"final of {name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    results = [json.loads(p.read_text()) for p in (args.storage / name / "final").glob("*/result.json")]
-    chosen = [r for r in results if r["distill"] == distill and r["recipe"]["epochs"] == args.final_epochs]
-    print(f"  final of {name}{' (distilled)' if distill else ''}: {wall:.0f} s", file=sys.stderr, flush=True)
+    """The final fine-tune of the search's best policy: the search's own (no distillation), or
+    ``prunetune finetune --distill``; a result already in the run is reused (resumable)."""
+    name = run_name(method, target, seed)
+    run_dir = args.storage / name
+    chosen = final_results(run_dir, distill, args.final_epochs)
+    if not chosen:
+        flags = ["--distill"] if distill else ["--no-distill"]
+        done, wall = cli(["finetune", str(run_dir), "--epochs", str(args.final_epochs), *flags])
+        if done.returncode != 0:
+            raise SystemExit(f"final of {name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        print(f"  final of {name}{' (distilled)' if distill else ''}: {wall:.0f} s", file=sys.stderr, flush=True)
+        chosen = final_results(run_dir, distill, args.final_epochs)
     return chosen[-1]
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], scale: float = 100, digits: int = 2) -> str:
+    """Mean ± sample sd of ``values`` times ``scale`` (100: accuracies in percent or points)."""
     if not values:
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}"
+
+
+def tau_of(summary: dict) -> float | None:
+    """The proxy's Kendall tau against the full budget over the promoted trials, where the search has one."""
+    fidelity = summary.get("fidelity") or {}
+    return fidelity.get("kendall_tau") if isinstance(fidelity, dict) else None
 
 
 def table(rows: list[dict], methods: list[str], targets: list[float], distill: bool) -> list[str]:
     """Per target and method: final test accuracy, the paired difference to the best heuristic."""
-    out = ["| target | method | final test % (mean ± sd) | minus best heuristic, points (mean ± sd) | "
-           "trials | search s |", "|---|---|---|---|---|---|"]
+    out = ["| target | method | seeds | final test % (mean ± sd) | minus best heuristic, points (mean ± sd) | "
+           "MACs ratio | trials (full + proxy) | proxy tau | search s |", "|---|---|---|---|---|---|---|---|---|"]
     for target in targets:
         for method in methods:
             mine = [r for r in rows if r["method"] == method and r["target"] == target and r["distill"] == distill]
+            if not mine:
+                continue
             differences = []
             for row in mine:
                 heuristics = [r["final"]["test_accuracy"] for r in rows if r["method"] in HEURISTIC_METHODS
                               and r["target"] == target and r["seed"] == row["seed"] and r["distill"] == distill]
                 if heuristics:
                     differences.append(row["final"]["test_accuracy"] - max(heuristics))
-            trials = statistics.mean(r["summary"]["trials"]["finished"] for r in mine) if mine else 0
-            wall = statistics.mean(r["summary"]["wall_s"] for r in mine) if mine else 0
-            out.append(f"| {target:g} | {method} | {mean_sd([r['final']['test_accuracy'] for r in mine])} | "
-                       f"{mean_sd(differences)} | {trials:.1f} | {wall:.0f} |")
+            full = statistics.mean((r["summary"].get("fidelity") or {}).get("full", 0) for r in mine)
+            proxy = statistics.mean((r["summary"].get("fidelity") or {}).get("proxy", 0) for r in mine)
+            taus = [t for t in (tau_of(r["summary"]) for r in mine) if t is not None]
+            wall = statistics.mean(r["summary"]["wall_s"] for r in mine)
+            out.append(f"| {target:g} | {method} | {len(mine)} | "
+                       f"{mean_sd([r['final']['test_accuracy'] for r in mine])} | {mean_sd(differences)} | "
+                       f"{mean_sd([r['final']['macs_ratio'] for r in mine], 1, 3)} | "
+                       f"{full:.1f} + {proxy:.1f} | {mean_sd(taus, 1) if taus else '-'} | {wall:.0f} |")
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(HEURISTIC_METHODS + SEARCH_METHODS))
-    parser.add_argument("--targets", default="0.5,0.25")
+    parser.add_argument("--targets", default="0.25,0.5")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--data-fraction", type=float, default=0.02)
     parser.add_argument("--pretrain-epochs", type=int, default=15)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--final-epochs", type=int, default=5)
+    parser.add_argument("--learner-trials", type=int, default=4)
+    parser.add_argument("--final-epochs", type=int, default=10)
+    parser.add_argument("--distill", choices=("both", "on", "off"), default="both",
+                        help="which final fine-tunes to run: with distillation, without, or both")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-quality"))
     parser.add_argument("--keep", type=Path, default=ROOT / "benchmarks" / "results" / "quality" / date.today().isoformat())
     args = parser.parse_args()
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     targets = [float(t) for t in args.targets.split(",")]
+    distills = {"both": (False, True), "on": (True,), "off": (False,)}[args.distill]
     args.storage.mkdir(parents=True, exist_ok=True)
     rows = []
-    for seed in seeds:
-        for target in targets:
+    for target in targets:
+        for seed in seeds:
             for method in methods:
                 summary = search(method, target, seed, args)
-                for distill in (False, True):
+                for distill in distills:
                     rows.append({"method": method, "target": target, "seed": seed, "distill": distill,
                                  "summary": summary, "final": final(method, target, seed, distill, args)})
-    args.keep.mkdir(parents=True, exist_ok=True)
+    run_dirs = sorted({str(args.storage / run_name(r["method"], r["target"], r["seed"])) for r in rows})
+    keep(run_dirs, args.keep / "runs")
     (args.keep / "rows.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     print(f"# search quality, {date.today()}, {platform.machine()}, {platform.node()}\n")
-    print(f"settings: `prunetune run {' '.join(shared_flags(args))} --macs-target T --seed S` per method, then "
-          f"`prunetune finetune RUN --epochs {args.final_epochs} [--distill]`\n")
-    for distill in (False, True):
+    print(f"settings: `prunetune run {' '.join(shared_flags(args))} --trials {args.trials} (learners "
+          f"{args.learner_trials}) --macs-target T --seed S` per method, then "
+          f"`prunetune finetune RUN --epochs {args.final_epochs} --distill`\n")
+    for distill in distills:
         print(f"\nfinal fine-tune {'with' if distill else 'without'} distillation:\n")
         print("\n".join(table(rows, methods, targets, distill)))
+    print("\nthe searches through `prunetune compare` (best trial within the target, before the final fine-tune):\n")
+    print(markdown(compare_json(sorted(str(p) for p in (args.keep / "runs").iterdir())), "method"))
     return 0
 
 
