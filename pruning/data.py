@@ -7,6 +7,11 @@ split is touched only by final reports. Small datasets live in memory as :class:
 once), which is several times faster on CPU than a per-sample ``DataLoader``. ``imagefolder`` data
 is decoded from disk per sample, through a ``DataLoader``.
 
+On a GPU, :meth:`Splits.on_device` moves such in-memory splits to the device once (where they fit
+beside the model), and the same batching then runs there: index tensors, crop, flip and
+normalisation on the device, so a training step never waits for the CPU. The random draws stay on
+the CPU, drawn in the same order as on CPU data, so a seed gives the same batches on every device.
+
 Every random choice comes from the seed passed in (and, in a loader, the epoch), never from
 global RNG state, so two runs with the same seed see the same splits and the same batches.
 """
@@ -40,6 +45,9 @@ _SYNTHETIC_SIZES = (512, 128)  # train, test
 # a pruned model can lose accuracy measurably instead of every policy scoring 100%.
 _SYNTHETIC_AMPLITUDE, _SYNTHETIC_NOISE = 0.3, 0.3
 _RESIZE_CHUNK = 8192  # images resized per step, to bound the float copy's memory
+# In-memory splits move to a GPU only if they take at most this share of its free memory: the
+# rest is left for the model, its activations and other trials sharing the GPU.
+DEVICE_DATA_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,51 @@ class Splits:
     train: Dataset
     val: Dataset
     test: Dataset
+
+    def on_device(self, device: str | torch.device, *, free_bytes: int | None = None) -> Splits:
+        """These splits with their in-memory images on ``device``, where all three fit; else ``self``.
+
+        They fit when their bytes are at most ``DEVICE_DATA_SHARE`` of the device's free memory
+        (``free_bytes``; None: asked of the device). Each :class:`TensorImages` keeps its copy
+        (:meth:`TensorImages.to_device`), so a second call, by the next epoch or the next trial
+        holding the same splits, moves nothing. CPU splits on a CPU device are returned as they are.
+        """
+        device = canonical_device(device)
+        parts = (self.train, self.val, self.test)
+        if not all(isinstance(part, TensorImages) for part in parts):
+            return self  # folder data is decoded per sample by a DataLoader
+        missing = [part for part in parts if part.images.device != device and not part.has_copy_on(device)]
+        if missing and device.type != "cpu":
+            free = device_free_bytes(device) if free_bytes is None else free_bytes
+            if not fits_on_device(sum(part.nbytes for part in missing), free):
+                return self
+        return self._with_parts([part.to_device(device) for part in parts])
+
+    def _with_parts(self, parts: list[Dataset]) -> Splits:
+        if all(new is old for new, old in zip(parts, (self.train, self.val, self.test), strict=True)):
+            return self
+        return Splits(info=self.info, train=parts[0], val=parts[1], test=parts[2])
+
+
+def fits_on_device(nbytes: int, free_bytes: int, share: float = DEVICE_DATA_SHARE) -> bool:
+    """Whether ``nbytes`` of data may live on a device with ``free_bytes`` free: at most ``share`` of them."""
+    return nbytes <= share * free_bytes
+
+
+def canonical_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device (``cuda:0``), as tensors name it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device in bytes (0 for other accelerators: their data stays on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +147,35 @@ class TensorImages(Dataset):
         self.labels = labels.to(torch.int64)
         self.mean = tuple(mean) if mean is not None else (0.0,) * channels
         self.std = tuple(std) if std is not None else (1.0,) * channels
+        self._copies: dict[torch.device, TensorImages] = {}  # by device: see to_device
+
+    def __getstate__(self) -> dict:  # device copies stay in their process: a pickle holds the CPU data
+        return {key: value for key, value in self.__dict__.items() if key != "_copies"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._copies = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the images and labels."""
+        return self.images.nbytes + self.labels.nbytes
+
+    def has_copy_on(self, device: torch.device) -> bool:
+        return canonical_device(device) in self._copies
+
+    def to_device(self, device: str | torch.device) -> TensorImages:
+        """This dataset with its tensors on ``device``: ``self`` where they are already, else a copy
+        made once and kept here, so repeated calls (every epoch, every trial of a reused worker
+        holding this object) transfer nothing. The images keep their dtype (uint8 stays 4x smaller
+        than float)."""
+        device = canonical_device(device)
+        if self.images.device == device:
+            return self
+        if device not in self._copies:
+            self._copies[device] = TensorImages(self.images.to(device), self.labels.to(device),
+                                                mean=self.mean, std=self.std)
+        return self._copies[device]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -111,9 +193,13 @@ class TensorImages(Dataset):
 
     def normalise(self, images: Tensor) -> Tensor:
         """Float images in 0..1, standardised per channel."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean, std = self.stats(images.device)
         return (images - mean) / std
+
+    def stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The per-channel mean and std as 1xCx1x1 tensors on ``device``."""
+        return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=device).view(1, -1, 1, 1))
 
 
 class FolderImages(Dataset):
@@ -547,7 +633,14 @@ class _Epochs:
 
 
 class TensorBatches(_Epochs):
-    """Batches of :class:`TensorImages` made by slicing: shuffle, crop, flip and normalise per batch."""
+    """Batches of :class:`TensorImages` made by slicing: shuffle, crop, flip and normalise per batch.
+
+    One code path for every device: the epoch's random draws (the order, then per batch the crop
+    offsets and the flips, in that order) come from the epoch's CPU generator, are moved to the
+    images' device once per epoch, and the batches are indexed, cropped, flipped and normalised
+    where the images are. CPU data thus gives exactly the batches it always has, and device data
+    the same batches without a host transfer per batch.
+    """
 
     def __init__(
         self,
@@ -567,38 +660,89 @@ class TensorBatches(_Epochs):
         order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         return self._batches(order, generator)
 
+    def _batch_sizes(self) -> list[int]:
+        return [min(self.batch_size, self.size - number * self.batch_size) for number in range(len(self))]
+
+    def _draws(self, generator: torch.Generator) -> dict[str, Tensor]:
+        """The epoch's augmentation draws for every batch, drawn batch by batch as the batches use them."""
+        if self.augment == "none" or self.size == 0:
+            return {}
+        pad = crop_padding(*self.dataset.images.shape[-2:])
+        tops, lefts, flips = [], [], []
+        for count in self._batch_sizes():
+            top, left = crop_offsets(count, pad, generator)
+            tops.append(top)
+            lefts.append(left)
+            if self.augment == "crop_flip":
+                flips.append(flip_draws(count, generator))
+        draws = {"top": torch.cat(tops), "left": torch.cat(lefts)}
+        if flips:
+            draws["flip"] = torch.cat(flips)
+        return draws
+
     def _batches(self, order: Tensor, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         data = self.dataset
+        device = data.images.device
+        draws = {key: value.to(device) for key, value in self._draws(generator).items()}
+        order = order.to(device)
+        mean, std = data.stats(device)
+        pad = crop_padding(*data.images.shape[-2:])
         for number in range(len(self)):
-            indices = order[number * self.batch_size : (number + 1) * self.batch_size]
+            window = slice(number * self.batch_size, (number + 1) * self.batch_size)
+            indices = order[window]
             images = data.to_unit_float(data.images[indices])
-            if self.augment != "none":
-                images = random_crop(images, generator)
-            if self.augment == "crop_flip":
-                images = random_flip(images, generator)
-            yield data.normalise(images), data.labels[indices]
+            if "top" in draws:
+                images = crop_at(images, draws["top"][window], draws["left"][window], pad)
+            if "flip" in draws:
+                images = flip_where(images, draws["flip"][window])
+            yield (images - mean) / std, data.labels[indices]
 
 
-def random_crop(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Each image shifted at random within zero padding of 4 pixels (2 for images of 16 pixels or fewer).
+def crop_padding(height: int, width: int) -> int:
+    """The zero padding a random crop shifts within: 4 pixels, 2 for images of 16 pixels or fewer."""
+    return 2 if max(height, width) <= 16 else 4
+
+
+def crop_offsets(count: int, pad: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``count`` random (top, left) offsets in 0..2*pad, each shaped (count, 1, 1), on the generator's device."""
+    top = torch.randint(0, 2 * pad + 1, (count, 1, 1), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (count, 1, 1), generator=generator)
+    return top, left
+
+
+def flip_draws(count: int, generator: torch.Generator) -> Tensor:
+    """``count`` coin tosses: which images to mirror."""
+    return torch.rand(count, generator=generator) < 0.5
+
+
+def crop_at(images: Tensor, top: Tensor, left: Tensor, pad: int) -> Tensor:
+    """Each image's window at its own (top, left) offset in the image zero-padded by ``pad``.
 
     One ``gather`` over the flattened padded batch crops every image at its own offset.
     """
     count, channels, height, width = images.shape
-    pad = 2 if max(height, width) <= 16 else 4
     padded = F.pad(images, (pad, pad, pad, pad)).reshape(count, channels, -1)
-    top = torch.randint(0, 2 * pad + 1, (count, 1, 1), generator=generator)
-    left = torch.randint(0, 2 * pad + 1, (count, 1, 1), generator=generator)
-    rows = top + torch.arange(height).view(1, -1, 1)
-    cols = left + torch.arange(width).view(1, 1, -1)
+    rows = top + torch.arange(height, device=images.device).view(1, -1, 1)
+    cols = left + torch.arange(width, device=images.device).view(1, 1, -1)
     flat_index = (rows * (width + 2 * pad) + cols).reshape(count, 1, -1).expand(-1, channels, -1)
     return padded.gather(2, flat_index).reshape(count, channels, height, width)
 
 
+def flip_where(images: Tensor, flip: Tensor) -> Tensor:
+    """The images mirrored left to right where ``flip`` (one boolean per image) is true."""
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def random_crop(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image shifted at random within zero padding of 4 pixels (2 for images of 16 pixels or fewer)."""
+    pad = crop_padding(*images.shape[-2:])
+    top, left = crop_offsets(len(images), pad, generator)
+    return crop_at(images, top.to(images.device), left.to(images.device), pad)
+
+
 def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     """Each image mirrored left to right with probability one half."""
-    flip = torch.rand(len(images), generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return flip_where(images, flip_draws(len(images), generator).to(images.device))
 
 
 class SampleBatches(_Epochs):

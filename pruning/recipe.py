@@ -28,6 +28,8 @@ from prunetune.pruning.schema import (
 )
 
 SCHEDULES = ("cosine", "step")
+# resources.amp: the autocast dtype of forward passes (pruning/train.py); not part of a recipe's key
+AMP_MODES = ("none", "bf16")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,15 @@ Training is SGD with a learning-rate schedule that is a pure function of the pos
 epochs done: a run interrupted after epoch k and resumed from its checkpoint trains exactly as one
 that was never interrupted. :class:`Trainer` runs epoch by epoch for callers that checkpoint;
 :func:`train` runs them all.
+
+Two speed options, both off by default: ``amp="bf16"`` runs forward passes (training, evaluation,
+recalibration) under ``torch.autocast`` in bfloat16, which keeps BatchNorm, softmax and the losses
+in float32 and needs no loss scaling (bfloat16 has float32's exponent range); on a CPU it works, and
+is faster only where the CPU has bfloat16 instructions (AMX or AVX512-BF16), slower than float32
+elsewhere. ``channels_last`` keeps the model's weights and the inputs in NHWC
+memory order, which cuDNN's convolutions prefer (with bfloat16 above all). Neither changes what is
+computed beyond rounding. A step reads nothing back from the device: the epoch's loss and hits
+are summed where the model runs and read once at its end.
 """
 
 import hashlib
@@ -28,7 +37,7 @@ from prunetune.pruning.data import Splits, make_loader
 from prunetune.pruning.distill import Distillation
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.models import create_model
-from prunetune.pruning.recipe import SCHEDULES, TrainRecipe  # noqa: F401 - re-exported: the recipe trains here
+from prunetune.pruning.recipe import AMP_MODES, SCHEDULES, TrainRecipe  # noqa: F401 - re-exported: the recipe trains here
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,20 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of one epoch's shuffling, augmentation and dropout, derived from the run's seed."""
     return int(np.random.SeedSequence([seed % 2**32, epoch]).generate_state(1)[0])
+
+
+def autocast(device: str | torch.device, amp: str = "none"):
+    """The context of a forward pass: bfloat16 autocast on ``device``'s type for ``amp="bf16"``, else none."""
+    if amp not in AMP_MODES:
+        raise UserError(f"unknown amp {amp!r}; choose one of: {', '.join(AMP_MODES)}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def model_input(inputs: torch.Tensor, device: str | torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch on ``device`` (a no-op for device-resident data), NHWC in memory for ``channels_last``."""
+    if channels_last and inputs.dim() == 4:
+        return inputs.to(device, memory_format=torch.channels_last)
+    return inputs.to(device)
 
 
 def _training_batches(n_samples: int, batch_size: int) -> tuple[bool, int]:
@@ -82,13 +105,17 @@ class Trainer:
         seed: int,
         device: str | torch.device = "cpu",
         distillation: Distillation | None = None,
+        amp: str = "none",
+        channels_last: bool = False,
     ) -> None:
-        self.model = model.to(device)
+        autocast(device, amp)  # refuses an unknown amp before anything runs
+        self.model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
         self.distillation = distillation.to(device) if distillation is not None else None
         self.splits = splits
         self.recipe = recipe
         self.seed = seed
         self.device = torch.device(device)
+        self.amp, self.channels_last = amp, channels_last
         self.epochs_done = 0
         self.optimizer = torch.optim.SGD(
             model.parameters(),
@@ -120,14 +147,22 @@ class Trainer:
         )
         torch.manual_seed(epoch_seed(self.seed, epoch))  # dropout and any other global-RNG draw
         self.model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Summed on the device in float64, as Python would sum loss.item() * n: read once, at the end.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
         for index, (inputs, targets) in enumerate(loader):
             for group in self.optimizer.param_groups:
                 group["lr"] = self.recipe.learning_rate(epoch, min(index / batches, 1.0))
-            loss, hits = self._step(inputs.to(self.device), targets.to(self.device))
-            loss_sum, correct, seen = loss_sum + loss * len(targets), correct + hits, seen + len(targets)
+            targets = targets.to(self.device)
+            loss, hits = self._step(model_input(inputs, self.device, self.channels_last), targets)
+            loss_sum += loss.double() * len(targets)
+            correct += hits
+            seen += len(targets)
+        loss_sum, correct = float(loss_sum), int(correct)
         self.epochs_done = epoch + 1
-        val_accuracy, val_loss = evaluate(self.model, self.splits.val, device=self.device)
+        val_accuracy, val_loss = evaluate(self.model, self.splits.val, device=self.device, amp=self.amp,
+                                          channels_last=self.channels_last)
         return EpochReport(
             epoch=epoch,
             train_loss=loss_sum / max(seen, 1),
@@ -137,17 +172,19 @@ class Trainer:
             seconds=time.perf_counter() - started,
         )
 
-    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-        """One SGD step; returns the batch's mean loss and its number of correct predictions."""
-        logits = self.model(inputs)
-        if self.distillation is not None:  # against the teacher's softened logits (pruning/distill.py)
-            loss = self.distillation.loss(logits, inputs, targets)
-        else:
-            loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step; returns the batch's mean loss and its number of correct predictions, as
+        tensors on the device (reading them would wait for the step)."""
+        with autocast(self.device, self.amp):
+            logits = self.model(inputs)
+            if self.distillation is not None:  # against the teacher's softened logits (pruning/distill.py)
+                loss = self.distillation.loss(logits, inputs, targets)
+            else:
+                loss = F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.item(), int((logits.argmax(dim=1) == targets).sum())
+        return loss.detach(), (logits.argmax(dim=1) == targets).sum()
 
     def remaining_epochs(self) -> Iterator[EpochReport]:
         """Run the epochs not yet done, yielding each report (checkpoint between them)."""
@@ -206,29 +243,36 @@ def train(
 
 
 def evaluate(
-    model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu"
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
+    amp: str = "none", channels_last: bool = False,
 ) -> tuple[float, float]:
     """Accuracy in [0, 1] and mean cross-entropy of ``model`` on ``dataset``, in eval mode.
 
-    The model's train/eval flags are restored afterwards.
+    ``amp`` and ``channels_last`` apply to the forward passes and the inputs (the model's own memory
+    format is its owner's, e.g. the :class:`Trainer`'s). The model's train/eval flags are restored
+    afterwards.
     """
     if len(dataset) == 0:
         raise UserError("cannot evaluate on an empty dataset; use a larger data_fraction or val_fraction")
     flags = {module: module.training for module in model.modules()}
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    # Summed on the device in float64, as Python would sum the batches' .item(): read once, at the end.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
     try:
         with torch.no_grad():
             for inputs, targets in make_loader(dataset, batch_size, shuffle=False):
-                inputs, targets = inputs.to(device), targets.to(device)
-                logits = model(inputs)
-                loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-                correct += int((logits.argmax(dim=1) == targets).sum())
+                inputs, targets = model_input(inputs, device, channels_last), targets.to(device)
+                with autocast(device, amp):
+                    logits = model(inputs)
+                    loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == targets).sum()
                 seen += len(targets)
     finally:
         for module, training in flags.items():
             module.training = training
-    return correct / seen, loss_sum / seen
+    return int(correct) / seen, float(loss_sum) / seen
 
 
 def recalibrate_bn(
@@ -240,6 +284,8 @@ def recalibrate_bn(
     seed: int = 0,
     device: str | torch.device = "cpu",
     augment: str = "none",
+    amp: str = "none",
+    channels_last: bool = False,
 ) -> None:
     """Re-estimate every BatchNorm's running statistics from ``batches`` batches of ``dataset``.
 
@@ -268,7 +314,8 @@ def recalibrate_bn(
             for index, (inputs, _) in enumerate(loader):
                 if index == batches:
                     break
-                model(inputs.to(device))
+                with autocast(device, amp):
+                    model(model_input(inputs, device, channels_last))
     finally:
         for norm, momentum in momenta.items():
             norm.momentum = momentum

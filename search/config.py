@@ -41,7 +41,7 @@ import yaml
 
 from prunetune.methods.registry import METHODS, method_sections
 from prunetune.pruning.errors import UserError
-from prunetune.pruning.recipe import TrainRecipe
+from prunetune.pruning.recipe import AMP_MODES, TrainRecipe
 from prunetune.pruning.schema import (
     AT_LEAST_ONE,
     FRACTION,
@@ -166,6 +166,13 @@ class ResourcesSection(Section):
     )
     device: str = option(
         "auto", "torch device of a trial: auto = cuda where a GPU is reserved", choices=DEVICES
+    )
+    amp: str = option(
+        "none", "autocast of a trial's forward passes: bf16 = bfloat16 (faster on a GPU; on a CPU only with "
+        "bfloat16 instructions, AMX or AVX512-BF16, else slower), none = float32", choices=AMP_MODES
+    )
+    channels_last: bool = option(
+        False, "a trial's model and inputs in channels_last (NHWC) memory format: faster convolutions on a GPU"
     )
 
     def __post_init__(self) -> None:
