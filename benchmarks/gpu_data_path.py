@@ -33,7 +33,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def main() -> int:
             row["speedup"] = round(baseline / row["epoch_seconds"], 3)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    meta = {"date": date.today().isoformat(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    meta = {"date": date.today().isoformat(), "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda")
             else f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))",
             "torch": torch.__version__, "dataset": args.dataset, "image_size": args.image_size,

@@ -112,6 +112,7 @@ def prepare(cfg, *, cache_dir: Path, log: Log, run_dir: Path | None = None, inpu
         bn_recalibration_batches=cfg.finetune.bn_recalibration_batches, seed=cfg.seed,
         device=trial_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial),
         threads=max(1, int(cfg.resources.cpus_per_trial)),
+        amp=cfg.resources.amp, channels_last=cfg.resources.channels_last,
     )
     return base, setup, calibration_batches(replace(setup, device=device))  # used here, on the driver
 

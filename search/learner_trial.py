@@ -86,8 +86,9 @@ def learn(setup: TrialSetup, job: LearnerJob, config: Mapping[str, Any], *, seed
     import torch
 
     from prunetune.methods.learner import LearnData
-    from prunetune.search.trial import build_base_model
+    from prunetune.search.trial import build_base_model, on_device
 
+    setup = on_device(setup)  # the learner's batches made on the trial's device too
     learner = job.learner()
     hparams = {r.name: config[r.name] for r in learner.hparam_ranges() if r.name in config}
     state = None

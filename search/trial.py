@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,8 @@ class TrialSetup:
     # (``search.callbacks.reusable_results``); such a trial reports its result again and computes nothing.
     recorded: dict = field(default_factory=dict)
     distillation: object = None  # pruning.distill.Distillation: train against the base model's logits (final)
+    amp: str = "none"  # resources.amp: bf16 autocasts the forward passes (pruning.train.autocast)
+    channels_last: bool = False  # resources.channels_last: the model and its inputs in NHWC memory order
 
 
 # report(metrics, checkpoint_dir_writer or None); the writer saves a checkpoint into a directory.
@@ -60,6 +62,12 @@ def build_base_model(setup: TrialSetup) -> nn.Module:
     model = create_from_arch(setup.arch)
     model.load_state_dict(setup.base_state)
     return model.to(setup.device)
+
+
+def on_device(setup: TrialSetup) -> TrialSetup:
+    """``setup`` with its in-memory splits on its device where they fit (``Splits.on_device``): each
+    dataset moves once and keeps its copy, so the batches of every epoch are made on the device."""
+    return replace(setup, splits=setup.splits.on_device(setup.device))
 
 
 def calibration_batches(setup: TrialSetup) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -82,7 +90,8 @@ def prune_for_trial(setup: TrialSetup, policy: Policy) -> nn.Module:
     pruned = prune(base, setup.space, policy, setup.importance, calibration_batches(setup))
     if setup.bn_recalibration_batches:
         recalibrate_bn(pruned, setup.splits.train, batches=setup.bn_recalibration_batches,
-                       seed=setup.seed, device=setup.device)
+                       seed=setup.seed, device=setup.device, amp=setup.amp,
+                       channels_last=setup.channels_last)
     return pruned
 
 
@@ -100,6 +109,7 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
     from prunetune.pruning.train import Trainer, evaluate
 
     started = time.perf_counter()
+    setup = on_device(setup)
     torch.manual_seed(seed)
     if checkpoint_dir is not None:
         model, _ = load_pruned(Path(checkpoint_dir) / CHECKPOINT_MODEL, map_location=setup.device)
@@ -110,12 +120,13 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
         model, state = prune_for_trial(setup, policy), None
     size = _size_metrics(setup, policy)
     trainer = Trainer(model, setup.splits, setup.finetune, seed=seed, device=setup.device,
-                      distillation=setup.distillation)
+                      distillation=setup.distillation, amp=setup.amp, channels_last=setup.channels_last)
+    fast = {"amp": setup.amp, "channels_last": setup.channels_last}  # evaluate's forward passes
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
     else:
-        val_accuracy, val_loss = evaluate(model, setup.splits.val, device=setup.device)
+        val_accuracy, val_loss = evaluate(model, setup.splits.val, device=setup.device, **fast)
         history = [{"epoch": 0, "val_accuracy": val_accuracy, "val_loss": val_loss}]
         report({**size, **history[-1], "epoch": 0},
                _checkpoint_writer(setup, policy, trainer, history) if setup.finetune.epochs else None)
@@ -126,7 +137,7 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
             report({**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history))
     measured = measure(model, setup.space.input_shape, batch_size=64, device=setup.device,
                        repeats=setup.latency_repeats, threads=setup.threads)  # the base's thread count too
-    test_accuracy = evaluate(model, setup.splits.test, device=setup.device)[0] if evaluate_test else None
+    test_accuracy = evaluate(model, setup.splits.test, device=setup.device, **fast)[0] if evaluate_test else None
     base = setup.base_metrics
     result = {
         **history[-1], "test_accuracy": test_accuracy,
