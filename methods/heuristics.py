@@ -100,14 +100,27 @@ class WarmStart(Searcher):
         self.inner.load_state_dict(state["inner"])
 
 
-def optuna_points(heuristics: Mapping[str, Policy], space: SearchSpace, *, search_depth: bool = False
-                  ) -> list[dict[str, float | bool]]:
+def optuna_points(heuristics: Mapping[str, Policy], space: SearchSpace, *, search_depth: bool = False,
+                  parameterisation=None) -> list[dict[str, float | bool]]:
     """The heuristics as Optuna parameters for ``OptunaSearch(points_to_evaluate=...)``, which
-    enqueues them as its first trials: ``keep.<group>`` (the names of ``search.optuna_space``), and
-    with ``search_depth`` ``drop.<block>`` false (a heuristic drops no block)."""
+    enqueues them as its first trials: ``keep.<group>`` (the names of ``search.optuna_space``), or
+    the point of ``parameterisation`` giving the heuristic's policy, and with ``search_depth``
+    ``drop.<block>`` false (a heuristic drops no block). A heuristic the parameterisation cannot
+    express (``inexpressible_heuristics``) is left out: in ``stages`` the uniform one is every ratio
+    equal, in ``affine`` the global one is alpha 1, kappa 0."""
     drops = {f"drop.{block}": False for block in space.droppable_blocks} if search_depth else {}
-    return [{**{f"keep.{group}": ratio for group, ratio in policy.keep_ratios.items()}, **drops}
-            for policy in heuristics.values()]
+    if parameterisation is None:
+        return [{**{f"keep.{group}": ratio for group, ratio in policy.keep_ratios.items()}, **drops}
+                for policy in heuristics.values()]
+    points = (parameterisation.values_of(policy) for policy in heuristics.values())
+    return [{**point, **drops} for point in points if point is not None]
+
+
+def inexpressible_heuristics(heuristics: Mapping[str, Policy], parameterisation) -> list[str]:
+    """The names of the ``heuristics`` that no point of ``parameterisation`` gives (not enqueued)."""
+    if parameterisation is None:
+        return []
+    return [name for name, policy in heuristics.items() if parameterisation.values_of(policy) is None]
 
 
 def heuristic_summary(records: Sequence[Mapping], heuristics: Mapping[str, Policy],

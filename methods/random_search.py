@@ -10,6 +10,12 @@ exhausted: the searcher finishes early (or, before any proposal, raises a UserEr
 Depth (config ``space.search_depth``): a draw first drops each droppable block with probability
 ``drop_probability``; the multiplier then rescales the remaining groups' ratios into the band,
 against the estimate with those blocks dropped (groups inside them are left out of the policy).
+
+Parameterisation (config ``space.parameterisation``, ``methods.parameterisation``): with ``stages``
+the draws are one per stage parameter (u ~ U[floor, 1]), shared by its groups, and rescaled as
+above (one common multiplier keeps them shared); with ``affine`` alpha is drawn log-uniformly and
+kappa uniformly per group, and the affine threshold already meets the target, so a policy below
+the band is rejected and drawn again.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from prunetune.methods.options import SearcherOptions, check_fraction
+from prunetune.methods.parameterisation import Groups, sample_point
 from prunetune.methods.searcher import Proposal, Searcher, check_state
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
@@ -73,10 +80,12 @@ def rescaled_policy(space: SearchSpace, draws: np.ndarray, macs_target: float, t
 class RandomSearcher(Searcher):
     """Proposes distinct random policies in the MACs band, forever (``TrialBudget`` bounds it)."""
 
-    def __init__(self, space: SearchSpace, *, macs_target: float, seed: int, options: RandomOptions) -> None:
+    def __init__(self, space: SearchSpace, *, macs_target: float, seed: int, options: RandomOptions,
+                 parameterisation=None) -> None:
         self.space = space
         self.macs_target = check_fraction(macs_target, "macs_target")
         self.options = options
+        self.parameterisation = parameterisation or Groups(space, options.floor)
         self._droppable = space.droppable_blocks if options.search_depth else ()
         floor_ratio = space.macs_ratio(Policy.uniform(space, options.floor, self._droppable))
         if floor_ratio > self.macs_target:
@@ -94,11 +103,10 @@ class RandomSearcher(Searcher):
         if self._exhausted:
             return None
         for _ in range(self.options.max_tries):
-            draws = self._rng.uniform(self.options.floor, 1.0, size=len(self.space.groups))
+            point = self._draw()
             drops = self._rng.random(len(self._droppable)) < self.options.drop_probability
             dropped = tuple(b for b, drop in zip(self._droppable, drops, strict=True) if drop)
-            policy = rescaled_policy(self.space, draws, self.macs_target, self.options.tolerance,
-                                     self.options.floor, dropped)
+            policy = self._policy(point, dropped)
             if policy is None or policy.key() in self._seen:
                 continue
             self._seen.add(policy.key())
@@ -113,6 +121,25 @@ class RandomSearcher(Searcher):
                             f"[{self.macs_target - self.options.tolerance:g}, {self.macs_target:g}] of the MACs "
                             f"in {self.options.max_tries} draws; raise the tolerance")
         return None
+
+    def _draw(self) -> np.ndarray | dict[str, float]:
+        """One point: a keep ratio per group (``groups``, the stream of earlier versions), else a point
+        of the parameterisation."""
+        if self.parameterisation.kind == "groups":
+            return self._rng.uniform(self.options.floor, 1.0, size=len(self.space.groups))
+        return sample_point(self.parameterisation, self._rng)
+
+    def _policy(self, point, dropped: tuple[str, ...]) -> Policy | None:
+        """The policy of ``point`` in the MACs band, or None."""
+        if self.parameterisation.meets_target:
+            policy = self.parameterisation.to_policy(point, dropped)
+            band = self.macs_target - self.options.tolerance <= self.space.macs_ratio(policy) <= self.macs_target
+            return policy if band else None
+        if isinstance(point, dict):
+            ratios = self.parameterisation.ratios(point)
+            point = np.array([ratios[name] for name in self.space.group_names()])
+        return rescaled_policy(self.space, point, self.macs_target, self.options.tolerance, self.options.floor,
+                               dropped)
 
     def tell(self, proposal_id: str, result: Mapping[str, float] | None) -> None:
         if proposal_id not in self._pending:
@@ -138,5 +165,6 @@ class RandomSearcher(Searcher):
 
 
 def make_random_searcher(space: SearchSpace, *, macs_target: float, seed: int, options: RandomOptions,
-                         start_policy: Policy | None = None) -> RandomSearcher:
-    return RandomSearcher(space, macs_target=macs_target, seed=seed, options=options)
+                         start_policy: Policy | None = None, parameterisation=None) -> RandomSearcher:
+    return RandomSearcher(space, macs_target=macs_target, seed=seed, options=options,
+                          parameterisation=parameterisation)

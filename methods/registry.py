@@ -65,12 +65,17 @@ class MethodSpec:
     options: type = SearcherOptions
     start: str | None = None
     default_importance: str = "l1"  # the criterion when the config's ``importance`` is null
-    context: tuple[str, ...] = ()  # search settings its factory takes too: "budget", "concurrency"
+    context: tuple[str, ...] = ()  # search settings its factory takes too: "budget", "concurrency", "parameterisation"
     warm_start: bool = False  # first evaluates the heuristics (methods.heuristics), unless it has a start
 
     @property
     def needs_start_policy(self) -> bool:
         return self.start is not None
+
+    @property
+    def parameterised(self) -> bool:
+        """Whether it samples policies in the config's ``space.parameterisation`` (methods.parameterisation)."""
+        return self.kind == "optuna" or "parameterisation" in self.context
 
     @property
     def section(self) -> str | None:
@@ -89,7 +94,8 @@ METHODS: dict[str, MethodSpec] = {
                          "global_threshold:make_global_searcher", GlobalOptions,
                          "global_threshold:global_start_policy"),
     "random": MethodSpec("searcher", "distinct random policies rescaled into the MACs band",
-                         "random_search:make_random_searcher", RandomOptions, warm_start=True),
+                         "random_search:make_random_searcher", RandomOptions, context=("parameterisation",),
+                         warm_start=True),
     "arpruning": MethodSpec("searcher", "ARPruning: a neighbourhood search from the global attention policy",
                             "arpruning:make_arpruning_searcher", ArpruningOptions,
                             "arpruning:arpruning_start_policy", default_importance="attention",
@@ -144,13 +150,15 @@ def start_policy_for(name: str, model, space: SearchSpace, *, macs_target: float
 
 def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: int, budget: int,
                   concurrency: int, options: Mapping[str, Any] = NO_OPTIONS,
-                  start_policy: Policy | None = None, heuristics: Mapping[str, Policy] = NO_OPTIONS) -> Searcher:
+                  start_policy: Policy | None = None, heuristics: Mapping[str, Policy] = NO_OPTIONS,
+                  parameterisation=None) -> Searcher:
     """Build searcher ``name`` on ``space``, within ``budget`` proposals and ``concurrency`` in flight.
 
     ``options`` are the method's own (see its options dataclass; ``tolerance`` for all). The result
     is ``ConcurrencyLimiter(TrialBudget(searcher, budget), concurrency)``; with ``heuristics``
     (``methods.heuristics.heuristic_policies``) the searcher is warm-started: ``WarmStart`` proposes
-    them first, within the same budget.
+    them first, within the same budget. ``parameterisation`` (``methods.parameterisation``; None:
+    one keep ratio per group) goes to a searcher that samples in one (``MethodSpec.parameterised``).
     """
     spec = searcher_spec(name)
     parsed = parse_options(spec.options, options, name)
@@ -161,7 +169,10 @@ def make_searcher(name: str, space: SearchSpace, *, macs_target: float, seed: in
         raise UserError(f"method '{name}' needs a start policy; compute it with start_policy_for('{name}', ...)")
     if not spec.needs_start_policy and start_policy is not None:
         raise UserError(f"method '{name}' takes no start policy; leave it out")
-    settings = {"budget": budget, "concurrency": concurrency}
+    if parameterisation is not None and parameterisation.kind != "groups" and not spec.parameterised:
+        raise UserError(f"method '{name}' samples no policy space, so it takes no {parameterisation.kind} "
+                        f"parameterisation; leave it out (optuna and random take one)")
+    settings = {"budget": budget, "concurrency": concurrency, "parameterisation": parameterisation}
     searcher = spec.build(space, macs_target=target, seed=seed, options=parsed, start_policy=start_policy,
                           **{key: settings[key] for key in spec.context})
     if heuristics:

@@ -92,6 +92,9 @@ def _training_batches(n_samples: int, batch_size: int) -> tuple[bool, int]:
 class Trainer:
     """Trains ``model`` on ``splits`` with ``recipe`` one epoch at a time, resumably.
 
+    The batches are made where the splits' images are: pass ``splits.on_device(device)`` to make
+    them on a GPU (``pruning.data``); the same batches either way.
+
     ``state_dict()`` after any epoch, loaded into a new Trainer (same model architecture, splits,
     recipe and seed), continues exactly where the first left off.
     """
@@ -406,6 +409,7 @@ def pretrain(
     if path.exists():
         return _load_cached(path, device)
     info = splits.info
+    splits = splits.on_device(device)  # batches made on a GPU where the data fits there (pruning.data)
     seed_everything(seed)  # the initial weights follow the seed too
     model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels,
                          model_args=model_args)

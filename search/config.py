@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from prunetune.methods.parameterisation import PARAMETERISATIONS
 from prunetune.methods.registry import METHODS, method_sections
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.recipe import AMP_MODES, TrainRecipe
@@ -208,12 +209,25 @@ class FinalSection(Section):
 
 @dataclass(frozen=True)
 class SpaceSection(Section):
-    """How the search space rounds channel counts, and whether depth is searched."""
+    """How the search space rounds channel counts, whether depth is searched, and the coordinates a
+    policy is sampled in (``methods.parameterisation``)."""
 
     section: ClassVar[str] = "space"
     round_to: int = option(1, "kept channels are rounded to a multiple of this", check=AT_LEAST_ONE)
     min_channels: int = option(1, "fewest channels a group keeps", check=AT_LEAST_ONE)
     search_depth: bool = option(False, "optuna and random also propose dropping residual blocks")
+    parameterisation: str = option("groups", "the coordinates optuna and random sample a policy in: groups "
+                                   "(a keep ratio per group), stages (per residual stage, in and out of "
+                                   "its blocks), affine (LeGR: per-group scale and shift of the global "
+                                   "ranking)", choices=PARAMETERISATIONS)
+
+    def check_search(self, cfg: Any) -> None:
+        """Only the methods that sample a policy space (optuna, random) take a parameterisation."""
+        spec = METHODS.get(cfg.method)
+        if self.parameterisation != "groups" and spec is not None and not spec.parameterised:
+            raise UserError(f"config key 'space.parameterisation' is {self.parameterisation}, but method "
+                            f"{cfg.method} samples no policy space (optuna and random do); set "
+                            "--set space.parameterisation=groups, or --method optuna")
 
 
 @dataclass(frozen=True)
@@ -420,6 +434,7 @@ class SearchConfig(Section):
             )
         for options in self.methods.values():
             options.check_search(self)
+        self.space.check_search(self)
         if self.scheduler == "asha" and self.finetune.epochs < 2:
             raise UserError(
                 f"config key 'scheduler' is asha but finetune.epochs is {self.finetune.epochs}: ASHA stops "

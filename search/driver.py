@@ -290,7 +290,13 @@ def _new_tuner(search: Search, log: Log):
     from prunetune.search.callbacks import ProgressLine, TrialRecorder
     from prunetune.search.config import resolved_importance
     from prunetune.search.search_path import SearchPathLogger
-    from prunetune.search.tuner import build_search_algorithm, build_tuner, planned_trials, search_heuristics
+    from prunetune.search.tuner import (
+        build_search_algorithm,
+        build_tuner,
+        planned_trials,
+        search_heuristics,
+        search_notes,
+    )
     from prunetune.tracking.rundir import write_heuristics
 
     cfg, meta, run_dir = search.cfg, search.meta, search.run_dir
@@ -305,6 +311,8 @@ def _new_tuner(search: Search, log: Log):
         log(f"warm start: the heuristics {', '.join(heuristics)} are evaluated first")
     search_alg = build_search_algorithm(cfg, search.base.space, base_model=search.base.model, calib=search.calib,
                                         path_sink=path_sink, heuristics=heuristics)
+    for note in search_notes(search_alg):
+        log(note)
     return build_tuner(cfg, search.setup, name=run_dir.name, storage=cfg.ray_storage or run_dir.parent,
                        callbacks=[recorder, ProgressLine(planned_trials(cfg, search_alg, log))],
                        search_alg=search_alg)

@@ -1,5 +1,6 @@
-"""Optuna through Ray Tune's ``OptunaSearch``: one keep ratio per group (and, with the config's
-``space.search_depth``, one drop flag per droppable block), the MACs budget as a constraint;
+"""Optuna through Ray Tune's ``OptunaSearch``: one keep ratio per group, or the dimensions of the
+config's ``space.parameterisation`` (and, with ``space.search_depth``, one drop flag per droppable
+block), the MACs budget as a constraint;
 or a learner's hyperparameters within its declared ranges (``make_learner_search``).
 
 The define-by-run space samples a keep ratio per group, builds the policy, and sets its estimated
@@ -21,7 +22,7 @@ from pathlib import Path
 from ray.tune.search import Searcher as RaySearcher
 
 from prunetune.methods.learner import HParamRange
-from prunetune.pruning.policy import Policy
+from prunetune.methods.parameterisation import Groups
 from prunetune.pruning.space import SearchSpace
 
 CONSTRAINT_KEY = "macs"
@@ -30,17 +31,19 @@ LEARNER_KEY = "learner"  # in a learner trial's config: the method that learns t
 
 
 def define_policy_space(trial, *, space: SearchSpace, macs_target: float, min_keep_ratio: float,
-                        constrained: bool = True, search_depth: bool = False) -> dict:
-    """Sample ``keep.<group>`` for every group (and with ``search_depth`` a boolean ``drop.<block>``
-    for every droppable block); return the policy and record its MACs constraint.
+                        constrained: bool = True, search_depth: bool = False, parameterisation=None) -> dict:
+    """Sample the dimensions of ``parameterisation`` (``methods.parameterisation``; None: ``keep.<group>``
+    for every group), and with ``search_depth`` a boolean ``drop.<block>`` for every droppable block;
+    return the policy and record its MACs constraint.
 
     The space stays the same whatever is dropped (define-by-run, but static): a dropped block's
     groups are sampled too and left out of the policy, which prunes alike without them.
     """
-    ratios = {g.name: trial.suggest_float(f"keep.{g.name}", min_keep_ratio, 1.0) for g in space.groups}
+    shape = parameterisation or Groups(space, min_keep_ratio)
+    values = {d.name: trial.suggest_float(d.name, d.low, d.high, log=d.log) for d in shape.dimensions()}
     dropped = tuple(b for b in space.droppable_blocks
                     if search_depth and trial.suggest_categorical(f"drop.{b}", [False, True]))
-    policy = space.canonical(Policy(ratios, dropped, space.space_id))
+    policy = shape.to_policy(values, dropped)
     macs_ratio = space.macs_ratio(policy)
     if constrained:
         trial.set_constraint(CONSTRAINT_KEY, macs_ratio - macs_target)
@@ -85,16 +88,18 @@ def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_
 
 def make_optuna_search(space: SearchSpace, *, macs_target: float, objective: str, sampler: str, seed: int,
                        n_startup_trials: int, min_keep_ratio: float, tolerance: float,
-                       search_depth: bool = False, points_to_evaluate: list[dict] | None = None):
-    """Ray Tune's ``OptunaSearch`` over the keep ratios (and with ``search_depth`` the dropped
-    blocks), wrapped so over-budget proposals cost no trial; ``points_to_evaluate`` (the warm
-    start's heuristics, ``methods.heuristics.optuna_points``) come first."""
+                       search_depth: bool = False, points_to_evaluate: list[dict] | None = None,
+                       parameterisation=None, notes: tuple[str, ...] = ()):
+    """Ray Tune's ``OptunaSearch`` over the keep ratios, or the dimensions of ``parameterisation``
+    (and with ``search_depth`` the dropped blocks), wrapped so over-budget proposals cost no trial;
+    ``points_to_evaluate`` (the warm start's heuristics, ``methods.heuristics.optuna_points``) come
+    first; ``notes`` are lines for the driver to print (``FeasibleOnly.notes``)."""
     define = functools.partial(define_policy_space, space=space, macs_target=macs_target,
                                min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes",
-                               search_depth=search_depth)
+                               search_depth=search_depth, parameterisation=parameterisation)
     search = optuna_search(define, objective=objective, sampler=sampler, seed=seed,
                            n_startup_trials=n_startup_trials, points_to_evaluate=points_to_evaluate)
-    return FeasibleOnly(search, limit=macs_target + tolerance, pareto=objective == "pareto")
+    return FeasibleOnly(search, limit=macs_target + tolerance, pareto=objective == "pareto", notes=notes)
 
 
 def define_learner_space(trial, *, ranges: tuple[HParamRange, ...], learner: str) -> dict:
@@ -126,11 +131,14 @@ class FeasibleOnly(RaySearcher):
     A rejected proposal is completed at once with accuracy 0 (and its MACs ratio), which together
     with the constraint attribute teaches the sampler the budget; after ``max_rejections`` in a
     row the proposal goes through anyway, so a search never stalls. Like Ray's
-    ``ConcurrencyLimiter``, this is behaviour shared by a wrapper, not a flag.
+    ``ConcurrencyLimiter``, this is behaviour shared by a wrapper, not a flag. ``notes`` are lines
+    the driver prints as the search starts (the heuristics its parameterisation cannot express).
     """
 
-    def __init__(self, searcher: RaySearcher, *, limit: float, pareto: bool, max_rejections: int = 200):
+    def __init__(self, searcher: RaySearcher, *, limit: float, pareto: bool, max_rejections: int = 200,
+                 notes: tuple[str, ...] = ()):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.notes = tuple(notes)
         self.searcher = searcher
         self.limit = limit
         self.pareto = pareto

@@ -54,19 +54,48 @@ def search_heuristics(cfg, space, base_model, calib) -> dict:
                               criterion=resolved_importance(cfg))
 
 
+def search_parameterisation(cfg, space, base_model, calib, *, floor: float):
+    """The config's ``space.parameterisation`` of ``space`` (``methods.parameterisation``), or None for
+    ``groups``; ``affine`` scores the base model's channels once, here on the driver, by the search's
+    criterion (each group's scores over their mean, as the ``global`` heuristic ranks them)."""
+    from prunetune.methods.parameterisation import make_parameterisation, normalised_importance
+    from prunetune.search.config import resolved_importance
+
+    kind = cfg.space.parameterisation
+    if kind == "groups":
+        return None
+    scores = normalised_importance(base_model, space, resolved_importance(cfg), calib) if kind == "affine" else None
+    return make_parameterisation(kind, space, floor=floor, macs_target=cfg.macs_target, scores=scores)
+
+
 def _optuna_search(cfg, spec, space, base_model, calib, path_sink, heuristics):
-    """Ray Tune's OptunaSearch over one keep ratio per group (and, if asked, the droppable blocks)."""
-    from prunetune.methods.heuristics import optuna_points
+    """Ray Tune's OptunaSearch over one keep ratio per group, or the config's parameterisation (and,
+    if asked, the droppable blocks); the heuristics it can express are enqueued first."""
+    from prunetune.methods.heuristics import inexpressible_heuristics, optuna_points
     from prunetune.search.optuna_space import make_optuna_search
 
     options = asdict(cfg.method_options)
+    shape = search_parameterisation(cfg, space, base_model, calib, floor=options["min_keep_ratio"])
+    left_out = inexpressible_heuristics(heuristics, shape)
+    notes = (f"warm start: the heuristics {', '.join(left_out)} are not evaluated: no point of the "
+             f"{cfg.space.parameterisation} parameterisation gives their policies",) if left_out else ()
     return make_optuna_search(space, macs_target=cfg.macs_target, objective=cfg.objective,
                               sampler=options["sampler"], seed=cfg.seed,
                               n_startup_trials=options["n_startup_trials"],
                               min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance,
-                              search_depth=options["search_depth"],
-                              points_to_evaluate=optuna_points(heuristics, space,
+                              search_depth=options["search_depth"], parameterisation=shape, notes=notes,
+                              points_to_evaluate=optuna_points(heuristics, space, parameterisation=shape,
                                                                search_depth=options["search_depth"]))
+
+
+def search_notes(search_alg) -> tuple[str, ...]:
+    """The lines a search algorithm, or one it wraps (Ray's ``searcher`` chain), has for the driver to
+    print as the search starts (``FeasibleOnly.notes``)."""
+    while search_alg is not None:
+        if getattr(search_alg, "notes", ()):
+            return tuple(search_alg.notes)
+        search_alg = getattr(search_alg, "searcher", None)
+    return ()
 
 
 def _policy_searcher(cfg, spec, space, base_model, calib, path_sink, heuristics):
@@ -79,9 +108,11 @@ def _policy_searcher(cfg, spec, space, base_model, calib, path_sink, heuristics)
     if spec.needs_start_policy:
         start = start_policy_for(cfg.method, base_model, space, macs_target=cfg.macs_target, calib=calib,
                                  options=options)
+    shape = (search_parameterisation(cfg, space, base_model, calib, floor=options["floor"])
+             if spec.parameterised else None)
     searcher = make_searcher(cfg.method, space, macs_target=cfg.macs_target, seed=cfg.seed, budget=cfg.trials,
                              concurrency=cfg.concurrency, options=options, start_policy=start,
-                             heuristics=heuristics)
+                             heuristics=heuristics, parameterisation=shape)
     return PolicySearcherAdapter(searcher, seed=cfg.seed, path_sink=path_sink)
 
 

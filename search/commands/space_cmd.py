@@ -3,7 +3,7 @@
 The model is built untrained for the dataset's classes, channels and image size, and traced once
 (no training). The table lists each group's channels, the fewest it may keep and its share of the
 base MACs, then the residual stages with their blocks, the droppable ones, and the base MACs and
-parameters. ``--json`` prints
+parameters, and the dimension of each policy parameterisation. ``--json`` prints
 the space's JSON and nothing else: the file a policy is written against.
 """
 
@@ -56,9 +56,19 @@ def format_space(space, dataset_name: str) -> str:
               *format_stages(space),
               format_whole(space),
               "droppable blocks: " + (", ".join(space.droppable_blocks) or "none"),
+              format_dimensions(space),
               f"base MACs:   {common.human_count(space.base_macs)} ({space.base_macs:,})",
               f"base params: {common.human_count(space.base_params)} ({space.base_params:,})"]
     return "\n".join(lines)
+
+
+def format_dimensions(space) -> str:
+    """How many coordinates a sampler searches in each ``space.parameterisation`` (README, Methods)."""
+    from prunetune.methods.parameterisation import PARAMETERISATIONS, dimension_count
+
+    counts = ", ".join(f"{kind} {dimension_count(kind, space)}" for kind in PARAMETERISATIONS)
+    depth = f"; space.search_depth adds {len(space.droppable_blocks)} drop flags" if space.droppable_blocks else ""
+    return f"policy dimensions (space.parameterisation): {counts}{depth}"
 
 
 def format_whole(space) -> str:
