@@ -50,6 +50,7 @@ class EpochReport:
     val_accuracy: float
     val_loss: float
     seconds: float
+    val_seconds: float = 0.0  # of ``seconds``, the validation pass's
 
 
 def seed_everything(seed: int) -> None:
@@ -164,6 +165,7 @@ class Trainer:
             seen += len(targets)
         loss_sum, correct = float(loss_sum), int(correct)
         self.epochs_done = epoch + 1
+        validating = time.perf_counter()
         val_accuracy, val_loss = evaluate(self.model, self.splits.val, device=self.device, amp=self.amp,
                                           channels_last=self.channels_last)
         return EpochReport(
@@ -173,6 +175,7 @@ class Trainer:
             val_accuracy=val_accuracy,
             val_loss=val_loss,
             seconds=time.perf_counter() - started,
+            val_seconds=time.perf_counter() - validating,
         )
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from prunetune.search.timing import driver_timing
 from prunetune.search.trainable import config_key
 from prunetune.search.trial import CHECKPOINT_MODEL, COMPLETE_KEY, REUSED_KEY
 from prunetune.tracking.rundir import (
@@ -56,6 +57,7 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         "config_key": config_key(config),
         "checkpoint": relative_checkpoint(trial.checkpoint.path) if getattr(trial, "checkpoint", None) else None,
         **({"learning": result["learning"]} if result.get("learning") else {}),  # a learner's trajectory
+        **({"timing": result["timing"]} if result.get("timing") else {}),  # seconds per phase (search.timing)
     }
 
 
@@ -97,9 +99,18 @@ class TrialRecorder(Callback):
         self.params = dict(params)
         self._tracker = None
         self._tracking_failed = False
+        self._created: dict[str, float] = {}  # trial id -> Unix time this driver first saw it (its scheduling)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tracker": None, "_tracking_failed": False}
+
+    def __setstate__(self, state: dict) -> None:  # a recorder pickled before ``_created`` existed
+        self.__dict__.update({"_created": {}, **state})
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        for trial in trials:  # a trial appears here in the step the searcher created it
+            if trial.trial_id not in self._created:
+                self._created[trial.trial_id] = time.time()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.record(trial_record(self.run_uid, trial, STATUS_FAILED, params=self.params))
@@ -113,10 +124,19 @@ class TrialRecorder(Callback):
                                  params=self.params))
 
     def record(self, record: dict) -> None:
-        """Append ``record`` (with its checkpoint's digest) unless its trial is already there, then log it."""
+        """Append ``record`` (with its checkpoint's digest) unless its trial is already there, then log it.
+
+        Its ``timing`` gains the driver's phases: ``scheduling``, and ``logging``, the seconds this
+        took until the line was written (the digest; MLflow comes after the line, and is the
+        driver's time, not the trial's: see README, "Where a trial's time goes").
+        """
+        started = time.perf_counter()
         if record.get("checkpoint"):
             model = local_checkpoint(self.run_dir, record["checkpoint"]) / CHECKPOINT_MODEL
             record = {**record, "checkpoint_sha256": file_sha256(model) if model.is_file() else None}
+        if record.get("timing"):
+            record = {**record, "timing": driver_timing(record["timing"], created=self._created.get(record["trial_id"]),
+                                                        logging_s=time.perf_counter() - started)}
         if append_trial(self.run_dir, record):
             self.log_to_mlflow(record)
 

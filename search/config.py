@@ -65,6 +65,7 @@ from prunetune.pruning.schema import (
 
 SCHEDULERS = ("auto", "asha", "none")
 OBJECTIVES = ("constrained", "pareto")
+TEST_EVALS = ("reportable", "all")  # which trials score the test split (search.trial, search.test_eval)
 DEVICES = ("auto", "cpu", "cuda")
 ASHA_MIN_EPOCHS = 3  # scheduler auto picks ASHA from this many fine-tuning epochs on
 DEFAULT_CONFIG = "default"
@@ -403,6 +404,14 @@ class SearchConfig(Section):
     experiment: str = option("prunetune", "MLflow experiment name")
     address: str | None = option(None, "Ray address to join; null = start a local Ray")
     max_failures: int = option(2, "retries of a failed trial from its last checkpoint", check=NON_NEGATIVE)
+    val_subset: float = option(
+        1.0, "fraction of the validation split a trial's intermediate epochs score on (fixed by the seed); "
+        "its last report is always on the whole split", check=FRACTION
+    )
+    test_eval: str = option(
+        "reportable", "reportable: the test split is scored at the search's end for the Pareto front and the "
+        "best trial only; all: every full trial scores it as it ends", choices=TEST_EVALS
+    )
     space: SpaceSection = section_field(SpaceSection, "the search space's channel rounding")
     final: FinalSection = section_field(FinalSection, "the final fine-tune of the best policy")
     methods: MethodSections = field(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -113,6 +114,7 @@ def prepare(cfg, *, cache_dir: Path, log: Log, run_dir: Path | None = None, inpu
         device=trial_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial),
         threads=max(1, int(cfg.resources.cpus_per_trial)),
         amp=cfg.resources.amp, channels_last=cfg.resources.channels_last,
+        val_subset=cfg.val_subset, evaluate_test=cfg.test_eval == "all", cache_key=uuid.uuid4().hex,
     )
     return base, setup, calibration_batches(replace(setup, device=device))  # used here, on the driver
 
@@ -364,15 +366,20 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
     """
     from prunetune.search.failures import EXIT_ALL_FAILED, all_failed_message, first_failure
     from prunetune.search.summary import build_summary, format_summary
+    from prunetune.search.test_eval import evaluated_on, score_reportable
     from prunetune.tracking.plots import plot_search
     from prunetune.tracking.rundir import PARETO_PNG, TRIALS_FILE, read_heuristics, read_trials, write_summary
 
     cfg, meta, run_dir, baseline = search.cfg, search.meta, search.run_dir, search.base.metrics
     records = read_trials(run_dir / TRIALS_FILE)
+    if cfg.test_eval == "reportable" and score_reportable(run_dir, records, search.setup, log=log,
+                                                          macs_limit=cfg.macs_target + cfg.macs_tolerance):
+        records = read_trials(run_dir / TRIALS_FILE)  # with the front's and the best's test accuracy
     failure = first_failure(results, run_dir)
     summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,
                             macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, wall_s=wall_s,
                             first_failure=failure.to_json() if failure else None)
+    summary["evaluated_on"] = evaluated_on(cfg, search.setup.splits if search.setup is not None else None)
     heuristics = read_heuristics(run_dir)
     if heuristics:
         from prunetune.methods.heuristics import heuristic_summary

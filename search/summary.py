@@ -1,8 +1,8 @@
 """The end of a search: the best trial, the Pareto front, counts, and a readable table.
 
-The best trial is the most accurate on *validation* among finished trials within the MACs budget
-(``macs_ratio <= macs_target + tolerance``) that were evaluated on the test split (a searcher's
-proxy trials are not); test accuracy is reported beside it, never used to choose. The Pareto front
+The best trial is the most accurate on *validation* among finished full-fidelity trials within the
+MACs budget (``macs_ratio <= macs_target + tolerance``; a searcher's proxy trials are not among
+them); test accuracy is reported beside it, never used to choose. The Pareto front
 is validation accuracy against MACs over the finished full-fidelity trials: a searcher's proxy
 trials (scored after BatchNorm recalibration or a shorter fine-tune) are counted apart
 (``fidelity``), never set against fully fine-tuned ones.
@@ -26,12 +26,19 @@ def _point(record: Mapping) -> dict:
             "policy": record.get("policy")}
 
 
+def front_points(records: Sequence[Mapping]) -> list[dict]:
+    """The Pareto front (validation accuracy against MACs) of the finished full-fidelity trials."""
+    full = [r for r in records if r["status"] == STATUS_FINISHED and fidelity_of(r.get("params") or {}) == "full"]
+    return pareto_front([_point(r) for r in full], x="macs", y="val_accuracy")
+
+
 def best_trial(records: Sequence[Mapping], *, macs_limit: float) -> dict | None:
-    """The finished, test-evaluated trial with the highest validation accuracy within ``macs_limit``, or None."""
+    """The finished full-fidelity trial (not a searcher's proxy) with the highest validation accuracy
+    within ``macs_limit``, or None. Its test accuracy is scored at the search's end (``search.test_eval``)."""
     feasible = [_point(r) for r in records if r["status"] == STATUS_FINISHED
                 and (r.get("metrics") or {}).get("macs_ratio", 1e9) <= macs_limit + 1e-9
                 and (r.get("metrics") or {}).get("val_accuracy") is not None
-                and r.get("test_accuracy") is not None]
+                and fidelity_of(r.get("params") or {}) == "full"]
     return max(feasible, key=lambda p: (p["val_accuracy"], -p["macs"]), default=None)
 
 
@@ -42,7 +49,7 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
     trial's id, cause and traceback file (``search.failures``), when a trial failed."""
     finished = [r for r in records if r["status"] == STATUS_FINISHED]
     full = [r for r in finished if fidelity_of(r.get("params") or {}) == "full"]
-    front = pareto_front([_point(r) for r in full], x="macs", y="val_accuracy")
+    front = front_points(records)
     best = best_trial(records, macs_limit=macs_target + macs_tolerance)
     counts = {status: sum(1 for r in records if r["status"] == status)
               for status in (STATUS_FINISHED, STATUS_FAILED, STATUS_STOPPED)}
@@ -97,7 +104,7 @@ def format_summary(summary: Mapping) -> str:
         lines.append(f"no finished trial met the MACs target {summary.get('macs_target')}")
     else:
         lines.append(f"best within the MACs target: trial {best['trial_id']}, val {best['val_accuracy']:.4f}, "
-                     f"test {best['test_accuracy']:.4f}, MACs ratio {best['macs_ratio']:.3f}")
+                     f"test {_accuracy(best['test_accuracy'])}, MACs ratio {best['macs_ratio']:.3f}")
     lines.extend(_heuristic_lines(summary))
     return "\n".join(lines)
 
@@ -123,6 +130,10 @@ def _failure_lines(summary: Mapping) -> list[str]:
     if not failure:
         return []
     return [f"first failure: trial {failure['trial_id']} with {failure['cause']}; traceback in {failure['log']}"]
+
+
+def _accuracy(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _human(value) -> str:

@@ -8,7 +8,8 @@ stores once in its object store and each node fetches once. Reports go through
 
 A config may set the trial's own fine-tune length, ``finetune_epochs`` (a searcher's proxy trial,
 ``methods.proxy``: 0 = BatchNorm recalibration only); without it the search's ``finetune.epochs``.
-``evaluate_test: false`` skips the test split (a proxy trial is scored on validation only).
+``evaluate_test: false`` skips the test split (a proxy trial is scored on validation only); without
+it, ``setup.evaluate_test`` decides (``test_eval``: a search scores its reportable trials at its end).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def policy_trainable(config: dict, setup: TrialSetup) -> None:
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
         run_trial(setup, policy, seed=int(config.get("seed", setup.seed)), report=report_to_tune,
                   checkpoint_dir=Path(restored) if restored else None,
-                  evaluate_test=bool(config.get("evaluate_test", True)))
+                  evaluate_test=bool(config.get("evaluate_test", setup.evaluate_test)))
 
 
 def learner_trainable(config: dict, setup: TrialSetup, job) -> None:

@@ -1,14 +1,16 @@
 """One trial: prune the trained base model with a policy, fine-tune it, measure it.
 
 ``run_trial`` is plain Python (no Ray): Ray Tune calls it through ``search.trainable``, tests and
-the overhead benchmark call it directly. It reports after BatchNorm recalibration (epoch 0) and
-after every fine-tuning epoch, handing the caller a checkpoint each time, and continues from such
-a checkpoint when one is given, so a retried trial does not start over.
+the benchmarks call it directly. It reports after BatchNorm recalibration (epoch 0) and after every
+fine-tuning epoch, handing the caller a checkpoint with each (epoch 0's only where the fine-tune is
+long enough for that to pay: ``_worth_resuming``), and continues from such a checkpoint when one
+is given, so a retried trial does not start over. It times its phases (``search.timing``).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +22,7 @@ from prunetune.pruning.data import Splits, make_loader
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
 from prunetune.pruning.train import TrainRecipe
+from prunetune.search.timing import PhaseTimer
 
 CHECKPOINT_MODEL = "model.pt"
 CHECKPOINT_STATE = "trainer.pt"
@@ -48,6 +51,12 @@ class TrialSetup:
     # (``search.callbacks.reusable_results``); such a trial reports its result again and computes nothing.
     recorded: dict = field(default_factory=dict)
     distillation: object = None  # pruning.distill.Distillation: train against the base model's logits (final)
+    # Set by a search (a fresh id each): the base model and calibration batches are built once per
+    # worker process for it (``BASES``); None builds them for every trial.
+    cache_key: str | None = None
+    val_subset: float = 1.0  # the fraction of the validation split the intermediate reports score on
+    evaluate_test: bool = True  # whether a trial scores itself on the test split (``search.test_eval``)
+    finetune_splits: Splits | None = None  # the fine-tune's training data where not ``splits`` (a proxy's fraction)
     amp: str = "none"  # resources.amp: bf16 autocasts the forward passes (pruning.train.autocast)
     channels_last: bool = False  # resources.channels_last: the model and its inputs in NHWC memory order
 
@@ -65,9 +74,24 @@ def build_base_model(setup: TrialSetup) -> nn.Module:
 
 
 def on_device(setup: TrialSetup) -> TrialSetup:
-    """``setup`` with its in-memory splits on its device where they fit (``Splits.on_device``): each
-    dataset moves once and keeps its copy, so the batches of every epoch are made on the device."""
-    return replace(setup, splits=setup.splits.on_device(setup.device))
+    """``setup`` with its in-memory splits on its device where they fit (``Splits.on_device``), so
+    the batches of every epoch are made on the device.
+
+    Each dataset keeps its copy; and since Ray hands every trial its setup (and so its splits)
+    anew, a search's moved splits are also kept per worker process (``RESIDENT``, by ``cache_key``
+    as the base model is): a worker's later trials move nothing. A proxy's ``finetune_splits``
+    shares the moved validation and test splits; only its training fraction moves per trial.
+    """
+    if setup.cache_key is None or torch.device(setup.device).type == "cpu":
+        splits = setup.splits.on_device(setup.device)
+    else:
+        splits = RESIDENT.get((setup.cache_key, str(setup.device)), lambda: setup.splits.on_device(setup.device))
+    finetune = setup.finetune_splits
+    if finetune is not None:
+        shared = {part: getattr(splits, part) for part in ("train", "val", "test")
+                  if getattr(finetune, part) is getattr(setup.splits, part)}
+        finetune = replace(finetune, **shared).on_device(setup.device)
+    return replace(setup, splits=splits, finetune_splits=finetune)
 
 
 def calibration_batches(setup: TrialSetup) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,72 +105,105 @@ def calibration_batches(setup: TrialSetup) -> list[tuple[torch.Tensor, torch.Ten
     return batches
 
 
-def prune_for_trial(setup: TrialSetup, policy: Policy) -> nn.Module:
-    """The base model pruned to ``policy`` with the search's criterion, BatchNorm recalibrated."""
+def prune_for_trial(setup: TrialSetup, policy: Policy, timer: PhaseTimer | None = None) -> nn.Module:
+    """The base model pruned to ``policy`` with the search's criterion, BatchNorm recalibrated.
+
+    ``timer`` counts the three steps as ``load``, ``prune`` (calibration batches, tracing, cutting)
+    and ``bn_recalibration``.
+    """
     from prunetune.pruning.surgery import prune
     from prunetune.pruning.train import recalibrate_bn
 
-    base = build_base_model(setup)
-    pruned = prune(base, setup.space, policy, setup.importance, calibration_batches(setup))
+    timer = timer or PhaseTimer()
+    with timer.phase("load"):
+        if setup.cache_key is None:
+            base, calib = build_base_model(setup), None
+        else:  # built once per worker process and search (``BASES``)
+            base, calib = BASES.get((setup.cache_key, str(setup.device)),
+                                    lambda: (build_base_model(setup), calibration_batches(setup)))
+    with timer.phase("prune"):
+        pruned = prune(base, setup.space, policy, setup.importance, calib or calibration_batches(setup))
     if setup.bn_recalibration_batches:
-        recalibrate_bn(pruned, setup.splits.train, batches=setup.bn_recalibration_batches,
-                       seed=setup.seed, device=setup.device, amp=setup.amp,
-                       channels_last=setup.channels_last)
+        with timer.phase("bn_recalibration"):
+            recalibrate_bn(pruned, setup.splits.train, batches=setup.bn_recalibration_batches,
+                           seed=setup.seed, device=setup.device, amp=setup.amp,
+                           channels_last=setup.channels_last)
     return pruned
 
 
 def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
-              checkpoint_dir: Path | None = None, evaluate_test: bool = True) -> dict:
+              checkpoint_dir: Path | None = None, evaluate_test: bool | None = None) -> dict:
     """Prune, recalibrate, fine-tune (reporting each epoch), evaluate and measure; return the result.
 
     ``checkpoint_dir`` is a checkpoint this trial wrote earlier: training continues after its epoch.
-    The result holds ``val_accuracy`` (what searchers see), ``test_accuracy`` (for final reports
-    only; None with ``evaluate_test=False``, a searcher's proxy trial), ``macs``, ``params``,
-    ``latency_ms`` and their ratios to the base model.
+    The result holds ``val_accuracy`` (what searchers see: on the full validation split; the
+    intermediate reports on ``setup.val_subset`` of it), ``test_accuracy`` (None unless
+    ``evaluate_test``, default ``setup.evaluate_test``: a search evaluates the test split for its
+    reportable trials only, at its end, ``search.test_eval``), ``macs``, ``params``, ``latency_ms``
+    and their ratios to the base model, and ``timing``: seconds per phase (``search.timing``).
     """
-    from prunetune.pruning.measure import measure
     from prunetune.pruning.surgery import load_pruned
     from prunetune.pruning.train import Trainer, evaluate
 
-    started = time.perf_counter()
+    timer = PhaseTimer()
+    evaluate_test = setup.evaluate_test if evaluate_test is None else evaluate_test
     setup = on_device(setup)
     torch.manual_seed(seed)
     if checkpoint_dir is not None:
-        model, _ = load_pruned(Path(checkpoint_dir) / CHECKPOINT_MODEL, map_location=setup.device)
-        model = model.to(setup.device)
-        state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location=setup.device,
-                           weights_only=True)
+        with timer.phase("load"):
+            model, _ = load_pruned(Path(checkpoint_dir) / CHECKPOINT_MODEL, map_location=setup.device)
+            model = model.to(setup.device)
+            state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location=setup.device,
+                               weights_only=True)
+        timer.resume(state.get("timing"))
     else:
-        model, state = prune_for_trial(setup, policy), None
+        model, state = prune_for_trial(setup, policy, timer), None
     size = _size_metrics(setup, policy)
-    trainer = Trainer(model, setup.splits, setup.finetune, seed=seed, device=setup.device,
+    val = _validation(setup)
+    splits = replace(setup.finetune_splits or setup.splits, val=val.intermediate)
+    trainer = Trainer(model, splits, setup.finetune, seed=seed, device=setup.device,
                       distillation=setup.distillation, amp=setup.amp, channels_last=setup.channels_last)
     fast = {"amp": setup.amp, "channels_last": setup.channels_last}  # evaluate's forward passes
+    epochs = setup.finetune.epochs
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
     else:
-        val_accuracy, val_loss = evaluate(model, setup.splits.val, device=setup.device, **fast)
-        history = [{"epoch": 0, "val_accuracy": val_accuracy, "val_loss": val_loss}]
-        report({**size, **history[-1], "epoch": 0},
-               _checkpoint_writer(setup, policy, trainer, history) if setup.finetune.epochs else None)
+        with timer.phase("evaluate"):
+            val_accuracy, val_loss = evaluate(model, val.at_epoch(0, epochs), device=setup.device, **fast)
+        history = [{"epoch": 0, "val_accuracy": val_accuracy, "val_loss": val_loss,
+                    "val_images": len(val.at_epoch(0, epochs))}]
+        writer = _checkpoint_writer(setup, policy, trainer, history, timer) if _worth_resuming(0, epochs) else None
+        _report(timer, report, {**size, **history[-1]}, writer)
     for epoch_report in trainer.remaining_epochs():
+        timer.add("train", epoch_report.seconds - epoch_report.val_seconds)
+        timer.add("evaluate", epoch_report.val_seconds)
         history.append({"epoch": epoch_report.epoch + 1, "val_accuracy": epoch_report.val_accuracy,
-                        "val_loss": epoch_report.val_loss, "train_loss": epoch_report.train_loss})
-        if trainer.epochs_done < setup.finetune.epochs:
-            report({**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history))
-    measured = measure(model, setup.space.input_shape, batch_size=64, device=setup.device,
-                       repeats=setup.latency_repeats, threads=setup.threads)  # the base's thread count too
-    test_accuracy = evaluate(model, setup.splits.test, device=setup.device, **fast)[0] if evaluate_test else None
+                        "val_loss": epoch_report.val_loss, "train_loss": epoch_report.train_loss,
+                        "val_images": len(val.intermediate)})
+        if trainer.epochs_done < epochs:
+            _report(timer, report, {**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history, timer))
+    if epochs and val.subset_used:  # the last report's score is on the full validation split
+        with timer.phase("evaluate"):
+            val_accuracy, val_loss = evaluate(model, setup.splits.val, device=setup.device, **fast)
+        history[-1] = {**history[-1], "val_accuracy": val_accuracy, "val_loss": val_loss,
+                       "val_images": len(setup.splits.val)}
+    with timer.phase("latency"):
+        measured = _measure(setup, policy, model)
+    with timer.phase("evaluate"):
+        test_accuracy = evaluate(model, setup.splits.test, device=setup.device, **fast)[0] if evaluate_test else None
     base = setup.base_metrics
+    timing = timer.to_json()
     result = {
         **history[-1], "test_accuracy": test_accuracy,
         "macs": measured.macs, "params": measured.params, **measured.latency.to_json(),
         "macs_ratio": measured.macs / base["macs"], "params_ratio": measured.params / base["params"],
         "latency_ratio": measured.latency_ms / base["latency_ms"] if base.get("latency_ms") else None,
-        "trial_seconds": time.perf_counter() - started, "history": history, COMPLETE_KEY: True,
+        "trial_seconds": timing["wall"], "timing": timing, "history": history, COMPLETE_KEY: True,
     }
-    report(result, _checkpoint_writer(setup, policy, trainer, history))
+    # The last checkpoint: the model a search's end evaluates on the test split, and exports. Its
+    # write is added to ``timing`` (the same dict) as it runs, before the report is sent.
+    report(result, _timed_into(timing, _checkpoint_writer(setup, policy, trainer, history, timer)))
     return result
 
 
@@ -156,14 +213,133 @@ def _size_metrics(setup: TrialSetup, policy: Policy) -> dict:
     return {"macs": macs, "macs_ratio": macs / setup.space.base_macs}
 
 
-def _checkpoint_writer(setup: TrialSetup, policy: Policy, trainer, history: list[dict]):
-    """A function that writes the pruned model and the trainer state into a checkpoint directory."""
+@dataclass(frozen=True)
+class Validation:
+    """The validation images a trial's reports score on: ``intermediate`` (a fixed ``val_subset``
+    of the split, drawn with the search seed, or all of it) before the last report, all of it then."""
+
+    full: object  # torch Dataset
+    intermediate: object
+
+    @property
+    def subset_used(self) -> bool:
+        return self.intermediate is not self.full
+
+    def at_epoch(self, epoch: int, epochs: int):
+        return self.full if epoch >= epochs else self.intermediate
+
+
+def _validation(setup: TrialSetup) -> Validation:
+    full = setup.splits.val
+    count = max(1, round(setup.val_subset * len(full)))
+    if count >= len(full):
+        return Validation(full, full)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(setup.seed))
+    return Validation(full, full.subset(order[:count].sort().values))
+
+
+def _worth_resuming(epoch: int, epochs: int) -> bool:
+    """Whether to checkpoint after ``epoch`` (0: after BatchNorm recalibration) of ``epochs``.
+
+    Every epoch before the last is (the last report carries the final checkpoint). Epoch 0 is
+    only for fine-tunes of 3 epochs or more: before that, a retried trial redoes the pruning and
+    recalibration from the base model in about the time a checkpoint costs to write and read back.
+    """
+    return 0 < epoch < epochs or (epoch == 0 and epochs >= 3)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a trial records of its model's cost: MACs, parameters (counts) and single-sample latency."""
+
+    macs: int
+    params: int
+    latency: object  # pruning.measure.Latency
+
+    @property
+    def latency_ms(self) -> float:
+        return self.latency.ms
+
+
+class ProcessCache:
+    """What a worker process computes once and its trials reuse, bounded, oldest entries dropped first.
+
+    Ray runs a worker's trials one after another in one process (``reuse_actors``) and hands each
+    its setup anew, so nothing the trainable holds outlives a trial; these per-process caches do
+    (one instance each below, like ``functools.lru_cache``). ``BASES``: the base model and the
+    calibration batches of the search now running, by ``TrialSetup.cache_key`` (trials copy the
+    model, never change it); ``MEASURED``: MACs, parameters and latency by architecture (kept
+    channels per group and dropped blocks), which do not depend on the weights, so each
+    architecture is timed once: a later trial of it reports the first one's latency.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, key, compute: Callable):
+        if key not in self._entries:
+            self._entries[key] = compute()
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+
+BASES = ProcessCache(size=1)
+RESIDENT = ProcessCache(size=1)  # by cache_key and device: the search's splits moved to the GPU (``on_device``)
+MEASURED = ProcessCache(size=256)
+
+
+def _measure(setup: TrialSetup, policy: Policy, model: nn.Module) -> Measured:
+    """The trial model's MACs, parameters and latency (as ``pruning.measure.measure`` times a single
+    sample), once per architecture in this process."""
+    import json
+
+    from prunetune.pruning.measure import count_macs, count_params, time_latency
+
+    def compute() -> Measured:
+        shape = setup.space.input_shape
+        return Measured(count_macs(model, shape), count_params(model),
+                        time_latency(model, shape, batch_size=1, repeats=setup.latency_repeats,
+                                     device=setup.device, threads=setup.threads))
+
+    key = (json.dumps(setup.arch, sort_keys=True, default=str), tuple(setup.space.input_shape),
+           json.dumps(setup.space.channels(policy), sort_keys=True), tuple(policy.dropped_blocks),
+           str(setup.device), setup.threads, setup.latency_repeats)
+    return MEASURED.get(key, compute)
+
+
+def _report(timer: PhaseTimer, report: Report, metrics: dict, writer) -> None:
+    """``report`` the metrics, its checkpoint write counted as ``checkpoint``, the rest as ``report``
+    (Ray's report waits for the driver to take the result)."""
+    started, written = time.perf_counter(), timer.seconds.get("checkpoint", 0.0)
+    report(metrics, timer.timed("checkpoint", writer))
+    timer.add("report", time.perf_counter() - started - (timer.seconds.get("checkpoint", 0.0) - written))
+
+
+def _timed_into(timing: dict, write: Callable[[Path], None]) -> Callable[[Path], None]:
+    """``write`` adding its seconds to ``timing["checkpoint"]`` (and ``wall``) as it runs."""
+
+    def timed_write(directory: Path) -> None:
+        started = time.perf_counter()
+        write(directory)
+        seconds = time.perf_counter() - started
+        timing["checkpoint"] = round(timing.get("checkpoint", 0.0) + seconds, 4)
+        timing["wall"] = round(timing["wall"] + seconds, 4)
+
+    return timed_write
+
+
+def _checkpoint_writer(setup: TrialSetup, policy: Policy, trainer, history: list[dict], timer: PhaseTimer):
+    """A function that writes the pruned model and the trainer state into a checkpoint directory
+    (with the trial's timing so far, which a retried trial continues)."""
     from prunetune.pruning.surgery import save_pruned
 
     def write(directory: Path) -> None:
         save_pruned(Path(directory) / CHECKPOINT_MODEL, trainer.model, arch=setup.arch,
                     space=setup.space, policy=policy, extra={"history": history})
-        torch.save({"trainer": trainer.state_dict(), "history": history},
+        torch.save({"trainer": trainer.state_dict(), "history": history, "timing": timer.to_json()},
                    Path(directory) / CHECKPOINT_STATE)
 
     return write

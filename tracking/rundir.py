@@ -270,6 +270,18 @@ def append_trial(run_dir: Path, record: dict) -> bool:
     return True
 
 
+def update_trials(run_dir: Path, changes: dict[str, dict]) -> None:
+    """Set fields of recorded trials (``{trial_key: {field: value}}``), rewriting ``trials.jsonl``
+    atomically: a search's end adds the test accuracy of the trials it reports (``search.test_eval``)."""
+    path = Path(run_dir) / TRIALS_FILE
+    records = [{**r, **changes.get(r["trial_key"], {})} for r in read_trials(path)]
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.writelines(json.dumps(r) + "\n" for r in records)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
 def relative_checkpoint(path: str | None) -> str | None:
     """A trial checkpoint's path as ``trial_<id>/checkpoint_<n>``: its place in the experiment directory.
 

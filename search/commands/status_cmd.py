@@ -1,4 +1,5 @@
-"""`prunetune status RUN_DIR`: trial counts, the best trial so far, and whether the search runs."""
+"""`prunetune status RUN_DIR`: trial counts, the best trial so far, and whether the search runs;
+``--timing``: where each ended trial's time went (``search.timing``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(NAME, help="show a search's progress and best trial so far")
     parser.add_argument("run_dir", help="the run directory of the search")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--timing", action="store_true",
+                        help="also show where each ended trial's time went: seconds per phase (scheduling, "
+                             "load, prune, bn_recalibration, train, evaluate, latency, checkpoint, logging)")
     parser.set_defaults(handler=run)
     return parser
 
@@ -43,10 +47,18 @@ def search_status(run_dir: Path) -> dict:
             "tracking_uri": meta["tracking_uri"]}
 
 
+def trial_timings(run_dir: Path) -> dict:
+    """``{trial_id: timing}`` of the ended trials that recorded one (``search.timing``)."""
+    from prunetune.tracking.rundir import TRIALS_FILE, read_trials
+
+    return {r["trial_id"]: r["timing"] for r in read_trials(run_dir / TRIALS_FILE) if r.get("timing")}
+
+
 def run(args: argparse.Namespace) -> int:
-    status = search_status(Path(args.run_dir).expanduser().resolve())
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    status = search_status(run_dir)
     if args.json:
-        print(json.dumps(status, indent=1))
+        print(json.dumps({**status, **({"timing": trial_timings(run_dir)} if args.timing else {})}, indent=1))
         return 0
     t = status["trials"]
     print(f"{status['name']} ({status['method']}): {status['state']}; {t['finished']} finished, "
@@ -57,4 +69,10 @@ def run(args: argparse.Namespace) -> int:
                              f"MACs ratio {best['macs_ratio']:.3f}"))
     if status["state"] == "interrupted":
         print(f"continue with: prunetune resume {status['run_dir']}")
+    if args.timing:
+        from prunetune.search.timing import timing_table
+        from prunetune.tracking.rundir import TRIALS_FILE, read_trials
+
+        print()
+        print(timing_table(read_trials(run_dir / TRIALS_FILE)))
     return 0

@@ -1,0 +1,156 @@
+"""A trial's time by phase, the validation subset of its intermediate epochs, and the test split
+scored at a search's end for its reportable trials only (issue 15).
+
+Plain Python trials on an untrained small_cnn (the figures, not the accuracy, are under test); the
+end-to-end checks of a real search ride on the session's ``optuna_search`` (tests/test_search_e2e.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from prunetune.pruning.recipe import TrainRecipe
+from prunetune.search.timing import PHASES, TRIAL_PHASES, driver_timing, overhead_seconds, timing_table
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from prunetune.pruning.data import load_dataset
+    from prunetune.pruning.measure import measure
+    from prunetune.pruning.models import create_model
+    from prunetune.search.prepare import model_space
+    from prunetune.search.trial import TrialSetup
+
+    splits = load_dataset("digits", seed=0, image_size=8)
+    space = model_space("small_cnn", splits.info)
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    measured = measure(model, space.input_shape, batch_size=8, repeats=2)
+    return TrialSetup(arch={"name": "small_cnn", "num_classes": 10, "in_channels": 1},
+                      base_state=model.state_dict(),
+                      base_metrics={"val_accuracy": 0.1, "test_accuracy": 0.1, "macs": measured.macs,
+                                    "params": measured.params, "latency_ms": measured.latency_ms},
+                      space=space, splits=splits, finetune=TrainRecipe(epochs=2, lr=0.01, batch_size=64),
+                      bn_recalibration_batches=2, latency_repeats=2, val_subset=0.25, evaluate_test=False,
+                      cache_key="test-trial-timing")
+
+
+def half(space):
+    from prunetune.pruning.policy import Policy
+
+    return Policy({g.name: 0.5 for g in space.groups})
+
+
+def keep_reports(folder: Path):
+    """A ``report`` that keeps every report's metrics and writes its checkpoints under ``folder``."""
+    reports = []
+
+    def report(metrics, write):
+        reports.append(json.loads(json.dumps(metrics)))
+        if write is not None:
+            (folder / str(len(reports))).mkdir(parents=True)
+            write(folder / str(len(reports)))
+
+    return reports, report
+
+
+def test_the_phases_are_timed_and_sum_to_no_more_than_the_trial(setup, tmp_path):
+    from prunetune.search.trial import run_trial
+
+    reports, report = keep_reports(tmp_path)
+    started = time.perf_counter()
+    result = run_trial(setup, half(setup.space), seed=0, report=report)
+    wall = time.perf_counter() - started
+    timing = reports[-1]["timing"]
+    assert set(TRIAL_PHASES) <= set(timing) and "resumed" not in timing
+    assert all(timing[p] > 0 for p in TRIAL_PHASES), timing
+    assert sum(timing[p] for p in TRIAL_PHASES) <= timing["wall"] <= wall + 1e-3
+    assert result["trial_seconds"] == pytest.approx(timing["wall"])
+    assert timing["started_at"] == pytest.approx(time.time() - wall, abs=1.0)
+    # 2 epochs: the epoch-0 report carries no checkpoint (a retry redoes the pruning), epoch 1's and the last do
+    assert [r["epoch"] for r in reports] == [0, 1, 2] and sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]
+
+
+def test_intermediate_epochs_score_the_val_subset_and_the_last_the_whole_split(setup, tmp_path):
+    from prunetune.pruning.train import evaluate
+    from prunetune.search.trial import CHECKPOINT_MODEL, run_trial
+
+    reports, report = keep_reports(tmp_path)
+    result = run_trial(setup, half(setup.space), seed=0, report=report)
+    full, subset = len(setup.splits.val), round(0.25 * len(setup.splits.val))
+    assert [h["val_images"] for h in result["history"]] == [subset, subset, full]
+    assert result["test_accuracy"] is None  # the search scores the test split of its reportable trials
+    from prunetune.pruning.surgery import load_pruned
+
+    model, _ = load_pruned(tmp_path / "3" / CHECKPOINT_MODEL)  # the last checkpoint is the final model
+    assert result["val_accuracy"] == pytest.approx(evaluate(model, setup.splits.val)[0])
+    assert reports[-1]["val_accuracy"] == result["val_accuracy"]
+
+
+def test_a_resumed_trial_sums_its_attempts_and_says_so(setup, tmp_path):
+    import torch
+
+    from prunetune.search.trial import CHECKPOINT_STATE, run_trial
+
+    reports, report = keep_reports(tmp_path / "first")
+    run_trial(setup, half(setup.space), seed=0, report=report)
+    saved = torch.load(tmp_path / "first" / "2" / CHECKPOINT_STATE, weights_only=True)["timing"]  # after epoch 1
+    again, report = keep_reports(tmp_path / "again")
+    result = run_trial(setup, half(setup.space), seed=0, report=report, checkpoint_dir=tmp_path / "first" / "2")
+    timing = result["timing"]
+    assert timing["resumed"] is True and [r["epoch"] for r in again] == [2]
+    assert timing["started_at"] == pytest.approx(reports[-1]["timing"]["started_at"])  # the first attempt's
+    assert timing["train"] > saved["train"] and timing["wall"] > saved["wall"]  # epoch 1 earlier, epoch 2 now
+    assert timing["prune"] == pytest.approx(saved["prune"])  # pruned once, in the first attempt
+
+
+def test_latency_is_measured_once_per_architecture(setup, tmp_path):
+    from prunetune.pruning.policy import Policy
+    from prunetune.search.trial import _measure
+
+    policy = half(setup.space)
+    almost = Policy({k: v - 1e-3 for k, v in policy.keep_ratios.items()})  # the same channel counts
+    assert setup.space.channels(almost) == setup.space.channels(policy)
+    from prunetune.search.trial import prune_for_trial
+
+    model = prune_for_trial(setup, policy)
+    first = _measure(setup, policy, model)
+    assert _measure(setup, almost, model) is first
+    other = Policy({k: 0.75 for k in policy.keep_ratios})
+    assert _measure(setup, other, prune_for_trial(setup, other)) is not first
+
+
+def test_driver_timing_adds_scheduling_and_logging_and_the_table_shows_them():
+    trial = {"load": 0.01, "prune": 0.1, "bn_recalibration": 0.05, "train": 2.0, "evaluate": 0.2,
+             "latency": 0.05, "checkpoint": 0.04, "report": 0.02, "wall": 2.6, "started_at": 1000.5}
+    timing = driver_timing(trial, created=1000.0, logging_s=0.003)
+    assert timing["scheduling"] == pytest.approx(0.5) and timing["logging"] == pytest.approx(0.003)
+    assert list(timing)[0] == "scheduling" and driver_timing(None, created=1.0, logging_s=0.0) is None
+    assert overhead_seconds(timing) == pytest.approx(0.5 + 0.003 + 2.6 - 2.0 - 0.2)
+    table = timing_table([{"trial_id": "t1", "timing": timing}, {"trial_id": "t2", "timing": {**timing, "resumed": True}},
+                          {"trial_id": "old"}])
+    lines = table.splitlines()
+    assert lines[1].split()[1:] == ["sched", "load", "prune", "bn_recal", "train", "eval", "latency", "ckpt",
+                                    "report", "logging", "other", "wall", "overhead"]
+    assert lines[2].split()[0] == "t1" and lines[3].split()[:2] == ["t2", "R"] and lines[-1].startswith("mean")
+    assert float(lines[2].split()[-1]) == pytest.approx(overhead_seconds(timing), abs=1e-3)
+    assert float(lines[2].split()[-3]) == pytest.approx(0.13, abs=1e-3)  # other: wall less the phases
+    assert len(PHASES) + 4 == len(lines[1].split())
+    assert "no ended trial recorded a timing" in timing_table([{"trial_id": "old"}])
+
+
+def test_reportable_trials_are_the_front_and_the_best():
+    from prunetune.search.test_eval import reportable_trials
+
+    def record(trial_id, val, macs_ratio, **extra):
+        return {"trial_id": trial_id, "trial_key": f"k:{trial_id}", "status": "finished", "params": {},
+                "metrics": {"val_accuracy": val, "macs": macs_ratio * 100, "macs_ratio": macs_ratio},
+                "test_accuracy": None, **extra}
+
+    records = [record("a", 0.8, 0.5), record("b", 0.7, 0.4), record("dominated", 0.6, 0.45),
+               record("over", 0.9, 0.9), record("proxy", 0.95, 0.3, params={"finetune_epochs": 0}),
+               {**record("stopped", 0.99, 0.2), "status": "stopped"}]
+    assert reportable_trials(records, macs_limit=0.52) == ["a", "b", "over"]  # the best, a, is on the front
