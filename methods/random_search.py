@@ -153,10 +153,14 @@ class RandomSearcher(Searcher):
     def state_dict(self) -> dict:
         return {"kind": "random", "space_id": self.space.space_id, "rng": self._rng.bit_generator.state,
                 "counter": self._counter, "seen": sorted(self._seen), "pending": list(self._pending),
-                "exhausted": self._exhausted}
+                "exhausted": self._exhausted, "parameterisation": self.parameterisation.kind}
 
     def load_state_dict(self, state: Mapping) -> None:
         check_state(state, "random", self.space.space_id)
+        drawn_in = state.get("parameterisation", "groups")  # states saved before parameterisations: groups
+        if drawn_in != self.parameterisation.kind:
+            raise UserError(f"the random searcher's state was drawn in the {drawn_in} parameterisation, not "
+                            f"{self.parameterisation.kind}; resume with space.parameterisation={drawn_in}")
         self._rng.bit_generator.state = dict(state["rng"])
         self._counter = int(state["counter"])
         self._seen = set(state["seen"])

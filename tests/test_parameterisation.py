@@ -115,7 +115,7 @@ def test_the_random_searcher_proposes_distinct_valid_policies_in_the_macs_band(k
     shape = parameterisation(kind, name)
     space = shape.space
     options = RandomOptions(floor=FLOOR, tolerance=TOLERANCE, search_depth=bool(space.droppable_blocks))
-    searcher = make_searcher("random", space, macs_target=TARGET, seed=0, budget=6, concurrency=6,
+    searcher = make_searcher("random", space, macs_target=TARGET, seed=0, budget=8, concurrency=8,
                              options=options.__dict__, parameterisation=shape)
     policies = [searcher.ask().policy for _ in range(6)]
     assert len({p.key() for p in policies}) == 6
@@ -127,6 +127,15 @@ def test_the_random_searcher_proposes_distinct_valid_policies_in_the_macs_band(k
             assert_one_ratio_per_parameter(space, shape.assignment, space.channels(policy))
     if kind == "affine" and space.droppable_blocks:
         assert any(p.dropped_blocks for p in policies)
+    again = pickle.loads(pickle.dumps(searcher))  # Ray pickles the searcher it saves for resume
+    state = searcher.state_dict()
+    again.load_state_dict(state)
+    assert again.ask().policy == searcher.ask().policy
+    if kind != "groups":  # a state drawn in one parameterisation does not continue in another
+        plain = make_searcher("random", space, macs_target=TARGET, seed=0, budget=8, concurrency=8,
+                              options=options.__dict__)
+        with pytest.raises(UserError, match=f"drawn in the {kind} parameterisation"):
+            plain.load_state_dict(state)
 
 
 def assert_one_ratio_per_parameter(space, assignment, channels) -> None:
