@@ -126,10 +126,14 @@ def inexpressible_heuristics(heuristics: Mapping[str, Policy], parameterisation)
 def heuristic_summary(records: Sequence[Mapping], heuristics: Mapping[str, Policy],
                       best: Mapping | None) -> dict:
     """summary.json's ``heuristics``: each heuristic's recorded trial (found by its policy) with its
-    validation and test accuracy and MACs ratio, and the best trial's margin over the best of them."""
+    validation and test accuracy and MACs ratio, and the best trial's margin over the best of them.
+    Full-fidelity trials only: a two-stage search's proxy of a heuristic is not its score."""
+    from prunetune.tracking.names import fidelity_of
+
     by_key = {}
     for record in records:
-        if record.get("status") == "finished" and record.get("policy"):
+        if (record.get("status") == "finished" and record.get("policy")
+                and fidelity_of(record.get("params") or {}) == "full"):
             by_key.setdefault(Policy.from_json(record["policy"]).key(), record)
     rows = {}
     for name, policy in heuristics.items():

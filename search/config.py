@@ -209,6 +209,52 @@ class FinalSection(Section):
 
 
 @dataclass(frozen=True)
+class FidelitySection(Section):
+    """Two-stage (multi-fidelity) search, ``search.two_stage``: ``trials`` policies scored cheaply
+    (``proxy_epochs`` on ``proxy_data_fraction`` of the training split, validation only), then the
+    ``promote`` best of them within the MACs target, and the warm start's heuristics, at full fidelity."""
+
+    section: ClassVar[str] = "fidelity"
+    promote: int = option(0, "proxies promoted to the full fine-tune (the searched policies' best by proxy "
+                          "validation accuracy within the MACs target; the heuristics too); 0 = one stage",
+                          check=NON_NEGATIVE)
+    proxy_epochs: int = option(1, "fine-tuning epochs of a stage-1 (proxy) trial; 0 = BatchNorm recalibration "
+                               "only", check=NON_NEGATIVE)
+    proxy_data_fraction: float = option(0.25, "fraction of the training split a proxy trial fine-tunes on",
+                                        check=FRACTION)
+
+    def check_search(self, cfg: Any) -> None:
+        if not self.promote:
+            return
+        spec = METHODS.get(cfg.method)
+        if spec is not None and (spec.kind == "learner" or cfg.method in TWO_STAGE_REFUSED):
+            why = ("learns its policy rather than proposing policies to rank" if spec.kind == "learner"
+                   else TWO_STAGE_REFUSED[cfg.method])
+            raise UserError(f"config key 'fidelity.promote' is {self.promote}, but {cfg.method} {why}; "
+                            "use --method optuna or random for a two-stage search, or set fidelity.promote=0")
+        if self.promote > cfg.trials:
+            raise UserError(f"config key 'fidelity.promote' is {self.promote}, more than the {cfg.trials} proxy "
+                            f"trials of 'trials'; promote at most {cfg.trials}, or raise --trials")
+        if cfg.scheduler == "asha":
+            raise UserError("config key 'scheduler' is asha, but a two-stage search (fidelity.promote > 0) runs its "
+                            "promoted trials to the end; set --set scheduler=auto (or none)")
+        if self.proxy_epochs > cfg.finetune.epochs or (self.proxy_epochs == cfg.finetune.epochs
+                                                       and self.proxy_data_fraction == 1.0):
+            raise UserError(f"config key 'fidelity.proxy_epochs' is {self.proxy_epochs} on "
+                            f"{self.proxy_data_fraction:g} of the data, no cheaper than the full fine-tune "
+                            f"(finetune.epochs {cfg.finetune.epochs}); lower fidelity.proxy_epochs or "
+                            "fidelity.proxy_data_fraction")
+
+
+# Methods a two-stage search refuses, and why (learners are refused by kind).
+TWO_STAGE_REFUSED = {
+    "uniform": "proposes one policy, so there is nothing to rank",
+    "global": "proposes one policy, so there is nothing to rank",
+    "arpruning": "scores its neighbours with its own proxy (arpruning.proxy)",
+}
+
+
+@dataclass(frozen=True)
 class SpaceSection(Section):
     """How the search space rounds channel counts, whether depth is searched, and the coordinates a
     policy is sampled in (``methods.parameterisation``)."""
@@ -414,6 +460,8 @@ class SearchConfig(Section):
     )
     space: SpaceSection = section_field(SpaceSection, "the search space's channel rounding")
     final: FinalSection = section_field(FinalSection, "the final fine-tune of the best policy")
+    fidelity: FidelitySection = section_field(FidelitySection, "two-stage search: cheap proxies, the best "
+                                              "promoted to the full fine-tune")
     methods: MethodSections = field(
         default_factory=MethodSections.of,
         metadata={"doc": "method options", "check": None, "choices": (), "from_config": None},
@@ -443,6 +491,7 @@ class SearchConfig(Section):
             )
         for options in self.methods.values():
             options.check_search(self)
+        self.fidelity.check_search(self)
         self.space.check_search(self)
         if self.scheduler == "asha" and self.finetune.epochs < 2:
             raise UserError(
@@ -568,9 +617,10 @@ def resolved_importance(cfg: SearchConfig) -> str:
 
 
 def resolved_scheduler(cfg: SearchConfig) -> str:
-    """The trial scheduler to use: ``"asha"`` or ``"none"`` (auto: asha from ASHA_MIN_EPOCHS fine-tuning epochs)."""
+    """The trial scheduler to use: ``"asha"`` or ``"none"`` (auto: asha from ASHA_MIN_EPOCHS fine-tuning
+    epochs, none in a two-stage search: its promoted trials were chosen to run to the end)."""
     if cfg.scheduler == "auto":
-        return "asha" if cfg.finetune.epochs >= ASHA_MIN_EPOCHS else "none"
+        return "asha" if cfg.finetune.epochs >= ASHA_MIN_EPOCHS and not cfg.fidelity.promote else "none"
     return cfg.scheduler
 
 

@@ -21,7 +21,7 @@ import contextlib
 import os
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -378,7 +378,8 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
     failure = first_failure(results, run_dir)
     summary = build_summary(name=meta["name"], method=cfg.method, baseline=baseline, records=records,
                             macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, wall_s=wall_s,
-                            first_failure=failure.to_json() if failure else None)
+                            first_failure=failure.to_json() if failure else None,
+                            two_stage=asdict(cfg.fidelity) if cfg.fidelity.promote else None)
     summary["evaluated_on"] = evaluated_on(cfg, search.setup.splits if search.setup is not None else None)
     heuristics = read_heuristics(run_dir)
     if heuristics:

@@ -5,7 +5,8 @@ MACs budget (``macs_ratio <= macs_target + tolerance``; a searcher's proxy trial
 them); test accuracy is reported beside it, never used to choose. The Pareto front
 is validation accuracy against MACs over the finished full-fidelity trials: a searcher's proxy
 trials (scored after BatchNorm recalibration or a shorter fine-tune) are counted apart
-(``fidelity``), never set against fully fine-tuned ones.
+(``fidelity``), never set against fully fine-tuned ones. A two-stage search's ``fidelity`` also
+says how many trials it promoted and how well the proxy ranked them (``search.two_stage``).
 """
 
 from __future__ import annotations
@@ -44,15 +45,22 @@ def best_trial(records: Sequence[Mapping], *, macs_limit: float) -> dict | None:
 
 def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequence[Mapping],
                   macs_target: float, macs_tolerance: float, wall_s: float,
-                  first_failure: Mapping | None = None) -> dict:
+                  first_failure: Mapping | None = None, two_stage: Mapping | None = None) -> dict:
     """``summary.json``: see README ("The run directory"). ``first_failure``: the first failed
-    trial's id, cause and traceback file (``search.failures``), when a trial failed."""
+    trial's id, cause and traceback file (``search.failures``), when a trial failed; ``two_stage``:
+    the config's ``fidelity`` section of a two-stage search (promote > 0), else None."""
     finished = [r for r in records if r["status"] == STATUS_FINISHED]
     full = [r for r in finished if fidelity_of(r.get("params") or {}) == "full"]
     front = front_points(records)
     best = best_trial(records, macs_limit=macs_target + macs_tolerance)
     counts = {status: sum(1 for r in records if r["status"] == status)
               for status in (STATUS_FINISHED, STATUS_FAILED, STATUS_STOPPED)}
+    fidelity = {"full": len(full), "proxy": len(finished) - len(full)}  # finished trials by fidelity
+    if two_stage:
+        from prunetune.search.two_stage import promotion_summary
+
+        fidelity.update(promotion_summary(records), promote=two_stage["promote"],
+                        proxy_epochs=two_stage["proxy_epochs"], proxy_data_fraction=two_stage["proxy_data_fraction"])
     return {
         "name": name, "method": method, "macs_target": macs_target,
         "baseline": {k: baseline.get(k) for k in ("val_accuracy", "test_accuracy", "macs", "params",
@@ -64,7 +72,7 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
         "pareto": [{k: p[k] for k in ("trial_id", "trial_key", "val_accuracy", "test_accuracy", "macs",
                                       "macs_ratio", "params")} for p in front],
         "trials": counts,
-        "fidelity": {"full": len(full), "proxy": len(finished) - len(full)},  # finished trials by fidelity
+        "fidelity": fidelity,
         "first_failure": dict(first_failure) if first_failure else None,
         "latency_warning": _latency_warning(baseline, records, best),
         "wall_s": round(wall_s, 1),
@@ -92,7 +100,7 @@ def format_summary(summary: Mapping) -> str:
              *([f"warning: {summary['latency_warning']}"] if summary.get("latency_warning") else []),
              f"base model: val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
              f"{_human(base['macs'])} MACs, {_human(base['params'])} params", "",
-             "Pareto front (validation accuracy against MACs):",
+             "Pareto front (validation accuracy against MACs)" + _proxies_apart(summary) + ":",
              f"  {'trial':<14}{'val acc':>9}{'test acc':>10}{'MACs':>10}{'MACs ratio':>12}{'params':>10}"]
     for p in summary["pareto"]:
         test = "-" if p.get("test_accuracy") is None else f"{p['test_accuracy']:.4f}"
@@ -106,7 +114,29 @@ def format_summary(summary: Mapping) -> str:
         lines.append(f"best within the MACs target: trial {best['trial_id']}, val {best['val_accuracy']:.4f}, "
                      f"test {_accuracy(best['test_accuracy'])}, MACs ratio {best['macs_ratio']:.3f}")
     lines.extend(_heuristic_lines(summary))
+    lines.extend(_two_stage_lines(summary))
     return "\n".join(lines)
+
+
+def _proxies_apart(summary: Mapping) -> str:
+    """The front's title note when proxy trials are left off it (their scores are not the full trials')."""
+    proxies = (summary.get("fidelity") or {}).get("proxy") or 0
+    return f", full-fidelity trials only ({proxies} proxy trial{'s' * (proxies != 1)} apart)" if proxies else ""
+
+
+def _two_stage_lines(summary: Mapping) -> list[str]:
+    """A two-stage search's one line: proxies, promoted, and the proxy's Kendall's tau against the full score."""
+    fidelity = summary.get("fidelity") or {}
+    if "kendall_tau" not in fidelity:
+        return []
+    tau = fidelity["kendall_tau"]
+    rank = (f"Kendall's tau {tau:+.3f} over {fidelity['tau_pairs']} pairs" if tau is not None
+            else f"Kendall's tau n/a ({fidelity.get('tau_note')})")
+    epochs = fidelity["proxy_epochs"]
+    proxy = "BatchNorm recalibration only" if epochs == 0 else f"{epochs} epoch{'s' * (epochs != 1)}"
+    return [f"two-stage: {fidelity['proxy']} proxy trials ({proxy} on {fidelity['proxy_data_fraction']:g} of the "
+            f"training split), {fidelity['promoted']} promoted to the full fine-tune; proxy against full "
+            f"validation accuracy: {rank}"]
 
 
 def _heuristic_lines(summary: Mapping) -> list[str]:

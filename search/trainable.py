@@ -10,6 +10,10 @@ A config may set the trial's own fine-tune length, ``finetune_epochs`` (a search
 ``methods.proxy``: 0 = BatchNorm recalibration only); without it the search's ``finetune.epochs``.
 ``evaluate_test: false`` skips the test split (a proxy trial is scored on validation only); without
 it, ``setup.evaluate_test`` decides (``test_eval``: a search scores its reportable trials at its end).
+``data_fraction`` (a two-stage search's proxy, ``search.two_stage``) fine-tunes on that fraction of
+the training split, the same subset for every trial of the search (:func:`train_fraction`); the
+pruning's calibration batches and BatchNorm recalibration still read the whole split, so a proxy
+and its promoted trial prune alike.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def policy_trainable(config: dict, setup: TrialSetup) -> None:
     policy = Policy.from_json(config["policy"])
     if config.get("finetune_epochs") is not None:
         setup = replace(setup, finetune=replace(setup.finetune, epochs=int(config["finetune_epochs"])))
+    if float(config.get("data_fraction", 1.0)) < 1.0:
+        setup = replace(setup, finetune_splits=train_fraction(setup.splits, float(config["data_fraction"]),
+                                                              seed=setup.seed))
 
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
@@ -61,6 +68,21 @@ def learner_trainable(config: dict, setup: TrialSetup, job) -> None:
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
         run_learner_trial(setup, job, config, seed=int(config.get("seed", setup.seed)), report=report_to_tune,
                           checkpoint_dir=Path(restored) if restored else None)
+
+
+def train_fraction(splits, fraction: float, *, seed: int):
+    """``splits`` with ``fraction`` of its training split (at least one sample), drawn for ``seed``:
+    the dataset's own ``subset`` where it has one (in-memory images keep their batched loader),
+    else a ``torch.utils.data.Subset`` (indices only)."""
+    import numpy as np
+    import torch
+    from torch.utils.data import Subset
+
+    size = len(splits.train)
+    count = min(max(round(size * fraction), 1), size)
+    indices = torch.from_numpy(np.random.default_rng([seed, 3]).permutation(size)[:count]).sort().values
+    subset = getattr(splits.train, "subset", None)
+    return replace(splits, train=subset(indices) if callable(subset) else Subset(splits.train, indices.tolist()))
 
 
 def config_key(config: dict) -> str:

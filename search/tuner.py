@@ -36,9 +36,11 @@ def build_search_algorithm(cfg, space, *, base_model=None, calib=None, path_sink
     :func:`search_heuristics`) are evaluated first where the method is warm-started.
     """
     from prunetune.methods.registry import get_method
+    from prunetune.search.two_stage import two_stage_search
 
     spec = get_method(cfg.method)
-    return tune_kind(spec).search_algorithm(cfg, spec, space, base_model, calib, path_sink, heuristics or {})
+    search_alg = tune_kind(spec).search_algorithm(cfg, spec, space, base_model, calib, path_sink, heuristics or {})
+    return two_stage_search(search_alg, cfg, heuristics or {})  # itself unless fidelity.promote > 0
 
 
 def search_heuristics(cfg, space, base_model, calib) -> dict:
@@ -122,10 +124,15 @@ def _learner_search(cfg, spec, space, base_model, calib, path_sink, heuristics):
 
 def planned_trials(cfg, search_alg, log) -> int:
     """How many trials the search will run: ``cfg.trials``, or fewer for a method that proposes a
-    fixed set of policies (``uniform`` and ``global`` propose one), which ``log`` says once."""
+    fixed set of policies (``uniform`` and ``global`` propose one), or for a two-stage search
+    (``search.two_stage``) the proxies, the promoted and the heuristics; ``log`` says it once."""
     from prunetune.methods.fixed_policy import FixedPolicySearcher
     from prunetune.methods.limiters import ConcurrencyLimiter, TrialBudget
+    from prunetune.search.two_stage import TwoStage, describe_plan
 
+    if isinstance(search_alg, TwoStage):
+        log(describe_plan(search_alg))
+        return search_alg.total_trials
     searcher = getattr(search_alg, "policy_searcher", None)
     while isinstance(searcher, ConcurrencyLimiter | TrialBudget):  # limits only: what they wrap proposes
         searcher = searcher.inner
@@ -224,8 +231,11 @@ def run_config(cfg, *, name: str, storage: Path | str, callbacks: list):
 def build_tuner(cfg, setup: TrialSetup, *, name: str, storage: Path | str, callbacks: list, search_alg):
     from ray import tune
 
+    from prunetune.search.two_stage import TwoStage
+
+    samples = search_alg.total_trials if isinstance(search_alg, TwoStage) else cfg.trials
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=build_scheduler(cfg),
-                                  num_samples=cfg.trials, max_concurrent_trials=cfg.concurrency,
+                                  num_samples=samples, max_concurrent_trials=cfg.concurrency,
                                   reuse_actors=True, trial_dirname_creator=trial_dirname)
     return tune.Tuner(trainable_with_resources(cfg, setup), tune_config=tune_config,
                       run_config=run_config(cfg, name=name, storage=storage, callbacks=callbacks))
