@@ -79,8 +79,8 @@ def _optuna_search(cfg, spec, space, base_model, calib, path_sink, heuristics):
     options = asdict(cfg.method_options)
     shape = search_parameterisation(cfg, space, base_model, calib, floor=options["min_keep_ratio"])
     left_out = inexpressible_heuristics(heuristics, shape)
-    notes = (f"warm start: the heuristics {', '.join(left_out)} are not evaluated: no point of the "
-             f"{cfg.space.parameterisation} parameterisation gives their policies",) if left_out else ()
+    notes = (f"warm start: optuna enqueues only the heuristics the {cfg.space.parameterisation} parameterisation "
+             f"expresses; {', '.join(left_out)} not evaluated (no point of it gives their policies)",) if left_out else ()
     return make_optuna_search(space, macs_target=cfg.macs_target, objective=cfg.objective,
                               sampler=options["sampler"], seed=cfg.seed,
                               n_startup_trials=options["n_startup_trials"],
