@@ -11,8 +11,8 @@ bounds) for a :class:`~prunetune.pruning.space.SearchSpace` and maps a point to 
   residual sums and its projection shortcut). An out-of-block group belongs to the stage where
   most of its member layers lie; a group none of whose layers lie in a block (a stem, the layer
   feeding the classifier) shares the ``out`` ratio of the stage of the nearest group in forward
-  order. A plain model (no residual blocks: small_cnn, vgg) is cut by depth into consecutive
-  thirds of its groups in forward order, ``keep.third1`` .. ``keep.third3`` (fewer with fewer
+  order. A plain model (no residual blocks: small_cnn, vgg; or none holding a group's layer) is cut
+  by depth into consecutive thirds of its groups in forward order, ``keep.third1`` .. ``keep.third3`` (fewer with fewer
   than three groups; the first thirds take the remainder).
 - ``affine``: LeGR (Chin et al., "Towards Efficient Model Compression via Learned Global Ranking",
   CVPR 2020). LeGR transforms every filter's norm by its layer's learned affine map,
@@ -93,12 +93,16 @@ class Groups:
         return {f"keep.{group}": ratio for group, ratio in policy.keep_ratios.items()}
 
 
+def _thirds(space: SearchSpace) -> dict[str, str]:
+    names = space.group_names()
+    parts = np.array_split(np.arange(len(names)), min(PLAIN_PARTS, len(names)))
+    return {names[i]: f"keep.third{part + 1}" for part, indices in enumerate(parts) for i in indices}
+
+
 def stage_assignment(space: SearchSpace) -> dict[str, str]:
     """Group name -> its ``stages`` parameter name (see the module doc for the rule)."""
     if not space.blocks:
-        names = space.group_names()
-        parts = np.array_split(np.arange(len(names)), min(PLAIN_PARTS, len(names)))
-        return {names[i]: f"keep.third{part + 1}" for part, indices in enumerate(parts) for i in indices}
+        return _thirds(space)
     stage_of_block = {b.name: b.stage for b in space.blocks}
     assigned: dict[str, str | None] = {}
     for group in space.groups:
@@ -112,6 +116,8 @@ def stage_assignment(space: SearchSpace) -> dict[str, str]:
             if block is not None:
                 counts[stage_of_block[block]] = counts.get(stage_of_block[block], 0) + 1
         assigned[group.name] = f"keep.{max(counts, key=counts.get)}.out" if counts else None
+    if all(param is None for param in assigned.values()):  # blocks, but no group has a layer in one
+        return _thirds(space)
     order = space.group_names()
     for index, name in enumerate(order):
         if assigned[name] is None:  # no layer in a block: the stage of the nearest group that has one

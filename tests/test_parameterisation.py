@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from prunetune.pruning.dependency import build_space
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.models import create_model, model_names
 from prunetune.pruning.policy import Policy
+from prunetune.pruning.space import Block
 from prunetune.search.config import config_from_dict
 from prunetune.search.optuna_space import CONSTRAINT_KEY, define_policy_space
 from tests.search_helpers import QUICK, read_jsonl, run_cli
@@ -77,6 +79,8 @@ def test_dimensions_of_a_residual_and_a_plain_model():
     assert stages["layer3.1.conv1"] == "keep.layer3.in"
     assert stage_assignment(plain) == {"features.0": "keep.third1", "features.3": "keep.third1",
                                        "features.6": "keep.third2", "features.9": "keep.third3"}
+    unheld = replace(plain, blocks=(Block("head", "head", "identity", True, "", ()),))  # a block holding no group
+    assert stage_assignment(unheld) == stage_assignment(plain)
     affine = parameterisation("affine", "resnet20").dimensions()
     assert {(d.low, d.high, d.log) for d in affine if d.name.startswith("alpha.")} == {(0.5, 2.0, True)}
     assert {(d.low, d.high, d.log) for d in affine if d.name.startswith("kappa.")} == {(-1.0, 1.0, False)}
