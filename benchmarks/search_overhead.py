@@ -14,6 +14,10 @@ every trial, summary), so fixed costs count; ``--trials`` sets how far they are 
 
     python benchmarks/search_overhead.py                     # resnet20 on 5% of Fashion-MNIST
     python benchmarks/search_overhead.py --preset tiny       # small_cnn on digits (seconds per trial)
+
+Superseded by ``benchmarks/throughput.py`` (trials per hour against a loop of one process per
+worker, at concurrency 1 and 2, with the in-search time and the per-phase timing); kept for the
+figures in BENCHMARKS.md that it produced.
 """
 
 from __future__ import annotations

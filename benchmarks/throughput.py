@@ -1,0 +1,220 @@
+"""Trials per hour of `prunetune run` against the limit of the same hardware (issue 15).
+
+The limit is a plain PyTorch loop doing each trial's work, ``search.trial.run_trial`` (pruning,
+BatchNorm recalibration, fine-tuning, validation each epoch, latency) with nothing around it: no
+Ray, no MLflow, no checkpoints, no test split; one process per worker, one torch thread each, the
+trials dealt out round-robin, the clock started once every process has loaded its data and base
+model. prunetune runs the same policies (the ``random`` searcher's for the seed, no early stopping):
+its wall time is the whole command (Ray's start, the cached base model, every trial, the test split
+of the reportable trials, the summary), and its *in-search* time runs from the first trial's start
+to the last one's end (trials.jsonl ``timing``), which leaves out what more trials amortise.
+
+Two trial lengths, each at concurrency 1 and 2, ratios side by side in one run:
+
+- ``short``: small_cnn on digits, about 3 s a trial;
+- ``long``: resnet20 on a fraction of Fashion-MNIST, about 60 s a trial.
+
+Sized for about 20 minutes on 2 cores once the base models are cached (``PRUNETUNE_CACHE``; a first
+run pretrains them, resnet20 for a few minutes, before anything is timed). Writes
+``benchmarks/results/throughput/<date>/throughput.md`` and ``summary.json``:
+
+    python benchmarks/throughput.py                             # both lengths, concurrency 1 and 2
+    python benchmarks/throughput.py --lengths short --trials 4  # a smoke run of a minute or two
+
+It supersedes ``benchmarks/search_overhead.py``, which compares whole commands only, one trial at a
+time against a loop of one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LENGTHS = {
+    "short": {"about": "3 s", "trials": 12,
+              "args": ["--model", "small_cnn", "--dataset", "digits", "--pretrain-epochs", "10",
+                       "--finetune-epochs", "5"]},
+    "long": {"about": "60 s", "trials": 4,
+             "args": ["--model", "resnet20", "--dataset", "fashion-mnist", "--data-fraction", "0.05",
+                      "--pretrain-epochs", "10", "--finetune-epochs", "2"]},
+}
+COMMON = ["--method", "random", "--scheduler", "none", "--seed", "0", "--set", "final.epochs=0",
+          "--set", "warm_start=false"]
+
+
+def prunetune_run(args: list[str], *, name: str, storage: Path, cache: Path) -> float:
+    """Seconds of one whole `prunetune run`; exits with its last lines if it fails."""
+    command = [sys.executable, "-m", "prunetune.search.cli", "run", *args, "--name", name, "--storage", str(storage)]
+    env = {**os.environ, "PRUNETUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"prunetune run {name} failed:\n" + "\n".join(done.stderr.strip().splitlines()[-8:]))
+    return time.monotonic() - started
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines() if line.strip()]
+
+
+def in_search_seconds(records: list[dict]) -> float:
+    """From the first trial's start to the last trial's end, by the trials' own clocks."""
+    starts = [r["timing"]["started_at"] for r in records]
+    ends = [r["timing"]["started_at"] + r["timing"]["wall"] for r in records]
+    return max(ends) - min(starts)
+
+
+def _loop_worker(run_dir: str, cache: str, policies: list[dict], seed: int, ready, go, out) -> None:
+    """One process of the limit: prepare, wait for the others, run its policies back to back."""
+    import torch
+
+    torch.set_num_threads(1)
+    from prunetune.pruning.policy import Policy
+    from prunetune.search.config import load_config
+    from prunetune.search.driver import prepare
+    from prunetune.search.trial import run_trial
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    _, setup, _ = prepare(cfg, cache_dir=Path(cache), log=lambda _message: None)
+    ready.wait()
+    go.wait()
+    started = time.monotonic()
+    seconds = []
+    for policy in policies:
+        result = run_trial(setup, Policy.from_json(policy), seed=seed, report=lambda *_: None, evaluate_test=False)
+        seconds.append(result["trial_seconds"])
+    out.put({"wall": time.monotonic() - started, "trial_seconds": seconds})
+
+
+def plain_loop(run_dir: Path, *, cache: Path, processes: int) -> dict:
+    """The limit: ``processes`` plain processes sharing the run's policies round-robin."""
+    records = read_records(run_dir)
+    policies = [r["policy"] for r in records]
+    context = multiprocessing.get_context("spawn")
+    ready, go, out = context.Barrier(processes + 1), context.Barrier(processes + 1), context.Queue()
+    workers = [context.Process(target=_loop_worker, args=(str(run_dir), str(cache), policies[i::processes], 0,
+                                                          ready, go, out)) for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    ready.wait()  # every process has its data and base model
+    started = time.monotonic()
+    go.wait()
+    results = [out.get() for _ in workers]
+    wall = time.monotonic() - started
+    for worker in workers:
+        worker.join()
+    return {"wall": wall, "trials": len(policies),
+            "trial_seconds": sorted(s for r in results for s in r["trial_seconds"])}
+
+
+def per_hour(trials: int, seconds: float) -> float:
+    return 3600.0 * trials / seconds if seconds > 0 else float("nan")
+
+
+def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache: Path) -> dict:
+    spec = LENGTHS[length]
+    name = f"{length}-c{concurrency}"
+    args = [*spec["args"], *COMMON, "--trials", str(trials), "--concurrency", str(concurrency)]
+    wall = prunetune_run(args, name=name, storage=storage, cache=cache)
+    records = read_records(storage / name)
+    search = in_search_seconds(records)
+    limit = plain_loop(storage / name, cache=cache, processes=concurrency)
+    timings = [r["timing"] for r in records]
+    mean = {k: sum(float(t.get(k) or 0.0) for t in timings) / len(timings)
+            for k in ("scheduling", "load", "prune", "bn_recalibration", "train", "evaluate", "latency",
+                      "checkpoint", "report", "logging", "wall")}
+    from prunetune.search.timing import overhead_seconds
+
+    return {
+        "length": length, "concurrency": concurrency, "trials": len(records),
+        "command": "prunetune run " + " ".join(args),
+        "prunetune_wall_s": round(wall, 2), "prunetune_in_search_s": round(search, 2),
+        "limit_wall_s": round(limit["wall"], 2),
+        "trials_per_hour": {"prunetune": round(per_hour(len(records), wall), 1),
+                            "prunetune_in_search": round(per_hour(len(records), search), 1),
+                            "limit": round(per_hour(limit["trials"], limit["wall"]), 1)},
+        "ratio_limit_over_prunetune": round(wall / limit["wall"], 3),  # > 1: prunetune slower
+        "ratio_in_search": round(search / limit["wall"], 3),
+        "mean_trial_s": {"prunetune": round(mean["wall"], 3),
+                         "limit": round(sum(limit["trial_seconds"]) / len(limit["trial_seconds"]), 3)},
+        "mean_phase_s": {k: round(v, 4) for k, v in mean.items()},
+        "mean_overhead_s": round(sum(overhead_seconds(t) for t in timings) / len(timings), 3),
+    }
+
+
+def markdown(rows: list[dict], *, command: str, started: datetime, wall: float) -> str:
+    load = os.getloadavg()
+    lines = [f"# Throughput: trials per hour of `prunetune run` against the limit ({started:%Y-%m-%d})", "",
+             f"command: `{command}`; machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+             f"{platform.python_version()}; started {started:%Y-%m-%d %H:%M} UTC, {wall / 60:.1f} min in all; "
+             f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}", "",
+             "prunetune = the whole command; in-search = first trial's start to last trial's end; limit = "
+             "plain processes running `run_trial`, one per worker. Ratio = time / limit's time (1.00x = the "
+             "limit; the goal is within 1.1x).", "",
+             "| length | concurrency | trials | mean trial s (prunetune / limit) | trials/h prunetune | "
+             "in-search | limit | ratio whole | ratio in-search | overhead s/trial |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tph = r["trials_per_hour"]
+        lines.append(f"| {r['length']} (about {LENGTHS[r['length']]['about']}) | {r['concurrency']} | {r['trials']} | "
+                     f"{r['mean_trial_s']['prunetune']:.2f} / {r['mean_trial_s']['limit']:.2f} | "
+                     f"{tph['prunetune']:.0f} | {tph['prunetune_in_search']:.0f} | {tph['limit']:.0f} | "
+                     f"**{r['ratio_limit_over_prunetune']:.2f}x** | **{r['ratio_in_search']:.2f}x** | "
+                     f"{r['mean_overhead_s']:.2f} |")
+    lines += ["", "Mean seconds per phase of prunetune's trials (`prunetune status --timing`):", "",
+              "| length | concurrency | " + " | ".join(rows[0]["mean_phase_s"]) + " |",
+              "|---|---|" + "---|" * len(rows[0]["mean_phase_s"])]
+    for r in rows:
+        lines.append(f"| {r['length']} | {r['concurrency']} | " + " | ".join(f"{v:.3f}" for v in r["mean_phase_s"].values()) + " |")
+    lines += ["", "Commands of the searches:", ""] + [f"- `{r['command']}`" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", nargs="+", choices=sorted(LENGTHS), default=["short", "long"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--trials", type=int, default=None, help="trials per search (default: 12 short, 4 long)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("PRUNETUNE_CACHE", "/work/cache")))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput")
+    args = parser.parse_args()
+    started = datetime.now(UTC)
+    clock = time.monotonic()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="prunetune-throughput-") as tmp:
+        storage = Path(tmp)
+        for length in args.lengths:
+            prunetune_run([*LENGTHS[length]["args"], *COMMON, "--trials", "1", "--concurrency", "1",
+                           "--finetune-epochs", "0"], name=f"{length}-warm", storage=storage,
+                          cache=args.cache)  # the base model trained and cached before anything is timed
+            for concurrency in args.concurrency:
+                trials = args.trials or LENGTHS[length]["trials"]
+                rows.append(measure(length, concurrency, trials=trials, storage=storage, cache=args.cache))
+                print(json.dumps(rows[-1]), flush=True)
+    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    folder = args.out / f"{started:%Y-%m-%d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows, command=command.strip(), started=started, wall=time.monotonic() - clock)
+    (folder / "throughput.md").write_text(text)
+    (folder / "summary.json").write_text(json.dumps({
+        "command": command.strip(), "started": started.isoformat(), "machine": platform.machine(),
+        "cores": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows}, indent=1) + "\n")
+    print(text)
+    print(f"written to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
