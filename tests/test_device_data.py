@@ -217,3 +217,34 @@ def test_on_cuda_a_bf16_channels_last_epoch_on_device_data_trains():
     assert all(math.isfinite(r.train_loss) for r in reports) and reports[-1].val_accuracy > 0.5
     _, fp32 = short_run(digits, device="cuda")
     assert abs(reports[-1].val_accuracy - fp32[-1].val_accuracy) <= 0.05
+
+
+def test_the_trials_of_a_worker_share_one_device_copy_of_the_search_splits(monkeypatch):
+    """Ray hands every trial its setup unpickled anew; the moved splits are kept per process by the
+    search's cache_key. The ``meta`` device stands in for a GPU with room for the data."""
+    from dataclasses import replace
+
+    import prunetune.pruning.data as data
+    from prunetune.search.trial import RESIDENT, TrialSetup, on_device
+
+    monkeypatch.setattr(data, "device_free_bytes", lambda device: 10**9)
+    monkeypatch.setattr(RESIDENT, "_entries", type(RESIDENT._entries)())
+    splits = splits_of(uint8_images(100, 8))
+
+    def handed_to_a_trial(**changes) -> TrialSetup:
+        setup = TrialSetup(arch={}, base_state={}, base_metrics={}, space=None,
+                           splits=pickle.loads(pickle.dumps(splits)), finetune=TrainRecipe(epochs=1),
+                           device="meta", cache_key="search-1")
+        return replace(setup, **changes)
+
+    first, second = on_device(handed_to_a_trial()), on_device(handed_to_a_trial())
+    assert first.splits.train.images.device.type == "meta"
+    assert second.splits.train is first.splits.train and second.splits.test is first.splits.test
+    proxy = handed_to_a_trial()
+    proxy = replace(proxy, finetune_splits=replace(proxy.splits, train=proxy.splits.train.subset(torch.arange(10))))
+    moved = on_device(proxy)  # a proxy's training fraction moves; its validation split is the search's
+    assert moved.finetune_splits.val is first.splits.val and len(moved.finetune_splits.train) == 10
+    assert moved.finetune_splits.train.images.device.type == "meta"
+    assert on_device(handed_to_a_trial(cache_key="search-2")).splits.train is not first.splits.train
+    cpu = handed_to_a_trial(device="cpu")
+    assert on_device(cpu).splits is cpu.splits  # on a CPU nothing moves and nothing is kept
