@@ -3,13 +3,17 @@
 ``TrialRecorder`` appends each finished trial to ``trials.jsonl`` (once, whatever Ray replays on
 resume; through ``tracking.rundir``, which owns the format) and logs it as an MLflow child run. The run directory is the source of truth: if MLflow
 is unreachable mid-search the trial is still recorded, a warning says so, and ``prunetune sync``
-fills MLflow in later. Both callbacks hold only plain data, so Ray can pickle them with the tuner
-and ``prunetune resume`` gets them back.
+fills MLflow in later. MLflow is logged on a thread of the recorder's, so a trial's logging never
+holds up the next trial's start; the driver waits for it before the summary. Both callbacks pickle
+as plain data (the thread and its queue are left out), so Ray can pickle them with the tuner and
+``prunetune resume`` gets them back.
 """
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +22,6 @@ from ray.tune import Callback
 from prunetune.search.timing import driver_timing
 from prunetune.search.trainable import config_key
 from prunetune.search.trial import CHECKPOINT_MODEL, COMPLETE_KEY, REUSED_KEY
-from prunetune.tracking.names import fidelity_of
 from prunetune.tracking.rundir import (
     STATUS_FAILED,
     STATUS_FINISHED,
@@ -49,7 +52,6 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         "status": status,
         "policy": config.get("policy") or result.get("policy"),  # a learner's trial reports its learned policy
         "params": {**params, **trial_params},
-        "fidelity": fidelity_of(trial_params),  # full, or proxy (a searcher's or a two-stage search's short score)
         "metrics": metrics,
         "test_accuracy": result.get("test_accuracy") if status == STATUS_FINISHED else None,
         "history": result.get("history") or [],
@@ -102,12 +104,14 @@ class TrialRecorder(Callback):
         self._tracker = None
         self._tracking_failed = False
         self._created: dict[str, float] = {}  # trial id -> Unix time this driver first saw it (its scheduling)
+        self._queue: queue.Queue | None = None  # records for MLflow, logged in order by ``_worker``
+        self._worker: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tracker": None, "_tracking_failed": False}
+        return {**self.__dict__, "_tracker": None, "_tracking_failed": False, "_queue": None, "_worker": None}
 
     def __setstate__(self, state: dict) -> None:  # a recorder pickled before ``_created`` existed
-        self.__dict__.update({"_created": {}, **state})
+        self.__dict__.update({"_created": {}, "_queue": None, "_worker": None, **state})
 
     def on_step_end(self, iteration, trials, **info) -> None:
         for trial in trials:  # a trial appears here in the step the searcher created it
@@ -129,8 +133,9 @@ class TrialRecorder(Callback):
         """Append ``record`` (with its checkpoint's digest) unless its trial is already there, then log it.
 
         Its ``timing`` gains the driver's phases: ``scheduling``, and ``logging``, the seconds this
-        took until the line was written (the digest; MLflow comes after the line, and is the
-        driver's time, not the trial's: see README, "Where a trial's time goes").
+        took until the line was written (the checkpoint's digest). MLflow is logged after the line,
+        on a thread of its own (:meth:`log_later`): a child run costs the driver a few tenths of a
+        second, during which Ray Tune's loop, which runs this callback, would start no trial.
         """
         started = time.perf_counter()
         if record.get("checkpoint"):
@@ -140,7 +145,36 @@ class TrialRecorder(Callback):
             record = {**record, "timing": driver_timing(record["timing"], created=self._created.get(record["trial_id"]),
                                                         logging_s=time.perf_counter() - started)}
         if append_trial(self.run_dir, record):
+            self.log_later(record)
+
+    def log_later(self, record: dict) -> None:
+        """Queue ``record`` for MLflow; one thread logs the queue in order (``flush`` waits for it).
+
+        A driver killed before the queue is logged leaves those trials in ``trials.jsonl`` only:
+        ``prunetune resume`` and ``prunetune sync`` log them, as they do a trial whose logging failed.
+        """
+        if self.parent_run_id is None or self._tracking_failed:
+            return
+        if self._worker is None or not self._worker.is_alive():
+            self._queue = queue.Queue()
+            self._worker = threading.Thread(target=self._log_queued, args=(self._queue,), daemon=True,
+                                            name="prunetune-mlflow")
+            self._worker.start()
+        self._queue.put(record)
+
+    def _log_queued(self, records: queue.Queue) -> None:
+        while (record := records.get()) is not None:
             self.log_to_mlflow(record)
+
+    def flush(self) -> None:
+        """Wait until every queued record is logged to MLflow (or its logging failed)."""
+        if self._worker is not None and self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
+        self._worker = self._queue = None
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.flush()
 
     def log_to_mlflow(self, record: dict) -> None:
         if self.parent_run_id is None or self._tracking_failed:
@@ -245,6 +279,13 @@ class ProgressLine(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         if self.stream.isatty():
             print(file=self.stream)
+
+
+def flush_recorders(tuner) -> None:
+    """Wait for the ``TrialRecorder`` of ``tuner`` (new or restored) to log its queue to MLflow."""
+    for callback in tuner._local_tuner.get_run_config().callbacks or []:  # where Ray keeps them
+        if isinstance(callback, TrialRecorder):
+            callback.flush()
 
 
 def resume_progress(tuner, run_dir: Path) -> None:

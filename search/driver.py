@@ -267,6 +267,7 @@ def _start_parent(tracker, meta: dict, config: dict, base) -> str:
 
 
 def _run_tuner(search: Search, stop: StopSignals, *, log: Log, restore: bool) -> int:
+    from prunetune.search.callbacks import flush_recorders
     from prunetune.search.tuner import can_restore
     from prunetune.tracking.rundir import clear_driver, mark_driver
 
@@ -278,7 +279,10 @@ def _run_tuner(search: Search, stop: StopSignals, *, log: Log, restore: bool) ->
         location = experiment_location(search.cfg.ray_storage, search.run_dir)
         tuner = _restored_tuner(search, location) if restore and can_restore(location) else _new_tuner(search, log)
         with stop.graceful():
-            results = tuner.fit()
+            try:
+                results = tuner.fit()
+            finally:  # every recorded trial in MLflow before the summary (or the interrupted exit)
+                flush_recorders(tuner)
         if stop.stopped or _interrupted(results):
             return _interrupted_exit(search, stop, log)
         return finish_search(search, results, wall_s=time.monotonic() - started, log=log)

@@ -41,6 +41,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def as_ended(records: list[dict]) -> list[dict]:
+    """Trial records as their trials ended them: less ``test_accuracy``, which the search's end adds
+    for the trials it reports (``search.test_eval``)."""
+    return [{k: v for k, v in r.items() if k != "test_accuracy"} for r in records]
+
+
 def wait_for_records(run_dir: Path, count: int, driver: subprocess.Popen, log: Path, *,
                      timeout_s: float = 240) -> list[dict]:
     """trials.jsonl once it holds ``count`` records, while the ``driver`` (logging to ``log``) runs."""

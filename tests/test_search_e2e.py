@@ -10,7 +10,15 @@ import signal
 import pytest
 
 from prunetune.search.ray_session import kill_leftover_ray, processes_using
-from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli, start_cli, wait_for_records
+from tests.search_helpers import (
+    QUICK,
+    as_ended,
+    mlflow_runs,
+    read_jsonl,
+    run_cli,
+    start_cli,
+    wait_for_records,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +100,32 @@ def test_status_and_export_reproduce_the_test_accuracy(finished_search):
         assert float(line.split()[5]) == pytest.approx(summary["best"]["test_accuracy"], abs=1e-6)
 
 
+def test_trials_record_their_timing_and_only_reportable_trials_the_test_split(finished_search):
+    """Issue 15: each trial's phases (within its wall time) in trials.jsonl and `status --timing`;
+    the test split scored at the end for the Pareto front and the best only, and said so."""
+    from prunetune.search.timing import TRIAL_PHASES
+
+    work, run_dir, result = finished_search
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = read_jsonl(run_dir / "trials.jsonl")
+    reportable = {p["trial_id"] for p in summary["pareto"]} | {summary["best"]["trial_id"]}
+    assert {r["trial_id"] for r in records if r["test_accuracy"] is not None} == reportable
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in records if r["trial_id"] in reportable)
+    assert "the Pareto front and the best trial only" in summary["evaluated_on"]["test_accuracy"]
+    assert "the full validation split" in summary["evaluated_on"]["val_accuracy"]
+    assert f"scored {len(reportable)} reportable trials" in result.stderr
+    for r in records:
+        timing = r["timing"]
+        assert set(TRIAL_PHASES) <= set(timing) and timing["scheduling"] >= 0 and timing["logging"] >= 0
+        assert sum(timing[p] for p in TRIAL_PHASES) <= timing["wall"]
+        assert r["seconds"] <= timing["wall"] <= r["seconds"] + timing["checkpoint"]  # + the last checkpoint's write
+    shown = run_cli(["status", str(run_dir), "--timing"], cache=work / "cache", cwd=work)
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines() if line.split()}
+    assert {r["trial_id"] for r in records} | {"mean", "trial"} <= set(rows)
+    assert float(rows[records[0]["trial_id"]][-2]) == pytest.approx(records[0]["timing"]["wall"], abs=1e-3)
+
+
 def test_sync_rebuilds_mlflow_from_the_run_directory(finished_search):
     work, run_dir, _ = finished_search
     other = f"sqlite:///{work / 'elsewhere.db'}"
@@ -149,7 +183,7 @@ def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path):
         records = read_jsonl(run_dir / "trials.jsonl")
         keys = [r["trial_key"] for r in records]
         assert len(keys) == len(set(keys)) == 4
-        assert records[: len(before_kill)] == before_kill  # finished trials kept as they were, not rerun
+        assert as_ended(records[: len(before_kill)]) == as_ended(before_kill)  # kept as they ended, not rerun
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["trials"]["finished"] == 4
         parents, children = mlflow_runs(meta["tracking_uri"])

@@ -154,3 +154,28 @@ def test_reportable_trials_are_the_front_and_the_best():
                record("over", 0.9, 0.9), record("proxy", 0.95, 0.3, params={"finetune_epochs": 0}),
                {**record("stopped", 0.99, 0.2), "status": "stopped"}]
     assert reportable_trials(records, macs_limit=0.52) == ["a", "b", "over"]  # the best, a, is on the front
+
+
+def test_the_recorder_logs_mlflow_off_the_driver_loop_and_flushes_before_the_summary(tmp_path):
+    import pickle
+
+    from prunetune.search.callbacks import TrialRecorder
+    from prunetune.tracking.rundir import TRIALS_FILE, read_trials
+    from prunetune.tracking.tracker import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e")
+    parent = tracker.start_parent("uid", "r", {})
+    recorder = TrialRecorder(tmp_path, "uid", tracking_uri=tracker.tracking_uri, experiment="e",
+                             parent_run_id=parent, params={"method": "random"})
+    for index in range(3):
+        recorder.record({"trial_id": f"t{index}", "trial_key": f"uid:t{index}", "status": "finished", "policy": None,
+                         "params": {}, "metrics": {"val_accuracy": 0.5, "macs_ratio": 0.5, "macs": 1.0, "params": 1.0},
+                         "test_accuracy": None, "history": [], "timing": {"train": 1.0, "wall": 1.5}})
+    assert recorder._worker is not None and recorder._worker.name == "prunetune-mlflow"
+    assert pickle.loads(pickle.dumps(recorder))._worker is None  # Ray pickles it with the tuner, thread left out
+    assert [r["timing"]["logging"] >= 0 for r in read_trials(tmp_path / TRIALS_FILE)] == [True] * 3
+    recorder.on_experiment_end([])
+    children = tracker.client.search_runs([tracker.client.get_experiment_by_name("e").experiment_id],
+                                          f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == ["t0", "t1", "t2"]
+    assert recorder._worker is None
