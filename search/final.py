@@ -80,8 +80,9 @@ def run_final(run_dir: Path, *, trial: str, final, cache_dir: Path | None, log: 
 
     from prunetune.search.trial import run_trial
 
-    result = run_trial(setup, Policy.from_json(record["policy"]), seed=cfg.seed,
-                       report=_reporter(folder, final.epochs, log), checkpoint_dir=resume_from)
+    result = run_trial(setup, Policy.from_json(record["policy"]), seed=cfg.seed,  # the final is reported:
+                       report=_reporter(folder, final.epochs, log), checkpoint_dir=resume_from,
+                       evaluate_test=True)  # it scores the test split whatever search.test_eval says
     out = {**plan, "fidelity": "final", "folder": str(folder.relative_to(run_dir)),
            "checkpoint": str((folder / CHECKPOINT).relative_to(run_dir)),
            "trial_val_accuracy": (record.get("metrics") or {}).get("val_accuracy"),
