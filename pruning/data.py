@@ -9,7 +9,7 @@ is decoded from disk per sample, through a ``DataLoader``.
 
 On a GPU, :meth:`Splits.on_device` moves such in-memory splits to the device once (where they fit
 beside the model), and the same batching then runs there: index tensors, crop, flip and
-normalisation on the device, so a training step never waits for the CPU. The random draws stay on
+normalisation on the device, so a step waits on no CPU batching or host copy. The random draws stay on
 the CPU, drawn in the same order as on CPU data, so a seed gives the same batches on every device.
 
 Every random choice comes from the seed passed in (and, in a loader, the epoch), never from
