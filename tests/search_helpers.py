@@ -16,6 +16,19 @@ QUICK = ["--model", "small_cnn", "--dataset", "digits", "--image-size", "8", "--
          "--set", "optuna.n_startup_trials=2", "--set", "final.epochs=0"]
 
 
+# A user's own modules named like prunetune's packages (DESIGN.md, Layout): in a search's working
+# directory they must change nothing, in the driver or in its Ray workers (tests/test_namespace.py).
+SHADOWS = ("search.py", "tracking.py", "pruning.py", "cluster.py", "methods/__init__.py")
+
+
+def write_shadows(folder: Path) -> None:
+    """The ``SHADOWS`` in ``folder``, each raising ImportError naming itself if it is ever imported."""
+    for name in SHADOWS:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
+
+
 def cli_env(cache: Path) -> dict:
     env = {**os.environ, "PRUNETUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)

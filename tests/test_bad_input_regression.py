@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.search_helpers import QUICK as SEARCH_QUICK
 from tests.search_helpers import assert_user_error, run_cli
 
 QUICK = ["--model", "small_cnn", "--dataset", "digits", "--image-size", "8", "--pretrain-epochs", "1"]
@@ -50,6 +51,7 @@ class Case:
     absent: tuple[str, ...] = field(default=())  # paths under ws.root that must not exist afterwards
     timeout: float = 300
     in_process: bool = False  # run ``cli.main`` in the test's process (a refusal before Ray: no import cost)
+    search: bool = False  # a row that runs a real search: the session's base-model cache, a migrated store
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,9 +177,9 @@ CASES = [
                             ("prune", ["prune", "--model", "small_cnn", "--dataset", "cifar10", "--uniform", "0.5"]),
                             ("space", ["space", "--model", "small_cnn", "--dataset", "cifar10"]))],
     Case("uniform-with-three-trials-says-it-proposes-one-policy",
-         lambda ws: ["run", *QUICK, "--method", "uniform", "--trials", "3", "--finetune-epochs", "0",
+         lambda ws: ["run", *SEARCH_QUICK, "--method", "uniform", "--trials", "3", "--finetune-epochs", "0",
                      "--storage", ws.path("runs"), "--name", "u"],
-         "uniform proposes 1 policy, so 1 trial will run, not the 3 of --trials", exit=0),
+         "uniform proposes 1 policy, so 1 trial will run, not the 3 of --trials", exit=0, search=True),
 ]
 
 
@@ -279,15 +281,19 @@ CASES += DRIVER_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Case, template: Path, tmp_path: Path, capsys, monkeypatch):
+def test_bad_input(case: Case, template: Path, tmp_path: Path, capsys, monkeypatch, request):
     ws = Workspace(tmp_path, tmp_path / "runs" / RUN_NAME)
     shutil.copytree(template.parent, ws.run.parent)
     case.prepare(ws)
+    cache = tmp_path / "cache"
+    if case.search:  # conftest: the base models other searches trained, a migrated MLflow store
+        request.getfixturevalue("tracking_store")(ws.run.parent)
+        cache = request.getfixturevalue("base_model_cache")
     if case.in_process:
-        result = _main_in_process(case.argv(ws), cache=tmp_path / "cache", cwd=tmp_path, capsys=capsys,
+        result = _main_in_process(case.argv(ws), cache=cache, cwd=tmp_path, capsys=capsys,
                                   monkeypatch=monkeypatch)
     else:
-        result = run_cli(case.argv(ws), cache=tmp_path / "cache", cwd=tmp_path, timeout=case.timeout)
+        result = run_cli(case.argv(ws), cache=cache, cwd=tmp_path, timeout=case.timeout)
     if case.exit == 2:
         assert_user_error(result, case.says)
     else:

@@ -260,10 +260,11 @@ def test_texture_scores_the_weights_kxk_pattern_norms_and_zero_for_a_dead_filter
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(base_model_cache):
+    """small_cnn trained on digits at 8x8 (once a session: test_dcm and test_dcpa load the same one)."""
     splits = load_dataset("digits", image_size=8, seed=0)
-    cache = tmp_path_factory.mktemp("cache")
-    model, metrics = pretrain("small_cnn", splits, TrainRecipe(epochs=8), seed=0, cache_dir=cache, dataset_key="d8")
+    model, metrics = pretrain("small_cnn", splits, TrainRecipe(epochs=8), seed=0, cache_dir=base_model_cache,
+                              dataset_key="d8")
     return model, splits, model_space("small_cnn", splits.info), metrics
 
 
@@ -379,7 +380,7 @@ def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(digit
 
 
 @pytest.mark.slow
-def test_prunetune_run_method_cdp_dtc_end_to_end(tmp_path):
+def test_prunetune_run_method_cdp_dtc_end_to_end(tmp_path, base_model_cache, tracking_store):
     import json
 
     from mlflow.tracking import MlflowClient
@@ -387,11 +388,11 @@ def test_prunetune_run_method_cdp_dtc_end_to_end(tmp_path):
     from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli
 
     result = run_cli(["run", *QUICK, "--method", "cdp-dtc", "--trials", "2", "--concurrency", "2",
-                      "--objective", "pareto", "--name", "cdp2", "--storage", str(tmp_path / "runs"),
+                      "--objective", "pareto", "--name", "cdp2", "--storage", str(tracking_store(tmp_path / "runs")),
                       "--set", "cdp_dtc.epochs=3", "--set", "cdp_dtc.checkpoint_every=10",
                       "--set", "cdp_dtc.skeleton_lr=0.03", "--set", "cdp_dtc.adaptive_min=0.2",
                       "--set", "cdp_dtc.adaptive_max=0.3"],
-                     cache=tmp_path / "cache", cwd=tmp_path)
+                     cache=base_model_cache, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "cdp2"
     records = read_jsonl(run_dir / "trials.jsonl")

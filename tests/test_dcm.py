@@ -29,11 +29,12 @@ HPARAMS = {"lambda": 200.0, "k": 1, "temperature_start": 1.0, "temperature_end":
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """small_cnn trained on digits at 8x8 (a few seconds), its splits and space."""
+def digits(base_model_cache):
+    """small_cnn trained on digits at 8x8 (a few seconds, once a session: test_dcpa and test_cdp_dtc
+    load the same one from the cache), its splits and space."""
     splits = load_dataset("digits", image_size=8, seed=0)
-    cache = tmp_path_factory.mktemp("cache")
-    model, metrics = pretrain("small_cnn", splits, TrainRecipe(epochs=8), seed=0, cache_dir=cache, dataset_key="d8")
+    model, metrics = pretrain("small_cnn", splits, TrainRecipe(epochs=8), seed=0, cache_dir=base_model_cache,
+                              dataset_key="d8")
     return model, splits, model_space("small_cnn", splits.info), metrics
 
 
@@ -340,13 +341,13 @@ def test_a_learner_trial_refuses_another_learners_checkpoint(trial_setup, tmp_pa
 
 
 @pytest.mark.slow
-def test_prunetune_run_method_dcm_end_to_end(tmp_path):
+def test_prunetune_run_method_dcm_end_to_end(tmp_path, base_model_cache, tracking_store):
     from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli
 
     result = run_cli(["run", *QUICK, "--method", "dcm", "--trials", "2",
-                      "--concurrency", "2", "--name", "dcm2", "--storage", str(tmp_path / "runs"),
+                      "--concurrency", "2", "--name", "dcm2", "--storage", str(tracking_store(tmp_path / "runs")),
                       "--set", "dcm.checkpoint_every=3", "--set", "dcm.k_max=2"],
-                     cache=tmp_path / "cache", cwd=tmp_path)
+                     cache=base_model_cache, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "dcm2"
     records = read_jsonl(run_dir / "trials.jsonl")

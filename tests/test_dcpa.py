@@ -46,9 +46,9 @@ def trained(name, splits, cache):
 
 
 @pytest.fixture(scope="module")
-def resnet(splits, tmp_path_factory):
+def resnet(splits, base_model_cache):
     """tiny_resnet on digits at 8x8: its stage layer1 has depth choices 1 and 2."""
-    return trained("tiny_resnet", splits, tmp_path_factory.mktemp("cache"))
+    return trained("tiny_resnet", splits, base_model_cache)
 
 
 def learn_data(splits, space) -> LearnData:
@@ -189,8 +189,8 @@ def test_the_runs_expected_macs_at_peaked_logits_are_the_argmax_policys(resnet, 
 
 
 @pytest.mark.parametrize("start_at_target", [True, False])
-def test_on_digits_the_learned_policy_meets_the_target_within_the_tolerance(start_at_target, splits, tmp_path_factory):
-    cnn = trained("small_cnn", splits, tmp_path_factory.mktemp("cache"))
+def test_on_digits_the_learned_policy_meets_the_target_within_the_tolerance(start_at_target, splits, base_model_cache):
+    cnn = trained("small_cnn", splits, base_model_cache)  # trained once a session (test_dcm, test_cdp_dtc)
     options = DcpaOptions(checkpoint_every=10, start_at_target=start_at_target)
     reports = []
     model, space, _ = cnn
@@ -325,7 +325,7 @@ def test_the_config_section_takes_set_dcpa_keys():
 
 
 @pytest.mark.slow
-def test_prunetune_run_method_dcpa_end_to_end(tmp_path):
+def test_prunetune_run_method_dcpa_end_to_end(tmp_path, base_model_cache, tracking_store):
     import json
 
     from mlflow.tracking import MlflowClient
@@ -333,9 +333,9 @@ def test_prunetune_run_method_dcpa_end_to_end(tmp_path):
     from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli
 
     result = run_cli(["run", *QUICK, "--model", "tiny_resnet", "--method", "dcpa", "--trials", "2",
-                      "--concurrency", "2", "--name", "dcpa2", "--storage", str(tmp_path / "runs"),
+                      "--concurrency", "2", "--name", "dcpa2", "--storage", str(tracking_store(tmp_path / "runs")),
                       "--set", "dcpa.checkpoint_every=5", "--set", "dcpa.search_epochs_max=2"],
-                     cache=tmp_path / "cache", cwd=tmp_path)
+                     cache=base_model_cache, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "dcpa2"
     records = read_jsonl(run_dir / "trials.jsonl")

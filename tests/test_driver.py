@@ -52,7 +52,7 @@ def _record(trial_id: str, status: str) -> dict:
             "metrics": metrics, "test_accuracy": 0.5 if status == "finished" else None, "history": []}
 
 
-def _finish(tmp_path: Path, statuses: list[str], capsys):
+def _finish(tmp_path: Path, statuses: list[str], capsys, tracking_store):
     """``finish_search`` over trials.jsonl records with ``statuses``; the failed ones raised ValueError."""
     from prunetune.search.config import load_config
     from prunetune.search.driver import Search, finish_search
@@ -67,7 +67,7 @@ def _finish(tmp_path: Path, statuses: list[str], capsys):
                               get_pickled_error=lambda: ValueError("bad input in the trial"),
                               get_error=lambda: None, error_file=None, path=None) for r in records]
     results = SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=trials))
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e")
+    tracker = Tracker(f"sqlite:///{tracking_store(tmp_path) / 'mlflow.db'}", "e")
     parent = tracker.start_parent("uid", "r", {})
     for record in records:
         tracker.log_trial(parent, record)
@@ -81,16 +81,16 @@ def _finish(tmp_path: Path, statuses: list[str], capsys):
     return status, lines, summary, tracker.client.get_run(parent).info.status, capsys.readouterr().out
 
 
-def test_a_search_whose_every_trial_failed_exits_1_with_one_line(tmp_path, capsys):
-    status, lines, summary, parent_status, out = _finish(tmp_path, ["failed", "failed"], capsys)
+def test_a_search_whose_every_trial_failed_exits_1_with_one_line(tmp_path, capsys, tracking_store):
+    status, lines, summary, parent_status, out = _finish(tmp_path, ["failed", "failed"], capsys, tracking_store)
     assert status == 1 and parent_status == "FAILED" and out == ""
     assert lines == [f"prunetune: error: all 2 trials failed; the first (trial t0) with ValueError: bad input in "
                      f"the trial; its full traceback is in {tmp_path / 'r' / 'trial_t0' / 'error.txt'}"]
     assert summary["trials"]["failed"] == 2 and summary["first_failure"]["trial_id"] == "t0"
 
 
-def test_a_search_with_some_failures_names_the_first_in_its_summary(tmp_path, capsys):
-    status, lines, summary, parent_status, out = _finish(tmp_path, ["finished", "failed"], capsys)
+def test_a_search_with_some_failures_names_the_first_in_its_summary(tmp_path, capsys, tracking_store):
+    status, lines, summary, parent_status, out = _finish(tmp_path, ["finished", "failed"], capsys, tracking_store)
     assert lines == [] and status == 0 and parent_status == "FINISHED"
     assert summary["first_failure"] == {"trial_id": "t1", "cause": "ValueError: bad input in the trial",
                                         "log": str(tmp_path / "r" / "trial_t1" / "error.txt")}

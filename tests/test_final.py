@@ -16,34 +16,36 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
-    """A 2-trial search whose config's ``final`` section fine-tunes its best policy at the end."""
+def search(tmp_path_factory, base_model_cache, tracking_store):
+    """A 2-trial search whose config's ``final`` section fine-tunes its best policy at the end (the
+    module's ``prunetune finetune`` commands load its base model from the same cache)."""
     work = tmp_path_factory.mktemp("final")
     result = run_cli(["run", *QUICK, "--method", "random", "--trials", "2", "--name", "s",
-                      "--storage", str(work / "runs"), "--set", "final.epochs=2"], cache=work / "cache", cwd=work)
+                      "--storage", str(tracking_store(work / "runs")), "--set", "final.epochs=2"],
+                     cache=base_model_cache, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, work / "runs" / "s", result
 
 
-def test_the_final_section_runs_the_final_fine_tune_at_the_end_of_run(search):
+def test_the_final_section_runs_the_final_fine_tune_at_the_end_of_run(search, base_model_cache):
     work, run_dir, result = search
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["trial_id"] == summary["best"]["trial_id"] and not summary["final"]["distill"]
     assert summary["final"]["recipe"]["epochs"] == 2 and "final fine-tune of trial" in result.stdout
     assert "--trial final" in result.stdout
     exported = run_cli(["export", str(run_dir), "--trial", "final", "--out", str(work / "m.pt"), "--check"],
-                       cache=work / "cache", cwd=work)
+                       cache=base_model_cache, cwd=work)
     assert exported.returncode == 0, exported.stderr[-2000:]
     recorded = f"(recorded {summary['final']['test_accuracy']:.6f})"
     assert f"test accuracy of the export: {summary['final']['test_accuracy']:.6f} {recorded}" in exported.stdout
 
 
-def test_finetune_distils_records_logs_and_exports(search):
+def test_finetune_distils_records_logs_and_exports(search, base_model_cache):
     from prunetune.pruning.surgery import load_pruned
 
     work, run_dir, _ = search
     result = run_cli(["finetune", str(run_dir), "--epochs", "2", "--distill", "--out", str(work / "final.pt")],
-                     cache=work / "cache", cwd=work)
+                     cache=base_model_cache, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     final = summary["final"]
@@ -62,7 +64,7 @@ def test_finetune_distils_records_logs_and_exports(search):
     assert len(distilled) == 1
     assert distilled[0].data.metrics["test_accuracy"] == pytest.approx(final["test_accuracy"])
 
-    again = run_cli(["finetune", str(run_dir), "--epochs", "2", "--distill"], cache=work / "cache", cwd=work)
+    again = run_cli(["finetune", str(run_dir), "--epochs", "2", "--distill"], cache=base_model_cache, cwd=work)
     assert again.returncode == 0 and "is done" in again.stderr  # recorded: nothing trained twice
     assert len([r for r in mlflow_runs_all(run_dir) if r.data.tags.get("prunetune.role") == "final"]) == 2
 
@@ -76,11 +78,11 @@ def mlflow_runs_all(run_dir):
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
-def test_finetune_resumes_after_sigkill(search, tmp_path):
+def test_finetune_resumes_after_sigkill(search, tmp_path, base_model_cache):
     work, run_dir, _ = search
     args = ["finetune", str(run_dir), "--epochs", "8", "--lr", "0.02"]
     log = tmp_path / "first.log"
-    driver = start_cli(args, cache=work / "cache", cwd=work, log=log)
+    driver = start_cli(args, cache=base_model_cache, cwd=work, log=log)
     deadline = time.monotonic() + 240
     while not list((run_dir / "final").glob("*/checkpoint/trainer.pt")) or "final epoch 2/" not in log.read_text():
         assert driver.poll() is None, log.read_text()[-3000:]
@@ -88,7 +90,7 @@ def test_finetune_resumes_after_sigkill(search, tmp_path):
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    resumed = run_cli(args, cache=work / "cache", cwd=work)
+    resumed = run_cli(args, cache=base_model_cache, cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from its checkpoint" in resumed.stderr
     first_epochs = [line for line in log.read_text().splitlines() if "final epoch" in line]
@@ -100,13 +102,13 @@ def test_finetune_resumes_after_sigkill(search, tmp_path):
     assert [row["epoch"] for row in result["history"]] == list(range(9))
 
 
-def test_finetune_refuses_bad_input_in_one_line(search, tmp_path):
+def test_finetune_refuses_bad_input_in_one_line(search, tmp_path, base_model_cache):
     work, run_dir, _ = search
-    assert_user_error(run_cli(["finetune", str(tmp_path)], cache=work / "cache", cwd=work), "")
+    assert_user_error(run_cli(["finetune", str(tmp_path)], cache=base_model_cache, cwd=work), "")
     assert_user_error(run_cli(["finetune", str(run_dir), "--epochs", "2", "--trial", "nope"],
-                              cache=work / "cache", cwd=work), "no trial 'nope'")
+                              cache=base_model_cache, cwd=work), "no trial 'nope'")
     assert_user_error(run_cli(["finetune", str(run_dir), "--epochs", "2", "--distill-weight", "1.5"],
-                              cache=work / "cache", cwd=work), "distill_weight")
+                              cache=base_model_cache, cwd=work), "distill_weight")
     records = read_jsonl(run_dir / "trials.jsonl")
     assert len(records) == 2  # nothing added to the search's trials
 

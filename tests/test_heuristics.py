@@ -107,14 +107,12 @@ def test_the_summary_margin_is_the_best_over_the_best_heuristic():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["optuna"])  # random's warm start: the WarmStart tests above
-def test_a_search_evaluates_the_heuristics_and_reports_its_margin_over_them(method, tmp_path):
-    from tests.search_helpers import QUICK, read_jsonl, run_cli
+def test_a_search_evaluates_the_heuristics_and_reports_its_margin_over_them(optuna_search):
+    """The session's 4-trial Optuna search (conftest); random's warm start: the WarmStart tests above."""
+    from tests.search_helpers import read_jsonl
 
-    result = run_cli(["run", *QUICK, "--method", method, "--trials", "4", "--name", "w",
-                      "--storage", str(tmp_path / "runs")], cache=tmp_path / "cache", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "w"
+    _, run_dir, result = optuna_search
+    assert json.loads((run_dir / "summary.json").read_text())["method"] == "optuna"
     heuristics = json.loads((run_dir / "heuristics.json").read_text())
     records = read_jsonl(run_dir / "trials.jsonl")
     keys = {Policy.from_json(r["policy"]).key() for r in records}

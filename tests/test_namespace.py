@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.search_helpers import QUICK, read_jsonl, run_cli
+from tests.search_helpers import SHADOWS, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-SHADOWS = ("search.py", "tracking.py", "pruning.py", "cluster.py", "methods/__init__.py")
 
 
 def test_every_package_folder_installs_under_prunetune():
@@ -36,15 +35,11 @@ def test_the_old_top_level_names_are_not_installed(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_users_own_modules_in_the_working_directory_change_nothing(tmp_path):
-    """Measured before the namespace: both trials failed in the workers (ActorDiedError), exit 0."""
-    for name in SHADOWS:
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
-    result = run_cli(["run", *QUICK, "--method", "random", "--trials", "2", "--name", "shadowed",
-                      "--storage", str(tmp_path / "runs")], cache=tmp_path / "cache", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_jsonl(tmp_path / "runs" / "shadowed" / "trials.jsonl")
-    assert [r["status"] for r in records] == ["finished", "finished"]
+def test_a_users_own_modules_in_the_working_directory_change_nothing(optuna_search):
+    """Measured before the namespace: both trials failed in the workers (ActorDiedError), exit 0.
+    The session's Optuna search (conftest) runs among the shadowing modules and exits 0."""
+    work, run_dir, result = optuna_search
+    assert all((work / name).is_file() for name in SHADOWS)
+    records = read_jsonl(run_dir / "trials.jsonl")
+    assert [r["status"] for r in records] == ["finished"] * 4
     assert "the user's own" not in result.stderr

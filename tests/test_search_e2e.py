@@ -23,18 +23,8 @@ from tests.search_helpers import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def finished_search(tmp_path_factory):
-    """A 4-trial Optuna search on digits, run once for the tests below."""
-    work = tmp_path_factory.mktemp("search")
-    result = run_cli(["run", *QUICK, "--trials", "4", "--concurrency", "2", "--name", "s4",
-                      "--storage", str(work / "runs")], cache=work / "cache", cwd=work)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work, work / "runs" / "s4", result
-
-
-def test_every_trial_is_in_the_run_directory_once(finished_search):
-    _, run_dir, _ = finished_search
+def test_every_trial_is_in_the_run_directory_once(optuna_search):
+    _, run_dir, _ = optuna_search
     records = read_jsonl(run_dir / "trials.jsonl")
     assert len(records) == 4
     assert len({r["trial_key"] for r in records}) == 4
@@ -50,8 +40,8 @@ def test_every_trial_is_in_the_run_directory_once(finished_search):
         assert [h["epoch"] for h in r["history"]] == [0, 1]
 
 
-def test_summary_agrees_with_trials_and_mlflow(finished_search):
-    _, run_dir, result = finished_search
+def test_summary_agrees_with_trials_and_mlflow(optuna_search):
+    _, run_dir, result = optuna_search
     summary = json.loads((run_dir / "summary.json").read_text())
     records = {r["trial_id"]: r for r in read_jsonl(run_dir / "trials.jsonl")}
     assert summary["trials"] == {"finished": 4, "failed": 0, "stopped": 0}
@@ -83,8 +73,8 @@ def test_summary_agrees_with_trials_and_mlflow(finished_search):
     assert parents[0].data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])
 
 
-def test_status_and_export_reproduce_the_test_accuracy(finished_search):
-    work, run_dir, _ = finished_search
+def test_status_and_export_reproduce_the_test_accuracy(optuna_search):
+    work, run_dir, _ = optuna_search
     status = run_cli(["status", str(run_dir), "--json"], cache=work / "cache", cwd=work)
     assert status.returncode == 0, status.stderr
     state = json.loads(status.stdout)
@@ -100,12 +90,12 @@ def test_status_and_export_reproduce_the_test_accuracy(finished_search):
         assert float(line.split()[5]) == pytest.approx(summary["best"]["test_accuracy"], abs=1e-6)
 
 
-def test_trials_record_their_timing_and_only_reportable_trials_the_test_split(finished_search):
+def test_trials_record_their_timing_and_only_reportable_trials_the_test_split(optuna_search):
     """Issue 15: each trial's phases (within its wall time) in trials.jsonl and `status --timing`;
     the test split scored at the end for the Pareto front and the best only, and said so."""
     from prunetune.search.timing import TRIAL_PHASES
 
-    work, run_dir, result = finished_search
+    work, run_dir, result = optuna_search
     summary = json.loads((run_dir / "summary.json").read_text())
     records = read_jsonl(run_dir / "trials.jsonl")
     reportable = {p["trial_id"] for p in summary["pareto"]} | {summary["best"]["trial_id"]}
@@ -126,8 +116,8 @@ def test_trials_record_their_timing_and_only_reportable_trials_the_test_split(fi
     assert float(rows[records[0]["trial_id"]][-2]) == pytest.approx(records[0]["timing"]["wall"], abs=1e-3)
 
 
-def test_sync_rebuilds_mlflow_from_the_run_directory(finished_search):
-    work, run_dir, _ = finished_search
+def test_sync_rebuilds_mlflow_from_the_run_directory(optuna_search):
+    work, run_dir, _ = optuna_search
     other = f"sqlite:///{work / 'elsewhere.db'}"
     first = run_cli(["sync", str(run_dir), "--tracking-uri", other], cache=work / "cache", cwd=work)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -138,12 +128,12 @@ def test_sync_rebuilds_mlflow_from_the_run_directory(finished_search):
     assert len(parents) == 1 and len(children) == 4
 
 
-def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path):
+def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path, base_model_cache, tracking_store):
     """Ctrl-C after the first finished trial, resume; SIGKILL that driver after its first trial, resume
     again: the budget completes with every finished trial run once and one MLflow run per trial."""
-    storage = tmp_path / "runs"
+    storage = tracking_store(tmp_path / "runs")
     run_dir = storage / "killed"
-    cache = tmp_path / "cache"
+    cache = base_model_cache
     args = ["run", *QUICK, "--finetune-epochs", "2", "--trials", "4", "--concurrency", "1", "--name", "killed",
             "--storage", str(storage)]
     first = start_cli(args, cache=cache, cwd=tmp_path, log=tmp_path / "first.log")

@@ -90,8 +90,9 @@ def summary_of(records: list[dict]) -> dict:
 
 
 @pytest.fixture
-def tracker(tmp_path: Path) -> Tracker:
-    return Tracker(default_tracking_uri(tmp_path / "store"), "prunetune-test")
+def tracker(tmp_path: Path, tracking_store) -> Tracker:
+    """A tracker on a new sqlite store (conftest's migrated empty one: no migrations per test)."""
+    return Tracker(default_tracking_uri(tracking_store(tmp_path / "store")), "prunetune-test")
 
 
 def children_of(tracker: Tracker, parent_id: str) -> list:
@@ -236,8 +237,8 @@ def write_run_dir(run_dir: Path, store_uri: str, records: list[dict], *, summary
         (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
-def test_sync_run_dir_builds_the_view_once_then_only_adds_new_trials(tmp_path: Path) -> None:
-    store = default_tracking_uri(tmp_path / "store")
+def test_sync_run_dir_builds_the_view_once_then_only_adds_new_trials(tmp_path: Path, tracking_store) -> None:
+    store = default_tracking_uri(tracking_store(tmp_path / "store"))
     run_dir = tmp_path / "run"
     records = [trial_record(i) for i in range(3)]
     write_run_dir(run_dir, store, records, summary=summary_of(records))
