@@ -350,12 +350,12 @@ def test_asha_leaves_proxy_trials_alone():
 
 
 @pytest.mark.slow
-def test_prunetune_run_arpruning_on_digits(tmp_path):
+def test_prunetune_run_arpruning_on_digits(tmp_path, base_model_cache, tracking_store):
     """5 trials, 2 at a time, ASHA on: start + neighbours scored after BN recalibration, one full fine-tune."""
-    storage = tmp_path / "runs"
+    storage = tracking_store(tmp_path / "runs")
     result = run_cli(["run", *QUICK, "--method", "arpruning", "--trials", "5", "--concurrency", "2",
                       "--finetune-epochs", "2", "--scheduler", "asha", "--name", "ar", "--storage", str(storage)],
-                     cache=tmp_path / "cache", cwd=tmp_path)
+                     cache=base_model_cache, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = storage / "ar"
     records = read_jsonl(run_dir / "trials.jsonl")

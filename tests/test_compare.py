@@ -30,13 +30,13 @@ BUDGETS = (0.3, 0.5, 0.75)
 
 
 @pytest.fixture(scope="module")
-def searches(tmp_path_factory):
+def searches(tmp_path_factory, base_model_cache, tracking_store):
     """A 3-trial random search and a 4-trial ARPruning search (3 proxy neighbours, a final), one store."""
     work = tmp_path_factory.mktemp("compare")
-    runs = work / "runs"
+    runs = tracking_store(work / "runs")
     for name, method, trials in (("rnd", "random", "3"), ("arp", "arpruning", "4")):
         result = run_cli(["run", *QUICK, "--method", method, "--trials", trials, "--concurrency", "2",
-                          "--name", name, "--storage", str(runs)], cache=work / "cache", cwd=work)
+                          "--name", name, "--storage", str(runs)], cache=base_model_cache, cwd=work)
         assert result.returncode == 0, result.stderr[-3000:]
     return work, runs
 
@@ -284,10 +284,11 @@ def test_benchmark_tables_regenerate_from_the_kept_small_files(searches, capsys,
     assert table.splitlines()[2].startswith("| random | 1 | 3 + 0 |") and "| arpruning | 1 |" in table
 
 
-def test_a_final_fine_tune_is_the_final_column_from_the_run_directory_and_from_mlflow(searches, capsys):
+def test_a_final_fine_tune_is_the_final_column_from_the_run_directory_and_from_mlflow(searches, capsys,
+                                                                                     base_model_cache):
     """Last in this file: it adds a final fine-tune to the random search."""
     work, runs = searches
-    result = run_cli(["finetune", str(runs / "rnd"), "--epochs", "1"], cache=work / "cache", cwd=work)
+    result = run_cli(["finetune", str(runs / "rnd"), "--epochs", "1"], cache=base_model_cache, cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((runs / "rnd" / "summary.json").read_text())["final"]
     from_dir = compare_json([str(runs / "rnd")], capsys)["searches"][0]["final"]

@@ -154,15 +154,16 @@ def test_space_search_depth_reaches_the_searchers_options(method):
 
 
 @pytest.mark.slow
-def test_a_random_search_over_depth_drops_blocks_and_exports_them(tmp_path):
+def test_a_random_search_over_depth_drops_blocks_and_exports_them(tmp_path, base_model_cache, tracking_store):
     from tests.search_helpers import read_jsonl, run_cli
 
     quick = ["--model", "resnet20", "--dataset", "digits", "--image-size", "8", "--pretrain-epochs", "1",
-             "--finetune-epochs", "1", "--set", "finetune.bn_recalibration_batches=2"]
-    (tmp_path / "runs").mkdir()
+             "--finetune-epochs", "1", "--set", "finetune.bn_recalibration_batches=2",
+             "--set", "final.epochs=0"]  # no final fine-tune (the embedded default's 10 epochs of resnet20)
+    tracking_store(tmp_path / "runs")
     result = run_cli(["run", *quick, "--method", "random", "--set", "space.search_depth=true", "--trials", "4",
                       "--concurrency", "2", "--name", "depth", "--storage", str(tmp_path / "runs")],
-                     cache=tmp_path / "cache", cwd=tmp_path)
+                     cache=base_model_cache, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "depth"
     records = [r for r in read_jsonl(run_dir / "trials.jsonl") if r["status"] == "finished"]

@@ -58,7 +58,7 @@ def digits_info():
 
 
 @pytest.mark.slow
-def test_file_model_run_export_and_reload(tmp_path):
+def test_file_model_run_export_and_reload(tmp_path, tracking_store):
     from prunetune.pruning.models import create_model
     from prunetune.pruning.train import evaluate
 
@@ -69,7 +69,7 @@ def test_file_model_run_export_and_reload(tmp_path):
     torch.save(given.state_dict(), tmp_path / "w.pt")
     result = run_cli(["run", "--model", ref, "--set", "model_args.width=6", "--weights", str(tmp_path / "w.pt"),
                       *SEARCH, "--trials", "2", "--concurrency", "2", "--name", "own",
-                      "--storage", str(tmp_path / "runs")], cache=tmp_path / "cache", cwd=tmp_path)
+                      "--storage", str(tracking_store(tmp_path / "runs"))], cache=tmp_path / "cache", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not pretrained" in result.stderr and not (tmp_path / "cache").exists()
     run_dir = tmp_path / "runs" / "own"

@@ -24,8 +24,9 @@ def readme_example() -> str:
 
 
 @pytest.mark.slow
-def test_readme_example_runs(tmp_path):
+def test_readme_example_runs(tmp_path, tracking_store):
     code = readme_example()
+    tracking_store(tmp_path / "runs")  # the example's storage="runs"
     assert len(code.strip().splitlines()) <= 25
     (tmp_path / "example.py").write_text(code)
     result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=cli_env(tmp_path / "cache"),

@@ -73,11 +73,12 @@ def test_uri_mistakes_are_one_line_errors_and_create_nothing(s3, tmp_path):
     assert_user_error(result, "--ray-storage")
 
 
-def test_a_search_keeps_its_checkpoints_in_the_bucket_resumes_and_exports_from_it(s3, tmp_path):
+def test_a_search_keeps_its_checkpoints_in_the_bucket_resumes_and_exports_from_it(s3, tmp_path, base_model_cache,
+                                                                                   tracking_store):
     """SIGKILL the driver after its first trial, resume: Ray's state comes back from the bucket, the
     budget completes with each trial once, and the best trial exports from its checkpoint there."""
     client, endpoint = s3
-    storage, cache = tmp_path / "runs", tmp_path / "cache"
+    storage, cache = tracking_store(tmp_path / "runs"), base_model_cache
     run_dir = storage / "in-s3"
     ray_storage = f"s3://{BUCKET}/ray{endpoint}"
     args = ["run", *QUICK, "--finetune-epochs", "2", "--trials", "3", "--concurrency", "1", "--name", "in-s3",

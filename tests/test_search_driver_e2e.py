@@ -27,8 +27,9 @@ def write_image_folder(root: Path) -> None:
                 Image.new("RGB", (12, 12), tuple(min(255, c + 9 * i) for c in colour)).save(folder / f"{i}.png")
 
 
-def test_an_image_folder_search_runs_its_trials_in_ray_workers(tmp_path):
+def test_an_image_folder_search_runs_its_trials_in_ray_workers(tmp_path, tracking_store):
     write_image_folder(tmp_path / "images")
+    tracking_store(tmp_path / "runs")
     args = ["run", *[a for a in QUICK if a not in ("--dataset", "digits")], "--dataset", "imagefolder",
             "--data-root", "images", "--trials", "2", "--storage", "runs", "--name", "folder"]  # relative paths
     result = run_cli(args, cache=tmp_path / "cache", cwd=tmp_path)
@@ -38,8 +39,8 @@ def test_an_image_folder_search_runs_its_trials_in_ray_workers(tmp_path):
     assert summary["first_failure"] is None
 
 
-def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path):
-    storage, cache, log = tmp_path / "runs", tmp_path / "cache", tmp_path / "driver.log"
+def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path, base_model_cache, tracking_store):
+    storage, cache, log = tracking_store(tmp_path / "runs"), base_model_cache, tmp_path / "driver.log"
     run_dir = storage / "termed"
     args = ["run", *QUICK, "--finetune-epochs", "2", "--trials", "4", "--concurrency", "1", "--name", "termed",
             "--storage", str(storage)]
