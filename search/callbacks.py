@@ -22,6 +22,7 @@ from ray.tune import Callback
 from prunetune.search.timing import driver_timing
 from prunetune.search.trainable import config_key
 from prunetune.search.trial import CHECKPOINT_MODEL, COMPLETE_KEY, REUSED_KEY
+from prunetune.tracking.names import fidelity_of
 from prunetune.tracking.rundir import (
     STATUS_FAILED,
     STATUS_FINISHED,
@@ -52,6 +53,7 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         "status": status,
         "policy": config.get("policy") or result.get("policy"),  # a learner's trial reports its learned policy
         "params": {**params, **trial_params},
+        "fidelity": fidelity_of(trial_params),  # full, or proxy (a searcher's or a two-stage search's short score)
         "metrics": metrics,
         "test_accuracy": result.get("test_accuracy") if status == STATUS_FINISHED else None,
         "history": result.get("history") or [],
