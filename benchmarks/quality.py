@@ -202,7 +202,7 @@ def main() -> int:
         print(f"\nfinal fine-tune {'with' if distill else 'without'} distillation:\n")
         print("\n".join(table(rows, methods, targets, distill)))
     print("\nthe searches through `prunetune compare` (best trial within the target, before the final fine-tune):\n")
-    print(markdown(compare_json(sorted(str(p) for p in (args.keep / "runs").iterdir())), "method"))
+    print(markdown(compare_json(sorted(str(p) for p in (args.keep / "runs").iterdir())), "name"))
     return 0
 
 

@@ -29,7 +29,7 @@ from tests.cluster_helpers import (
     still_running,
     wait_for,
 )
-from tests.search_helpers import QUICK, mlflow_runs, read_jsonl
+from tests.search_helpers import QUICK, as_ended, mlflow_runs, read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -110,6 +110,10 @@ def test_a_sweep_spreads_over_the_nodes_and_survives_the_tracking_server_going_d
         stop_tracking_server(cluster.dir)
         wait_for(lambda: len(read_jsonl(run_dir / "trials.jsonl")) >= 2 or driver.poll() is not None,
                  timeout_s=240, what="a trial ending while the server is down", log=log)
+        # MLflow is logged on a thread of its own, after MLflow's own retries: keep the server down
+        # until the driver has said that logging failed, or a quick restart hides the outage
+        wait_for(lambda: "MLflow at" in log.read_text() or driver.poll() is not None, timeout_s=120,
+                 what="the driver saying MLflow failed", log=log)
         start_tracking_server(cluster.dir)
         assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
@@ -155,7 +159,8 @@ def test_a_killed_driver_is_resumed_against_the_same_cluster(cluster):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = read_jsonl(run_dir / "trials.jsonl")
     assert len({r["trial_key"] for r in records}) == len(records) == 3
-    assert records[: len(first)] == first  # finished trials kept, not run again
+    assert as_ended(records[: len(first)]) == as_ended(first)  # finished trials kept, not run again
+    # (less the test accuracy the search's end adds for the trials it reports)
     assert all(r["status"] == "finished" for r in records)
     assert {r["node"].split("/")[1] for r in records} <= set(cluster.worker_ids())  # the same cluster
     meta = json.loads((run_dir / "prunetune.json").read_text())
