@@ -16,14 +16,13 @@ save state for resume, and a lambda anywhere in it would fail at the first save.
 from __future__ import annotations
 
 import functools
-import pickle
-from pathlib import Path
 
 from ray.tune.search import Searcher as RaySearcher
 
 from prunetune.methods.learner import HParamRange
 from prunetune.methods.parameterisation import Groups
 from prunetune.pruning.space import SearchSpace
+from prunetune.search.wrapper_checkpoint import restore_wrapped, save_wrapped
 
 CONSTRAINT_KEY = "macs"
 FEASIBLE_FORMAT = "prunetune.feasible_only"  # marks FeasibleOnly's checkpoint (the searcher's inside)
@@ -178,23 +177,9 @@ class FeasibleOnly(RaySearcher):
 
     def save(self, checkpoint_path: str) -> None:
         """The wrapped searcher's checkpoint and this wrapper's count in one file (Ray keeps one)."""
-        inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
-        try:
-            self.searcher.save(str(inner))
-            payload = {FEASIBLE_FORMAT: 1, "inner": inner.read_bytes(), "state": self.get_state()}
-        finally:
-            inner.unlink(missing_ok=True)
-        Path(checkpoint_path).write_bytes(pickle.dumps(payload))
+        save_wrapped(self.searcher, checkpoint_path, format_key=FEASIBLE_FORMAT, state=self.get_state())
 
     def restore(self, checkpoint_path: str) -> None:
-        payload = pickle.loads(Path(checkpoint_path).read_bytes())
-        if not (isinstance(payload, dict) and FEASIBLE_FORMAT in payload):  # written before the count was kept
-            self.searcher.restore(checkpoint_path)
-            return
-        inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
-        try:
-            inner.write_bytes(payload["inner"])
-            self.searcher.restore(str(inner))
-        finally:
-            inner.unlink(missing_ok=True)
-        self.set_state(payload["state"])
+        state = restore_wrapped(self.searcher, checkpoint_path, format_key=FEASIBLE_FORMAT)
+        if state is not None:  # None: written before the count was kept
+            self.set_state(state)

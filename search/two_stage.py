@@ -31,13 +31,12 @@ for ``ConcurrencyLimiter``), so a resumed search continues where it was and neve
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from ray.tune.search import Searcher as RaySearcher
 
 from prunetune.pruning.policy import Policy
+from prunetune.search.wrapper_checkpoint import restore_wrapped, save_wrapped
 
 PROXY_KEYS = ("finetune_epochs", "data_fraction", "evaluate_test")  # what makes a config a proxy's
 STAGE_KEY = "stage"  # 1: a proxy, 2: a promoted policy at full fidelity
@@ -176,23 +175,12 @@ class TwoStage(RaySearcher):
 
     def save(self, checkpoint_path: str) -> None:
         """The inner searcher's checkpoint and this wrapper's state in one file (as ``FeasibleOnly``)."""
-        inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
-        try:
-            self.searcher.save(str(inner))
-            payload = {TWO_STAGE_FORMAT: 1, "inner": inner.read_bytes(), "state": self.get_state()}
-        finally:
-            inner.unlink(missing_ok=True)
-        Path(checkpoint_path).write_bytes(pickle.dumps(payload))
+        save_wrapped(self.searcher, checkpoint_path, format_key=TWO_STAGE_FORMAT, state=self.get_state())
 
     def restore(self, checkpoint_path: str) -> None:
-        payload = pickle.loads(Path(checkpoint_path).read_bytes())
-        inner = Path(checkpoint_path).with_name(Path(checkpoint_path).name + ".inner")
-        try:
-            inner.write_bytes(payload["inner"])
-            self.searcher.restore(str(inner))
-        finally:
-            inner.unlink(missing_ok=True)
-        self.set_state(payload["state"])
+        state = restore_wrapped(self.searcher, checkpoint_path, format_key=TWO_STAGE_FORMAT)
+        if state is not None:
+            self.set_state(state)
 
 
 def two_stage_search(search_alg: RaySearcher, cfg, heuristics: Mapping[str, Policy]) -> RaySearcher:
