@@ -57,6 +57,10 @@ METHOD_FLAGS = {
     **{f"optuna-{kind}": ["--method", "optuna", "--trials", "16", "--set", "fidelity.promote=3",
                           "--set", "fidelity.proxy_epochs=0", "--set", f"space.parameterisation={kind}",
                           "--set", "val_subset=0.25"] for kind in ("affine", "stages")},
+    # the same with a one-epoch proxy (on a quarter of the training split) instead of BatchNorm only
+    "optuna-affine-p1": ["--method", "optuna", "--trials", "16", "--set", "fidelity.promote=3",
+                         "--set", "fidelity.proxy_epochs=1", "--set", "space.parameterisation=affine",
+                         "--set", "val_subset=0.25"],
     "arpruning": ["--method", "arpruning", "--set", "arpruning.proxy=bn"],
     "dcm": ["--method", "dcm"],
     "dcpa": ["--method", "dcpa"],
