@@ -67,6 +67,9 @@ class MethodSpec:
     default_importance: str = "l1"  # the criterion when the config's ``importance`` is null
     context: tuple[str, ...] = ()  # search settings its factory takes too: "budget", "concurrency", "parameterisation"
     warm_start: bool = False  # first evaluates the heuristics (methods.heuristics), unless it has a start
+    # it drops residual blocks by itself (CDP+DTC: a block whose convolution empties), so its MACs
+    # floor has every droppable block dropped whatever ``space.search_depth`` says
+    drops_blocks: bool = False
 
     @property
     def needs_start_policy(self) -> bool:
@@ -106,7 +109,7 @@ METHODS: dict[str, MethodSpec] = {
                       "dcm:make_dcm_learner", DcmOptions, default_importance="bn_scale"),
     "cdp-dtc": MethodSpec("learner", "CDP + DTC: filter skeletons under a texture penalty, pruned by dynamic "
                           "thresholds (width and depth)", "cdp_dtc:make_cdp_dtc_learner", CdpDtcOptions,
-                          default_importance="texture"),
+                          default_importance="texture", drops_blocks=True),
     "dcpa": MethodSpec("learner", "DCP-A: learns widths and depths by Gumbel-softmax over attention-given logits",
                        "dcpa:make_dcpa_learner", DcpaOptions, default_importance="bn_scale"),
 }

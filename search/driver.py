@@ -65,8 +65,11 @@ def storage_dir(cfg) -> Path:
 
 def check_target(cfg, space) -> None:
     """Refuse a MACs target the space cannot reach, saying the reachable range (with
-    ``space.search_depth``, dropping every droppable block too)."""
-    depth = cfg.space.search_depth
+    ``space.search_depth``, or for a method that drops blocks by itself, dropping every droppable
+    block too)."""
+    from prunetune.methods.registry import get_method
+
+    depth = cfg.space.search_depth or get_method(cfg.method).drops_blocks
     floor = space.min_macs_ratio(drop_blocks=depth)
     if cfg.macs_target < floor:
         raise UserError(f"macs_target {cfg.macs_target:g} is below what {cfg.model} can reach: MACs ratios "

@@ -330,6 +330,27 @@ def test_unreachable_targets_and_bad_options_are_one_line_user_errors():
     assert set(ranges) == set(HPARAMS) and ranges["delta"].log and not ranges["group"].log
 
 
+def test_the_driver_refuses_only_targets_below_the_floor_with_blocks_dropped():
+    """CDP+DTC drops blocks itself, so the driver's floor is the drop-aware one, as its own check's;
+    a policy searcher without space.search_depth keeps the floor of every block kept."""
+    from prunetune.search.driver import check_target
+
+    _, space = tiny()
+    dropped, kept = space.min_macs_ratio(drop_blocks=True), space.min_macs_ratio()
+    assert dropped < kept
+    between = (dropped + kept) / 2
+
+    def cfg(method):
+        return SimpleNamespace(method=method, model="tiny_resnet", macs_target=between,
+                               space=SimpleNamespace(search_depth=False))
+
+    check_target(cfg("cdp-dtc"), space)
+    with pytest.raises(UserError, match="below what tiny_resnet can reach"):
+        check_target(cfg("optuna"), space)
+    with pytest.raises(UserError, match="every droppable block dropped"):
+        check_target(SimpleNamespace(**{**vars(cfg("cdp-dtc")), "macs_target": dropped / 2}), space)
+
+
 
 def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(digits, tmp_path):
     """Through search.learner_trial, as a Ray trial runs it: checkpoints written at every report."""
