@@ -41,7 +41,8 @@ from compare_table import compare_json, keep, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 HEURISTIC_METHODS = ("uniform", "global", "global-lamp")
-SEARCH_METHODS = ("optuna-affine", "optuna-stages", "optuna", "arpruning", "dcm", "dcpa", "cdp-dtc")
+SEARCH_METHODS = ("optuna-affine", "optuna-affine-e3", "optuna-affine-full-e3", "optuna-stages", "optuna",
+                  "arpruning", "dcm", "dcpa", "cdp-dtc")
 # method name -> the flags that make it (global-lamp is the global baseline with LAMP normalisation)
 METHOD_FLAGS = {
     "uniform": ["--method", "uniform"],
@@ -61,6 +62,13 @@ METHOD_FLAGS = {
     "optuna-affine-p1": ["--method", "optuna", "--trials", "16", "--set", "fidelity.promote=3",
                          "--set", "fidelity.proxy_epochs=1", "--set", "space.parameterisation=affine",
                          "--set", "val_subset=0.25"],
+    # the affine search with trials of 3 fine-tuning epochs instead of 1 (the final's budget is unchanged:
+    # it prunes the base model afresh), two-stage as above or all 12 trials at full fidelity
+    "optuna-affine-e3": ["--method", "optuna", "--trials", "16", "--set", "fidelity.promote=3",
+                         "--set", "fidelity.proxy_epochs=0", "--set", "space.parameterisation=affine",
+                         "--set", "val_subset=0.25", "--finetune-epochs", "3"],
+    "optuna-affine-full-e3": ["--method", "optuna", "--trials", "12", "--set", "space.parameterisation=affine",
+                              "--set", "val_subset=0.25", "--finetune-epochs", "3"],
     "arpruning": ["--method", "arpruning", "--set", "arpruning.proxy=bn"],
     "dcm": ["--method", "dcm"],
     "dcpa": ["--method", "dcpa"],
