@@ -119,9 +119,15 @@ def final_results(run_dir: Path, distill: bool, epochs: int) -> list[dict]:
     return [r for r in results if r["distill"] == distill and r["recipe"]["epochs"] == epochs]
 
 
-def final(method: str, target: float, seed: int, distill: bool, args) -> dict:
+NONE_WITHIN = "none within target"  # a search none of whose trials met the target: no best, no final
+
+
+def final(method: str, target: float, seed: int, distill: bool, args, summary: dict) -> dict | None:
     """The final fine-tune of the search's best policy: the search's own (no distillation), or
-    ``prunetune finetune --distill``; a result already in the run is reused (resumable)."""
+    ``prunetune finetune --distill``; a result already in the run is reused (resumable). None when the
+    search has no best (no trial within the target): there is nothing to fine-tune."""
+    if summary.get("best") is None:
+        return None
     name = run_name(method, target, seed)
     run_dir = args.storage / name
     chosen = final_results(run_dir, distill, args.final_epochs)
@@ -158,19 +164,24 @@ def table(rows: list[dict], methods: list[str], targets: list[float], distill: b
             mine = [r for r in rows if r["method"] == method and r["target"] == target and r["distill"] == distill]
             if not mine:
                 continue
+            reached = [r for r in mine if r["final"] is not None]
+            missed = len(mine) - len(reached)
+            accuracy = mean_sd([r["final"]["test_accuracy"] for r in reached]) if reached else NONE_WITHIN
+            if reached and missed:
+                accuracy += f" ({missed} of {len(mine)} {NONE_WITHIN})"
             differences = []
-            for row in mine:
+            for row in reached:
                 heuristics = [r["final"]["test_accuracy"] for r in rows if r["method"] in HEURISTIC_METHODS
-                              and r["target"] == target and r["seed"] == row["seed"] and r["distill"] == distill]
+                              and r["final"] is not None and r["target"] == target and r["seed"] == row["seed"]
+                              and r["distill"] == distill]
                 if heuristics:
                     differences.append(row["final"]["test_accuracy"] - max(heuristics))
             full = statistics.mean((r["summary"].get("fidelity") or {}).get("full", 0) for r in mine)
             proxy = statistics.mean((r["summary"].get("fidelity") or {}).get("proxy", 0) for r in mine)
             taus = [t for t in (tau_of(r["summary"]) for r in mine) if t is not None]
             wall = statistics.mean(r["summary"]["wall_s"] for r in mine)
-            out.append(f"| {target:g} | {method} | {len(mine)} | "
-                       f"{mean_sd([r['final']['test_accuracy'] for r in mine])} | {mean_sd(differences)} | "
-                       f"{mean_sd([r['final']['macs_ratio'] for r in mine], 1, 3)} | "
+            out.append(f"| {target:g} | {method} | {len(mine)} | {accuracy} | {mean_sd(differences)} | "
+                       f"{mean_sd([r['final']['macs_ratio'] for r in reached], 1, 3)} | "
                        f"{full:.1f} + {proxy:.1f} | {mean_sd(taus, 1) if taus else '-'} | {wall:.0f} |")
     return out
 
@@ -202,7 +213,7 @@ def main() -> int:
                 summary = search(method, target, seed, args)
                 for distill in distills:
                     rows.append({"method": method, "target": target, "seed": seed, "distill": distill,
-                                 "summary": summary, "final": final(method, target, seed, distill, args)})
+                                 "summary": summary, "final": final(method, target, seed, distill, args, summary)})
     run_dirs = sorted({str(args.storage / run_name(r["method"], r["target"], r["seed"])) for r in rows})
     keep(run_dirs, args.keep / "runs")
     (args.keep / "rows.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
