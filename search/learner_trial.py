@@ -12,22 +12,29 @@ Python (no Ray), like ``search.trial.run_trial``:
    summary), and its checkpoints the learned policy, so a retry during fine-tuning does not learn
    again.
 
-Learning reports carry no ``epoch``: ASHA's rungs count fine-tuning epochs only.
+Learning reports carry no ``epoch``: ASHA's rungs count fine-tuning epochs only. One ``PhaseTimer``
+times both steps (``search.timing``): the learning as ``learning`` (its reports and checkpoints as
+``report`` and ``checkpoint``), then the policy trial's phases; every checkpoint carries the timing
+so far (``timing.json`` beside the learner's state and the learned policy; the fine-tune's own in
+its trainer state), so a retried trial sums its attempts.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from prunetune.search.trial import CHECKPOINT_MODEL, Report, TrialSetup
+from prunetune.search.timing import LEARNING, PhaseTimer
+from prunetune.search.trial import CHECKPOINT_MODEL, Report, TrialSetup, _report
 
 LEARNER_STATE = "learner.pt"
 LEARNED_FILE = "learned.json"
+TIMING_FILE = "timing.json"  # the trial's timing so far, in a checkpoint written before fine-tuning's own
 
 
 @dataclass(frozen=True)
@@ -60,33 +67,45 @@ def run_learner_trial(setup: TrialSetup, job: LearnerJob, config: Mapping[str, A
     from prunetune.methods.learner import Learned
     from prunetune.search.trial import run_trial
 
+    timer = PhaseTimer()  # the whole trial's: its wall time and ``trial_seconds`` include the learning
     checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    finetuned = checkpoint if checkpoint is not None and (checkpoint / CHECKPOINT_MODEL).exists() else None
+    if checkpoint is not None and finetuned is None and (checkpoint / TIMING_FILE).exists():
+        timer.resume(json.loads((checkpoint / TIMING_FILE).read_text()))  # (run_trial resumes a fine-tune's)
     if checkpoint is not None and (checkpoint / LEARNED_FILE).exists():
         learned = Learned.from_json(json.loads((checkpoint / LEARNED_FILE).read_text()))
     else:
-        learned = learn(setup, job, config, seed=seed, report=report, checkpoint_dir=checkpoint)
+        learned = learn(setup, job, config, seed=seed, report=report, checkpoint_dir=checkpoint, timer=timer)
     learning = {"trajectory": [dict(row) for row in learned.trajectory], **learned.info}
     extra = {"policy": learned.policy.to_json(), "learning": learning}
-    learn_seconds = float(learned.info.get("seconds") or 0.0)
 
     def finetune_report(metrics: dict, write_checkpoint) -> None:
-        metrics = {**metrics, **extra}
-        if "trial_seconds" in metrics:  # the whole trial: learning and fine-tuning
-            metrics["trial_seconds"] += learn_seconds
-        report(metrics, _with_learned(write_checkpoint, learned))
+        report({**metrics, **extra}, _with_learned(write_checkpoint, learned, timer))
 
-    finetuned = checkpoint if checkpoint is not None and (checkpoint / CHECKPOINT_MODEL).exists() else None
-    result = run_trial(setup, learned.policy, seed=seed, report=finetune_report, checkpoint_dir=finetuned)
-    return {**result, **extra, "trial_seconds": result["trial_seconds"] + learn_seconds}
+    result = run_trial(setup, learned.policy, seed=seed, report=finetune_report, checkpoint_dir=finetuned,
+                       timer=timer)
+    return {**result, **extra}
 
 
 def learn(setup: TrialSetup, job: LearnerJob, config: Mapping[str, Any], *, seed: int, report: Report,
-          checkpoint_dir: Path | None):
-    """Run the learner on a copy of the base model, reporting progress with its state as checkpoints."""
+          checkpoint_dir: Path | None, timer: PhaseTimer | None = None):
+    """Run the learner on a copy of the base model, reporting progress with its state as checkpoints.
+
+    ``timer`` counts it as ``learning``, less its reports (``report``) and checkpoint writes (``checkpoint``).
+    """
     import torch
 
     from prunetune.methods.learner import LearnData
     from prunetune.search.trial import build_base_model, on_device
+
+    timer = PhaseTimer() if timer is None else timer
+    since = time.perf_counter()
+
+    def learned_so_far() -> None:  # this attempt's learning since the last report, into ``timer``
+        nonlocal since
+        now = time.perf_counter()
+        timer.add(LEARNING, now - since)
+        since = now
 
     setup = on_device(setup)  # the learner's batches made on the trial's device too
     learner = job.learner()
@@ -98,28 +117,37 @@ def learn(setup: TrialSetup, job: LearnerJob, config: Mapping[str, Any], *, seed
                      setup.finetune, seed, setup.device)
 
     def learn_report(progress, learner_state) -> None:
+        nonlocal since
         metrics = {**progress.metrics, "learn_step": progress.step, "learn_total_steps": progress.total_steps}
-        report(metrics, None if learner_state is None else _state_writer(learner_state))
+        learned_so_far()
+        _report(timer, report, metrics, None if learner_state is None else _state_writer(learner_state, timer))
+        since = time.perf_counter()
 
     torch.manual_seed(seed)
-    return learner.learn(build_base_model(setup), data, job.macs_target, hparams, learn_report, state=state)
+    try:
+        return learner.learn(build_base_model(setup), data, job.macs_target, hparams, learn_report, state=state)
+    finally:
+        learned_so_far()
 
 
-def _state_writer(state: dict):
+def _state_writer(state: dict, timer: PhaseTimer):
     import torch
 
     def write(directory: Path) -> None:
         torch.save(state, Path(directory) / LEARNER_STATE)
+        (Path(directory) / TIMING_FILE).write_text(json.dumps(timer.to_json()))
 
     return write
 
 
-def _with_learned(write_checkpoint, learned):
-    """A checkpoint writer that also saves the learned policy (and writes it alone without a writer)."""
+def _with_learned(write_checkpoint, learned, timer: PhaseTimer):
+    """A checkpoint writer that also saves the learned policy and the timing so far (and writes those
+    alone without a writer)."""
 
     def write(directory: Path) -> None:
         if write_checkpoint is not None:
             write_checkpoint(directory)
         (Path(directory) / LEARNED_FILE).write_text(json.dumps(learned.to_json()))
+        (Path(directory) / TIMING_FILE).write_text(json.dumps(timer.to_json()))
 
     return write

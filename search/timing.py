@@ -4,9 +4,12 @@ A trial (``search.trial.run_trial``) times its own phases; the driver adds the t
 (``search.callbacks.TrialRecorder``): ``scheduling`` (the trial created by the searcher until its
 trainable started) and ``logging`` (the driver's record of it in the run directory; its MLflow
 child run is logged after that record is written, so it is not in it).
+A learner's trial (``search.learner_trial``: dcm, dcpa, cdp-dtc) also has ``learning``: the
+seconds its learner trained to find the policy, every attempt's, before the policy trial's phases.
 ``prunetune status --timing`` shows them (``timing_table``). Whatever no phase names (the last report
 call, the result's hand-over, a new worker's imports) is ``other``: the trial's wall time less its
-phases. A trial's *overhead* is everything but training and evaluation, the driver's phases too.
+phases. A trial's *overhead* is everything but learning, training and evaluation (the trial's work),
+the driver's phases included.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from contextlib import contextmanager
 
 # In the order a trial runs them; ``scheduling`` and ``logging`` are the driver's.
 TRIAL_PHASES = ("load", "prune", "bn_recalibration", "train", "evaluate", "latency", "checkpoint", "report")
-PHASES = ("scheduling", *TRIAL_PHASES, "logging")
+LEARNING = "learning"  # a learner's trial only, before the others
+WORKER_PHASES = (LEARNING, *TRIAL_PHASES)  # what the trial's own process times (``PhaseTimer``)
+PHASES = ("scheduling", *WORKER_PHASES, "logging")
+WORK_PHASES = (LEARNING, "train", "evaluate")  # the trial's work; every other second is overhead
 RESUMED_KEY = "resumed"  # in a timing: the trial continued from a checkpoint; its phases sum every attempt's
 
 
@@ -39,7 +45,7 @@ class PhaseTimer:
         self.resumed = True
         self.started_at = min(self.started_at, float((earlier or {}).get("started_at") or self.started_at))
         for name, seconds in (earlier or {}).items():
-            if name in TRIAL_PHASES or name == "wall":
+            if name in WORKER_PHASES or name == "wall":
                 self.add(name, float(seconds))
 
     @contextmanager
@@ -68,7 +74,7 @@ class PhaseTimer:
         """``{phase: seconds}`` with ``wall`` (this attempt's and the earlier ones'), ``started_at``
         (the first attempt's Unix time) and ``resumed``."""
         wall = self.seconds.get("wall", 0.0) + time.perf_counter() - self.start
-        phases = {k: round(self.seconds[k], 4) for k in TRIAL_PHASES if k in self.seconds}
+        phases = {k: round(self.seconds[k], 4) for k in WORKER_PHASES if k in self.seconds}
         return {**phases, "wall": round(wall, 4), "started_at": round(self.started_at, 3),
                 **({RESUMED_KEY: True} if self.resumed else {})}
 
@@ -85,17 +91,18 @@ def driver_timing(timing: Mapping | None, *, created: float | None, logging_s: f
 
 def other_seconds(timing: Mapping) -> float:
     """The trial's wall time its phases do not account for (its last report, Ray's hand-over, imports)."""
-    return max(0.0, float(timing.get("wall") or 0.0) - sum(float(timing.get(k) or 0.0) for k in TRIAL_PHASES))
+    return max(0.0, float(timing.get("wall") or 0.0) - sum(float(timing.get(k) or 0.0) for k in WORKER_PHASES))
 
 
 def overhead_seconds(timing: Mapping) -> float:
-    """A trial's seconds beyond training and evaluation: its wall time and the driver's phases, less those two."""
+    """A trial's seconds beyond its work (learning, training, evaluation): its wall time and the
+    driver's phases, less those."""
     driver = sum(float(timing.get(k) or 0.0) for k in ("scheduling", "logging"))
-    return max(0.0, driver + float(timing.get("wall") or 0.0) - float(timing.get("train") or 0.0)
-               - float(timing.get("evaluate") or 0.0))
+    return max(0.0, driver + float(timing.get("wall") or 0.0) - sum(float(timing.get(k) or 0.0) for k in WORK_PHASES))
 
 
-HEADERS = {"scheduling": "sched", "bn_recalibration": "bn_recal", "checkpoint": "ckpt", "evaluate": "eval"}
+HEADERS = {"scheduling": "sched", "learning": "learn", "bn_recalibration": "bn_recal", "checkpoint": "ckpt",
+           "evaluate": "eval"}
 
 
 def timing_table(records: Sequence[Mapping]) -> str:
@@ -104,8 +111,8 @@ def timing_table(records: Sequence[Mapping]) -> str:
     if not rows:
         return "no ended trial recorded a timing (none ended yet, or a prunetune older than the timing ran them)"
     columns = [*PHASES, "other", "wall", "overhead"]
-    lines = ["seconds per phase (sched = created to started, logging = the driver's record); overhead = all "
-             "but train and eval; R = resumed from a checkpoint",
+    lines = ["seconds per phase (sched = created to started, learn = a learner's, logging = the driver's "
+             "record); overhead = all but learn, train and eval; R = resumed from a checkpoint",
              f"{'trial':<12}" + "".join(f"{HEADERS.get(c, c):>9}" for c in columns)]
 
     def cells(timing: Mapping) -> str:

@@ -132,7 +132,8 @@ def prune_for_trial(setup: TrialSetup, policy: Policy, timer: PhaseTimer | None 
 
 
 def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
-              checkpoint_dir: Path | None = None, evaluate_test: bool | None = None) -> dict:
+              checkpoint_dir: Path | None = None, evaluate_test: bool | None = None,
+              timer: PhaseTimer | None = None) -> dict:
     """Prune, recalibrate, fine-tune (reporting each epoch), evaluate and measure; return the result.
 
     ``checkpoint_dir`` is a checkpoint this trial wrote earlier: training continues after its epoch.
@@ -140,12 +141,13 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
     intermediate reports on ``setup.val_subset`` of it), ``test_accuracy`` (None unless
     ``evaluate_test``, default ``setup.evaluate_test``: a search evaluates the test split for its
     reportable trials only, at its end, ``search.test_eval``), ``macs``, ``params``, ``latency_ms``
-    and their ratios to the base model, and ``timing``: seconds per phase (``search.timing``).
+    and their ratios to the base model, and ``timing``: seconds per phase (``search.timing``), from
+    ``timer`` where given (a learner's trial: its learning timed already), else from now.
     """
     from prunetune.pruning.surgery import load_pruned
     from prunetune.pruning.train import Trainer, evaluate
 
-    timer = PhaseTimer()
+    timer = PhaseTimer() if timer is None else timer
     evaluate_test = setup.evaluate_test if evaluate_test is None else evaluate_test
     setup = on_device(setup)
     torch.manual_seed(seed)

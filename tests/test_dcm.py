@@ -323,6 +323,23 @@ def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(trial
     assert not any("learn_step" in r for r in more)  # a retry while fine-tuning does not learn again
     assert again["policy"] == whole["policy"] and again["val_accuracy"] == pytest.approx(whole["val_accuracy"])
 
+    # issue 15: the learning is a phase of the trial's timing, within its wall time, summed over attempts
+    from prunetune.search.learner_trial import TIMING_FILE
+    from prunetune.search.timing import WORKER_PHASES
+
+    timing = whole["timing"]
+    assert "resumed" not in timing  # the wall time: the trial's seconds and the last checkpoint's write
+    assert whole["trial_seconds"] <= timing["wall"] <= whole["trial_seconds"] + timing["checkpoint"] + 1e-3
+    assert timing["learning"] >= whole["learning"]["seconds"] - 1e-3  # the learner's own count, within ours
+    assert sum(timing.get(p, 0.0) for p in WORKER_PHASES) <= timing["wall"] + 1e-3
+    assert timing["report"] > 0 and timing["checkpoint"] > 0  # the learning's reports and checkpoints too
+    cut = json.loads((checkpoint / TIMING_FILE).read_text())
+    assert cut["learning"] > 0 and resumed["timing"]["resumed"] is True
+    assert resumed["timing"]["learning"] > cut["learning"] and resumed["timing"]["wall"] > cut["wall"]
+    saved = json.loads((after_learning / TIMING_FILE).read_text())
+    assert again["timing"]["learning"] == pytest.approx(saved["learning"])  # learned in the first attempt only
+    assert again["timing"]["started_at"] == pytest.approx(timing["started_at"]) and again["timing"]["resumed"]
+
 
 def test_a_learner_trial_refuses_another_learners_checkpoint(trial_setup, tmp_path):
     from prunetune.search.learner_trial import LEARNER_STATE, LearnerJob
@@ -363,6 +380,11 @@ def test_prunetune_run_method_dcm_end_to_end(tmp_path, base_model_cache, trackin
         trajectory = record["learning"]["trajectory"]
         assert len(trajectory) >= 3 and all(f"keep.{g}" in trajectory[-1] for g in groups)
         assert [h["epoch"] for h in record["history"]] == [0, 1]
+        assert record["timing"]["learning"] > 0 and record["seconds"] <= record["timing"]["wall"]  # issue 15
+    shown = run_cli(["status", str(run_dir), "--timing"], cache=base_model_cache, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines() if line.split()}
+    assert rows["trial"][1] == "learn" and all(float(rows[r["trial_id"]][1]) > 0 for r in records)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "dcm" and summary["trials"]["finished"] == 2 and summary["best"] is not None
 
@@ -381,3 +403,4 @@ def test_prunetune_run_method_dcm_end_to_end(tmp_path, base_model_cache, trackin
         assert child.data.params["lambda"] == str(record["params"]["lambda"])
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"keep_ratios.png", "policy.json"} <= artifacts
+        assert child.data.metrics["timing.learning_s"] == pytest.approx(record["timing"]["learning"])

@@ -130,11 +130,14 @@ def test_driver_timing_adds_scheduling_and_logging_and_the_table_shows_them():
     assert timing["scheduling"] == pytest.approx(0.5) and timing["logging"] == pytest.approx(0.003)
     assert list(timing)[0] == "scheduling" and driver_timing(None, created=1.0, logging_s=0.0) is None
     assert overhead_seconds(timing) == pytest.approx(0.5 + 0.003 + 2.6 - 2.0 - 0.2)
+    learner = {**timing, "learning": 3.0, "wall": 5.6}  # a learner's learning is its work, not overhead
+    assert overhead_seconds(learner) == pytest.approx(overhead_seconds(timing))
     table = timing_table([{"trial_id": "t1", "timing": timing}, {"trial_id": "t2", "timing": {**timing, "resumed": True}},
                           {"trial_id": "old"}])
     lines = table.splitlines()
-    assert lines[1].split()[1:] == ["sched", "load", "prune", "bn_recal", "train", "eval", "latency", "ckpt",
-                                    "report", "logging", "other", "wall", "overhead"]
+    assert lines[1].split()[1:] == ["sched", "learn", "load", "prune", "bn_recal", "train", "eval", "latency",
+                                    "ckpt", "report", "logging", "other", "wall", "overhead"]
+    assert lines[2].split()[2] == "-"  # a policy trial learned nothing
     assert lines[2].split()[0] == "t1" and lines[3].split()[:2] == ["t2", "R"] and lines[-1].startswith("mean")
     assert float(lines[2].split()[-1]) == pytest.approx(overhead_seconds(timing), abs=1e-3)
     assert float(lines[2].split()[-3]) == pytest.approx(0.13, abs=1e-3)  # other: wall less the phases
@@ -170,7 +173,9 @@ def test_the_recorder_logs_mlflow_off_the_driver_loop_and_flushes_before_the_sum
     for index in range(3):
         recorder.record({"trial_id": f"t{index}", "trial_key": f"uid:t{index}", "status": "finished", "policy": None,
                          "params": {}, "metrics": {"val_accuracy": 0.5, "macs_ratio": 0.5, "macs": 1.0, "params": 1.0},
-                         "test_accuracy": None, "history": [], "timing": {"train": 1.0, "wall": 1.5}})
+                         "test_accuracy": None, "history": [],
+                         "timing": {"learning": 0.25 * index, "train": 1.0, "wall": 1.5, "started_at": 1000.0,
+                                    **({"resumed": True} if index else {})}})
     assert recorder._worker is not None and recorder._worker.name == "prunetune-mlflow"
     assert pickle.loads(pickle.dumps(recorder))._worker is None  # Ray pickles it with the tuner, thread left out
     assert [r["timing"]["logging"] >= 0 for r in read_trials(tmp_path / TRIALS_FILE)] == [True] * 3
@@ -179,3 +184,9 @@ def test_the_recorder_logs_mlflow_off_the_driver_loop_and_flushes_before_the_sum
                                           f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == ["t0", "t1", "t2"]
     assert recorder._worker is None
+    recorded = {r["trial_id"]: r["timing"] for r in read_trials(tmp_path / TRIALS_FILE)}
+    for child in children:  # the phases as timing.<phase>_s in one batch with the rest; no Unix time, no flag
+        timing = recorded[child.data.tags["prunetune.trial_id"]]
+        logged = {k: v for k, v in child.data.metrics.items() if k.startswith("timing.")}
+        assert logged == pytest.approx({"timing.learning_s": timing["learning"], "timing.train_s": 1.0,
+                                        "timing.wall_s": 1.5, "timing.logging_s": timing["logging"]})

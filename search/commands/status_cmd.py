@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--timing", action="store_true",
                         help="also show where each ended trial's time went: seconds per phase (scheduling, "
-                             "load, prune, bn_recalibration, train, evaluate, latency, checkpoint, report, logging)")
+                             "a learner's learning, load, prune, bn_recalibration, train, evaluate, latency, "
+                             "checkpoint, report, logging)")
     parser.set_defaults(handler=run)
     return parser
 
