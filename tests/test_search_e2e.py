@@ -67,6 +67,9 @@ def test_summary_agrees_with_trials_and_mlflow(optuna_search):
         assert len([k for k in child.data.params if k.startswith("keep.")]) == len(record["policy"]["keep_ratios"])
         for key in ("val_accuracy", "macs", "params", "latency_ms", "macs_ratio", "params_ratio"):
             assert child.data.metrics[key] == pytest.approx(record["metrics"][key])
+        timing = {f"timing.{k}_s": v for k, v in record["timing"].items() if k not in ("started_at", "resumed")}
+        assert {k: v for k, v in child.data.metrics.items() if k.startswith("timing.")} == pytest.approx(timing)
+        assert {"timing.scheduling_s", "timing.train_s", "timing.logging_s"} <= set(timing)  # issue 15
     with_test = {t: c.data.metrics["test_accuracy"] for t, c in by_trial.items() if "test_accuracy" in c.data.metrics}
     assert with_test == {t: r["test_accuracy"] for t, r in records.items() if r["test_accuracy"] is not None}
     assert {p["trial_id"] for p in summary["pareto"]} <= set(with_test)  # every trial evaluated on test has it

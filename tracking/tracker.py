@@ -51,6 +51,7 @@ from prunetune.tracking.trial_payload import (
     identity_tags,
     run_status,
     test_metric,
+    timing_metrics,
     trial_metrics,
     trial_params,
     validate_record,
@@ -292,7 +293,7 @@ class Tracker:
         params = {**trial_params(record), **self._kept_channels(run.data.tags.get(TAG_PARENT, ""), record)}
         self._log_new_params(run, params, tags=detail_tags(record))
         self._log_batch(run_id, metrics=trial_metrics(record, start_ms) + learning_metrics(record, start_ms)
-                        + test_metric(record, start_ms))
+                        + timing_metrics(record, start_ms) + test_metric(record, start_ms))
         if record.get("policy") is not None:
             self.client.log_dict(run_id, dict(record["policy"]), "policy.json")
         if trajectory(record):

@@ -22,6 +22,7 @@ from prunetune.tracking.tags import (
 )
 
 RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
+TIMING_PREFIX = "timing."  # a trial's seconds per phase: ``timing.train_s``, ...
 
 
 class MetricPoint(NamedTuple):
@@ -91,6 +92,20 @@ def trial_metrics(record: Mapping[str, Any], start_ms: int) -> list[MetricPoint]
         points += _points(row, timestamp, step, skip=("epoch",))
     points += _points(record.get("metrics") or {}, start_ms + span, final_step(record))
     return points
+
+
+def timing_metrics(record: Mapping[str, Any], start_ms: int) -> list[MetricPoint]:
+    """``timing.<phase>_s`` for each phase of the record's ``timing`` (seconds, ``search.timing``:
+    ``scheduling``, ``learning``, ``train``, ... and ``wall``) at the final step and the trial's end.
+
+    ``started_at`` (a Unix time) and ``resumed`` (a flag) are not seconds of a phase: left out.
+    """
+    timing = record.get("timing") or {}
+    at, step = start_ms + duration_ms(record), final_step(record)
+    return [MetricPoint(mlflow_key(f"{TIMING_PREFIX}{phase}_s"), float(seconds), at, step)
+            for phase, seconds in timing.items()
+            if phase not in ("started_at", "resumed") and metric_value(seconds) is not None
+            and not isinstance(seconds, bool)]
 
 
 def test_metric(record: Mapping[str, Any], start_ms: int) -> list[MetricPoint]:
