@@ -21,6 +21,11 @@ run pretrains them, resnet20 for a few minutes, before anything is timed). Write
     python benchmarks/throughput.py                             # both lengths, concurrency 1 and 2
     python benchmarks/throughput.py --lengths short --trials 4  # a smoke run of a minute or two
 
+Besides the means it splits each search's trials into the first trial of each worker (which waits
+for its worker process to start and import torch) and the later ones (the steady state), and gives
+the seconds per trial a worker slot spent outside any trial (``gap``: the hand-over from one trial
+to the next).
+
 It supersedes ``benchmarks/search_overhead.py``, which compares whole commands only, one trial at a
 time against a loop of one process.
 """
@@ -126,19 +131,20 @@ def per_hour(trials: int, seconds: float) -> float:
 def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache: Path) -> dict:
     spec = LENGTHS[length]
     name = f"{length}-c{concurrency}"
+    load = [round(x, 1) for x in os.getloadavg()]  # the machine's load as the search starts
     args = [*spec["args"], *COMMON, "--trials", str(trials), "--concurrency", str(concurrency)]
     wall = prunetune_run(args, name=name, storage=storage, cache=cache)
     records = read_records(storage / name)
     search = in_search_seconds(records)
     limit = plain_loop(storage / name, cache=cache, processes=concurrency)
+    from prunetune.search.timing import PHASES, overhead_seconds
+
     timings = [r["timing"] for r in records]
-    mean = {k: sum(float(t.get(k) or 0.0) for t in timings) / len(timings)
-            for k in ("scheduling", "load", "prune", "bn_recalibration", "train", "evaluate", "latency",
-                      "checkpoint", "report", "logging", "wall")}
-    from prunetune.search.timing import overhead_seconds
+    mean = {k: sum(float(t.get(k) or 0.0) for t in timings) / len(timings) for k in (*PHASES, "wall")
+            if any(k in t for t in timings)}
 
     return {
-        "length": length, "concurrency": concurrency, "trials": len(records),
+        "length": length, "concurrency": concurrency, "trials": len(records), "load_average_at_start": load,
         "command": "prunetune run " + " ".join(args),
         "prunetune_wall_s": round(wall, 2), "prunetune_in_search_s": round(search, 2),
         "limit_wall_s": round(limit["wall"], 2),
@@ -151,7 +157,30 @@ def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache:
                          "limit": round(sum(limit["trial_seconds"]) / len(limit["trial_seconds"]), 3)},
         "mean_phase_s": {k: round(v, 4) for k, v in mean.items()},
         "mean_overhead_s": round(sum(overhead_seconds(t) for t in timings) / len(timings), 3),
+        **steady_state(timings, concurrency=concurrency, in_search_s=search),
     }
+
+
+def steady_state(timings: list[dict], *, concurrency: int, in_search_s: float) -> dict:
+    """The first trial of each worker (the first ``concurrency`` to start) against the later ones:
+    their mean scheduling, overhead and overhead less BatchNorm recalibration (a trial's work, which
+    the limit does too); and ``gap_s``, the seconds per trial a worker slot was in no trial."""
+    from prunetune.search.timing import overhead_seconds
+
+    ordered = sorted(timings, key=lambda t: t["started_at"])
+
+    def means(group: list[dict]) -> dict:
+        if not group:
+            return {}
+        return {"trials": len(group),
+                "scheduling_s": round(sum(float(t.get("scheduling") or 0.0) for t in group) / len(group), 3),
+                "overhead_s": round(sum(overhead_seconds(t) for t in group) / len(group), 3),
+                "overhead_less_bn_s": round(sum(overhead_seconds(t) - float(t.get("bn_recalibration") or 0.0)
+                                                for t in group) / len(group), 3)}
+
+    idle = in_search_s * concurrency - sum(float(t["wall"]) for t in timings)
+    return {"first_per_worker": means(ordered[:concurrency]), "later": means(ordered[concurrency:]),
+            "gap_s": round(max(0.0, idle) / len(timings), 3)}
 
 
 def markdown(rows: list[dict], *, command: str, started: datetime, wall: float) -> str:
@@ -177,7 +206,16 @@ def markdown(rows: list[dict], *, command: str, started: datetime, wall: float) 
               "| length | concurrency | " + " | ".join(rows[0]["mean_phase_s"]) + " |",
               "|---|---|" + "---|" * len(rows[0]["mean_phase_s"])]
     for r in rows:
-        lines.append(f"| {r['length']} | {r['concurrency']} | " + " | ".join(f"{v:.3f}" for v in r["mean_phase_s"].values()) + " |")
+        lines.append(f"| {r['length']} | {r['concurrency']} | " + " | ".join(f"{r['mean_phase_s'].get(k, 0.0):.3f}" for k in rows[0]["mean_phase_s"]) + " |")
+    lines += ["", "Each worker's first trial against the later ones (mean s per trial; overhead less BN = less "
+              "BatchNorm recalibration); gap = s per trial a worker slot spent in no trial:", "",
+              "| length | concurrency | first: scheduling | first: overhead | later: scheduling | later: overhead | "
+              "later: overhead less BN | gap |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        first, later = r["first_per_worker"], r["later"] or {}
+        lines.append(f"| {r['length']} | {r['concurrency']} | {first['scheduling_s']:.2f} | {first['overhead_s']:.2f} | "
+                     f"{later.get('scheduling_s', float('nan')):.2f} | {later.get('overhead_s', float('nan')):.2f} | "
+                     f"{later.get('overhead_less_bn_s', float('nan')):.2f} | {r['gap_s']:.2f} |")
     lines += ["", "Commands of the searches:", ""] + [f"- `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -189,6 +227,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: 12 short, 4 long)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("PRUNETUNE_CACHE", "/work/cache")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput")
+    parser.add_argument("--label", default=None, help="the results' folder under --out (default: the date)")
     args = parser.parse_args()
     started = datetime.now(UTC)
     clock = time.monotonic()
@@ -204,7 +243,7 @@ def main() -> int:
                 rows.append(measure(length, concurrency, trials=trials, storage=storage, cache=args.cache))
                 print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
-    folder = args.out / f"{started:%Y-%m-%d}"
+    folder = args.out / (args.label or f"{started:%Y-%m-%d}")
     folder.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, command=command.strip(), started=started, wall=time.monotonic() - clock)
     (folder / "throughput.md").write_text(text)
