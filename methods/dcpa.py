@@ -30,7 +30,10 @@ METHODS.md (DCP-A) specifies it:
   other half); tau anneals by cosine from tau_max to tau_min over stage 2 (``cosine_temperature``).
 - Result (``DcpaRun.result``): the argmax width per group and depth per stage. If that is over the
   search's MACs target, every group's ratio moves towards its smallest choice by the smallest common
-  fraction that meets it, the dropped blocks kept (``shrink_to_target``, DCM's rule).
+  fraction that meets it, the dropped blocks kept (``fit_to_target``, DCM's rule); with
+  ``fill_to_target``, one under it moves towards full width by the largest common fraction that
+  still meets it (our design: the argmax rounds to coarse choices and the loss's tolerance band
+  lies below the target, so the argmax alone leaves MACs unused that the baselines spend).
 """
 
 from __future__ import annotations
@@ -234,25 +237,32 @@ def stage_descriptor(macs_share: float, position: float, blocks: int) -> torch.T
 # --- the learner -----------------------------------------------------------------------------------------
 
 
-def shrink_to_target(space: SearchSpace, ratios: torch.Tensor, floor: torch.Tensor, dropped: Sequence[str],
-                     target: float) -> Policy:
+def fit_to_target(space: SearchSpace, ratios: torch.Tensor, floor: torch.Tensor, dropped: Sequence[str],
+                  target: float, *, fill: bool = False) -> Policy:
     """The policy of ``ratios`` with ``dropped``; if over ``target``, ``floor + s (r - floor)`` for the
-    largest s in [0, 1] whose rounded policy meets it (bisection: MACs grow with s), as DCM rounds."""
+    largest s in [0, 1] whose rounded policy meets it (bisection: MACs grow with s), as DCM rounds.
+    ``fill``: if under it, ``r + s (1 - r)`` for the largest such s instead (every group widened
+    towards full width by one common fraction of what it left out; our design, as the one-shot
+    baselines take the largest policy that meets the target)."""
 
-    def policy(s: float) -> Policy:
-        rounded = rounded_policy(space, floor + s * (ratios - floor))
-        return space.canonical(Policy(rounded.keep_ratios, tuple(dropped), space.space_id))
+    def rounded(keep: torch.Tensor) -> Policy:
+        kept = rounded_policy(space, keep)
+        return space.canonical(Policy(kept.keep_ratios, tuple(dropped), space.space_id))
 
-    if space.macs_ratio(policy(1.0)) <= target:
-        return policy(1.0)
-    if space.macs_ratio(policy(0.0)) > target:
+    def largest(policy) -> Policy:  # the largest s in [0, 1] with policy(s) meeting the target
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            middle = (low + high) / 2
+            low, high = (middle, high) if space.macs_ratio(policy(middle)) <= target else (low, middle)
+        return policy(low)
+
+    argmax = rounded(ratios)
+    if space.macs_ratio(argmax) <= target:
+        return largest(lambda s: rounded(ratios + s * (1 - ratios))) if fill else argmax
+    if space.macs_ratio(rounded(floor)) > target:
         raise UserError(f"every group at its smallest dcpa width keeps more than {target:g} of the MACs; "
                         f"lower dcpa.width_min")
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if space.macs_ratio(policy(middle)) <= target else (low, middle)
-    return policy(low)
+    return largest(lambda s: rounded(floor + s * (ratios - floor)))
 
 
 class DcpaLearner(Learner):
@@ -334,7 +344,7 @@ class DcpaRun:
         self.weights = BatchStream(weight_part, data.recipe.batch_size, seed=epoch_seed(data.seed, 1),
                                    augment=augment, device=device)
         self.arch = BatchStream(arch_part, data.recipe.batch_size, seed=epoch_seed(data.seed, 2), device=device)
-        self.per_epoch = self.weights.per_epoch
+        self.per_epoch = max(self.weights.per_epoch, options.min_epoch_steps)  # a learning epoch's steps
         self.warmup_steps = hp["warmup_epochs"] * self.per_epoch
         self.total_steps = self.warmup_steps + hp["search_epochs"] * self.per_epoch
         self.rhos = options.width_ratios()
@@ -352,8 +362,9 @@ class DcpaRun:
             torch.manual_seed(epoch_seed(data.seed, 7))
             self.attention = LayerAttention(len(space.groups), len(self.rhos), [s.choices for s in self.stages],
                                             options.attention_dim, options.attention_heads).to(device)
-        if options.start_at_target:
-            with torch.no_grad():
+        with torch.no_grad():
+            self.attention.depth_logits.copy_(self.start_depth_logits())
+            if options.start_at_target:
                 self.attention.width_logits.copy_(self.start_logits())
         recipe = data.recipe
         self.weight_optimizer = torch.optim.SGD(self.model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
@@ -367,15 +378,23 @@ class DcpaRun:
         self.step, self.reranks, self.seconds = 0, 0, 0.0
         self.trajectory: list[dict] = []
 
+    def start_depth_logits(self) -> torch.Tensor:
+        """Free depth logits ``-full_depth_logit * (blocks the choice drops)`` (0: every depth equally
+        likely): with full_depth_logit > 0, learning starts at full depth and drops a block only where
+        the architecture steps move it there (our design)."""
+        logits = torch.zeros_like(self.attention.depth_logits)
+        for s, stage in enumerate(self.stages):
+            for c in range(stage.choices):
+                logits[s, c] = -self.options.full_depth_logit * (stage.choices - 1 - c)
+        return logits
+
     def start_logits(self) -> torch.Tensor:
-        """Free width logits peaked around the uniform keep ratio u at which E[MACs] (uniform depth
-        choices) meets the loss target: ``alpha_lk = -((w_lk / C_l - u) / (2 width_step))^2``, so
-        stage 2 starts near the target and spends its steps moving channels between groups (the
+        """Free width logits peaked around the uniform keep ratio u at which E[MACs] (at the start
+        depth distribution) meets the loss target: ``alpha_lk = -((w_lk / C_l - u) / (2 width_step))^2``,
+        so stage 2 starts near the target and spends its steps moving channels between groups (the
         MACs term, identical in sign for every group, would otherwise drive them alike; our design)."""
         fractions = self.widths.to(torch.float32) / self.channels.unsqueeze(1)
-        depth = torch.zeros(len(self.stages), self.attention.depth_logits.shape[1], device=fractions.device)
-        for s, stage in enumerate(self.stages):
-            depth[s, :stage.choices] = 1.0 / stage.choices
+        depth = F.softmax(self.attention.depth_logits.masked_fill(~self.attention.depth_valid, float("-inf")), -1)
         gates = block_gates(depth, self.stages, self.space.droppable_blocks) if self.stages else None
         low, high = 0.0, 1.0
         for _ in range(30):
@@ -599,18 +618,21 @@ class DcpaRun:
         return LearnProgress(self.step, self.total_steps, metrics)
 
     def result(self) -> Learned:
-        """The argmax policy, shrunk towards the smallest widths if over the target (module doc: Result)."""
+        """The argmax policy, shrunk towards the smallest widths if over the target, filled towards full
+        width if under it with ``fill_to_target`` (module doc: Result)."""
         if self.descriptors is None:  # no stage 2 (0 search epochs cannot happen: search_epochs >= 1)
             raise UserError("DCP-A learned no architecture: give dcpa.search_epochs_min at least 1")
         ratios, dropped = self.argmax_architecture()
         floor = self.widths.cpu()[:, 0].to(torch.float32) / self.channels.cpu()
-        policy = shrink_to_target(self.space, ratios, floor, dropped, self.target)
+        policy = fit_to_target(self.space, ratios, floor, dropped, self.target, fill=self.options.fill_to_target)
         width_p, depth_p = self.distribution()
         argmax = Policy({g.name: float(r) for g, r in zip(self.space.groups, ratios, strict=True)}, dropped,
                         self.space.space_id)
         info = {
             "argmax_macs_ratio": self.space.macs_ratio(argmax), "learned_macs_ratio": self.space.macs_ratio(policy),
-            "shrunk": policy != argmax, "loss_target": self.loss_target, "tolerance": self.options.tolerance,
+            "shrunk": self.space.macs_ratio(policy) < self.space.macs_ratio(argmax),
+            "filled": self.space.macs_ratio(policy) > self.space.macs_ratio(argmax),
+            "loss_target": self.loss_target, "tolerance": self.options.tolerance,
             "steps": self.step, "warmup_steps": self.warmup_steps, "reranks": self.reranks,
             "seconds": self.seconds, "dropped_blocks": len(policy.dropped_blocks),
             "distribution": {

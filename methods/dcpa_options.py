@@ -17,6 +17,19 @@ instead of 3 (about DCP-A's learning time) reached 0.949 / 0.956: DCP-A is level
 equal fine-tuning, not at equal total training. The stage lengths mattered little there (at lambda
 10, 1 + 2 epochs learned the policy 2 + 4 did on every seed); their ranges keep stage 2 at least two
 epochs so the temperature has steps to anneal over.
+
+full_depth_logit 3 and fill_to_target come from the search-quality benchmark (benchmarks/quality.py:
+Fashion-MNIST 28x28, resnet20, 2% of the training split, so 4 batches of 128 per epoch of the weight
+half; 4 trials, 1 fine-tuning epoch, a 10-epoch final), target 0.5, seed 0, chosen by the final's
+validation accuracy. With depth choices equally likely at the start, every trial's argmax dropped
+the last block of every stage (widths 0.81-0.88, MACs 0.457): validation 0.750 (test 0.746), below
+uniform's 0.762 (0.749). Learning in that setting does not move the argmax from where it starts:
+with widths only, every trial ended at the start's uniform width 0.69 (MACs 0.473; validation
+0.772, test 0.763: the policy of the uniform baseline, pruned in bn_scale order instead of l1);
+starting at full depth (full_depth_logit 3) and filled to the target (MACs 0.494), 0.773 / 0.764.
+Stages of 20-step epochs (min_epoch_steps 20: 100 steps instead of 20, 624 s of learning instead
+of 90) and arch_lr 0.5 gave that same policy in every trial that finished, so min_epoch_steps
+stays 1. The 3-seed figures at targets 0.5 and 0.25 are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -54,6 +67,12 @@ class DcpaOptions(LearnerOptions):
     depth: bool = option(True, "also learn each residual stage's depth (blocks past it skipped via their shortcut)")
     start_at_target: bool = option(True, "start the width logits peaked around the uniform width meeting the "
                                    "loss target (false: every choice equally likely)")
+    full_depth_logit: float = option(3.0, "the depth logits start at -full_depth_logit per block a choice drops "
+                                     "(0: every depth equally likely)", check=NON_NEGATIVE)
+    min_epoch_steps: int = option(1, "the stages count epochs of at least this many batches of the weight "
+                                  "half (a small training split repeats its batches)", check=AT_LEAST_ONE)
+    fill_to_target: bool = option(True, "widen an argmax policy under macs_target: every group towards full "
+                                  "width by the largest common fraction that meets the target")
     hard: bool = option(True, "straight-through hard Gumbel-softmax samples (one choice forward, soft gradient)")
     tolerance: float = option(0.03, "the MACs loss is 0 between loss target - tolerance and the loss target",
                               check=TOLERANCE)

@@ -17,6 +17,7 @@ from prunetune.methods.dcpa import (
     block_gates,
     cosine_temperature,
     depth_stages,
+    fit_to_target,
     gumbel_softmax,
     width_choices,
 )
@@ -181,6 +182,39 @@ def test_the_runs_expected_macs_at_peaked_logits_are_the_argmax_policys(resnet, 
                         space.space_id)
         expected = float(run.expected_macs_ratio(width_alpha, depth_alpha))
         assert expected == pytest.approx(space.macs_ratio(policy), abs=1e-6)
+    finally:
+        run.remove_hooks()
+
+
+def test_fit_to_target_shrinks_over_the_target_and_fills_under_it_only_when_asked(resnet):
+    space = resnet[1]
+    floor = torch.full((len(space.groups),), 0.25)
+    narrow = torch.linspace(0.3, 0.6, len(space.groups))  # under the target, unequal widths
+    kept = fit_to_target(space, narrow, floor, ("layer1.1",), TARGET)
+    filled = fit_to_target(space, narrow, floor, ("layer1.1",), TARGET, fill=True)
+    assert space.macs_ratio(kept) < space.macs_ratio(filled) <= TARGET
+    assert filled.dropped_blocks == kept.dropped_blocks == ("layer1.1",)
+    assert all(filled.keep_ratios[g] >= r for g, r in kept.keep_ratios.items())
+    assert filled.keep_ratios != kept.keep_ratios
+    wide = torch.ones(len(space.groups))
+    for fill in (False, True):  # over the target: shrunk towards the floor either way
+        shrunk = fit_to_target(space, wide, floor, (), TARGET, fill=fill)
+        assert TARGET - 0.1 < space.macs_ratio(shrunk) <= TARGET
+
+
+def test_the_depth_logits_start_at_full_depth_and_the_widths_at_the_loss_target(resnet, splits):
+    run = a_run(resnet, splits, DcpaOptions(full_depth_logit=2.0, min_epoch_steps=40))
+    try:
+        assert run.attention.depth_logits[0, :2].tolist() == [-2.0, 0.0]  # layer1: depth 1 drops one block
+        x, _ = run.weights.next()
+        run.descriptors = run.layer_descriptors(x)
+        ratios, dropped = run.argmax_architecture()
+        assert dropped == ()
+        with torch.no_grad():
+            expected = float(run.expected_macs_ratio(*run.attention(run.descriptors)))
+        assert expected == pytest.approx(run.loss_target, abs=0.05)
+        assert run.per_epoch == 40 > run.weights.per_epoch  # digits' half has fewer batches
+        assert run.total_steps == 40 * (HPARAMS["warmup_epochs"] + HPARAMS["search_epochs"])
     finally:
         run.remove_hooks()
 
