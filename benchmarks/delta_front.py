@@ -37,7 +37,10 @@ def flags(model: str, args) -> list[str]:
     return ["--model", model, "--dataset", "fashion-mnist", "--data-fraction", str(args.data_fraction),
             "--pretrain-epochs", str(args.pretrain_epochs), "--finetune-epochs", str(args.finetune_epochs),
             "--concurrency", "2", "--scheduler", "none", "--seed", "0", "--storage", str(args.storage),
-            "--set", f"final.epochs={args.final_epochs}"]
+            "--set", f"final.epochs={args.final_epochs}",
+            # the per-epoch reports (trials' and the final's) on a quarter of the validation split; the
+            # last report is on the whole of it, and the test accuracy compared is the whole test split's
+            "--set", f"val_subset={args.val_subset}"]
 
 
 def run(name: str, arguments: list[str], args) -> dict:
@@ -121,7 +124,10 @@ def main() -> int:
     parser.add_argument("--data-fraction", type=float, default=0.02)
     parser.add_argument("--pretrain-epochs", type=int, default=15)
     parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--trials", type=int, default=2, help="cdp-dtc trials per delta (the weights searched)")
+    parser.add_argument("--trials", type=int, default=1,
+                        help="cdp-dtc trials per delta (the similarity weights searched; the shrinking terms' "
+                             "weights are fixed by default, methods/cdp_dtc_options.py)")
+    parser.add_argument("--val-subset", type=float, default=0.25)
     parser.add_argument("--optuna-trials", type=int, default=10)
     parser.add_argument("--final-epochs", type=int, default=10)
     parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-delta-front"))

@@ -393,16 +393,25 @@ class CdpDtcLearner(Learner):
     name = "cdp-dtc"
     meets_target = False  # its MACs follow from delta and the weights; the search keeps those under the target
 
+    def drops_blocks(self) -> bool:
+        """Whether a layer can empty, so blocks drop: not with ``threshold: relative`` and delta < 1 (the
+        largest filter's largest entry is at least the layer's mean entry, above tau; ``dtc_thresholds``)."""
+        return self.options.threshold != "relative" or self.options.delta_max >= 1
+
     def check(self, space: SearchSpace, target: float) -> None:
-        """Refuse a target below the smallest MACs ratio any policy of this space reaches (every group at
-        its minimum, every droppable block dropped): no delta can get there. Targets above it are
-        accepted; whether a trial gets under one depends on what dies, and the search keeps those
-        that do."""
-        lowest = space.min_macs_ratio(drop_blocks=True)
+        """Refuse a target below the smallest MACs ratio any policy this learner can give reaches (every
+        group at its minimum; every droppable block dropped too where a layer can empty,
+        ``drops_blocks``): no delta can get there. Targets above it are accepted; whether a trial gets
+        under one depends on what dies, and the search keeps those that do."""
+        drops = self.drops_blocks()
+        lowest = space.min_macs_ratio(drop_blocks=drops)
         if target < lowest:
+            how = ("every droppable block dropped" if drops else
+                   "no block dropped: with threshold relative and delta below 1 no layer empties")
             raise UserError(f"cdp-dtc reaches MACs ratios in [{lowest:.3f}, 1] on this model (every group at its "
-                            f"minimum channels and every droppable block dropped at the lowest); the target "
-                            f"{target:g} is below that: raise macs_target to at least {lowest:.3f}")
+                            f"minimum channels, {how}); the target {target:g} is below that: raise "
+                            f"macs_target to at least {lowest:.3f}"
+                            + ("" if drops else " or set cdp_dtc.threshold=model"))
 
     def run(self, model: nn.Module, data: LearnData, target: float, hparams: dict, report: LearnReport, *,
             state: Mapping | None = None) -> Learned:
@@ -426,7 +435,7 @@ class CdpDtcRun:
             raise UserError(f"model '{data.space.model_name}' has no prunable convolution for cdp-dtc's skeletons")
         self.batches = BatchStream(data.train, data.recipe.batch_size, seed=epoch_seed(data.seed, 1),
                                    augment=data.augment, device=data.device)
-        self.total_steps = options.epochs * self.batches.per_epoch
+        self.total_steps = options.steps  # counted in steps, so the penalties' reach is the dataset size's
         skeletons = [layer.skeleton for layer in self.layers]
         ids = {id(s) for s in skeletons}
         weights = [p for p in self.model.parameters() if id(p) not in ids]
@@ -446,12 +455,13 @@ class CdpDtcRun:
             self.train_step(*self.batches.next())
             ran += 1
             epoch_end = self.step % self.batches.per_epoch == 0
-            if epoch_end or self.step % self.options.checkpoint_every == 0:
+            checkpoint = self.step % self.options.checkpoint_every == 0
+            if epoch_end or checkpoint or self.step == self.total_steps:
                 self.trajectory.append(self.row())
-                if self.step < self.total_steps:
-                    self.seconds += time.perf_counter() - started
-                    started = time.perf_counter()
-                    report(self.progress(), self.state_dict())
+            if checkpoint and self.step < self.total_steps:  # a report scores validation: not every short epoch
+                self.seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                report(self.progress(), self.state_dict())
         self.seconds += time.perf_counter() - started
         if not resumed or ran:
             report(self.progress(), self.state_dict())

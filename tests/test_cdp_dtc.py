@@ -35,7 +35,7 @@ from prunetune.search.prepare import model_space
 
 WIDE = {f"{name}_{end}": value for name in ("similarity", "similarity_skeleton", "group", "frobenius", "adaptive")
         for end, value in (("min", 0.0), ("max", 10.0))}
-OPTIONS = CdpDtcOptions(epochs=3, checkpoint_every=7, delta_max=1.0, **WIDE)
+OPTIONS = CdpDtcOptions(steps=60, checkpoint_every=7, delta_max=1.0, **WIDE)  # 3 passes of 20 batches of 64
 HPARAMS = {"delta": 0.3, "similarity": 0.01, "similarity_skeleton": 0.01, "group": 0.05, "frobenius": 0.05,
            "adaptive": 0.2}
 
@@ -291,10 +291,12 @@ def test_learning_on_digits_kills_filters_and_gives_a_policy_with_its_survival(d
     rows = learned.trajectory
     assert rows[0]["step"] == 0 and rows[0]["macs_ratio"] == 1.0
     assert [r["epoch"] for r in rows if float(r["epoch"]).is_integer()] == [0, 1, 2, 3]  # every epoch logged
+    assert rows[-1]["step"] == learned.info["steps"] == 60  # counted in steps: the split passed over 3 times
     assert all(f"filters.{name}" in rows[-1] and f"stripes.{name}" in rows[-1] for name in learned.info["survival"])
     assert rows[-1]["filters.features.3"] < 1
     progress = [p for p, _ in reports]
     assert progress[-1].step == progress[-1].total_steps and "val_accuracy" in progress[-1].metrics
+    assert [p.step for p in progress] == [*range(7, 60, 7), 60]  # validation scored at checkpoints, not every epoch
 
 
 def test_learning_resumed_mid_way_ends_as_an_uninterrupted_one(digits):
@@ -315,19 +317,24 @@ def test_learning_resumed_mid_way_ends_as_an_uninterrupted_one(digits):
 
 def test_unreachable_targets_and_bad_options_are_one_line_user_errors():
     _, space = tiny()
-    lowest = space.min_macs_ratio(drop_blocks=True)
-    with pytest.raises(UserError, match=rf"\[{lowest:.3f}, 1\]"):
-        CdpDtcLearner(CdpDtcOptions()).check(space, lowest / 2)
+    dropped, kept = space.min_macs_ratio(drop_blocks=True), space.min_macs_ratio()
+    with pytest.raises(UserError, match=rf"\[{kept:.3f}, 1\].*no layer empties"):  # relative, delta < 1: no drops
+        CdpDtcLearner(CdpDtcOptions()).check(space, (dropped + kept) / 2)
     CdpDtcLearner(CdpDtcOptions()).check(space, 0.5)
+    CdpDtcLearner(CdpDtcOptions(threshold="model")).check(space, (dropped + kept) / 2)  # layers may empty
+    with pytest.raises(UserError, match=rf"\[{dropped:.3f}, 1\].*every droppable block dropped"):
+        CdpDtcLearner(CdpDtcOptions(threshold="model")).check(space, dropped / 2)
+    assert CdpDtcLearner(CdpDtcOptions(delta_max=1.0)).drops_blocks()
     with pytest.raises(UserError, match="cdp_dtc.delta_min"):
         CdpDtcOptions(delta_min=0.7, delta_max=0.6)
     with pytest.raises(UserError, match="every CDP penalty weight"):
-        CdpDtcOptions(**{f"{n}_max": 0.0 for n in ("similarity", "similarity_skeleton", "group", "frobenius")},
-                      adaptive_min=0.0, adaptive_max=0.0)
+        CdpDtcOptions(**{f"{n}_{end}": 0.0 for n in ("similarity", "similarity_skeleton", "group", "frobenius",
+                                                     "adaptive") for end in ("min", "max")})
     with pytest.raises(UserError, match="cdp_dtc.skeleton_lr"):
         CdpDtcOptions(skeleton_lr=0)
     ranges = {r.name: r for r in CdpDtcOptions().hparam_ranges()}
-    assert set(ranges) == set(HPARAMS) and ranges["delta"].log and not ranges["group"].log
+    assert set(ranges) == set(HPARAMS) and ranges["delta"].log and not ranges["similarity"].log  # from 0: linear
+    assert ranges["group"].low == ranges["group"].high  # a shrinking term's weight, fixed by default
 
 
 def test_the_driver_refuses_only_targets_below_the_floor_with_blocks_dropped():
@@ -366,7 +373,7 @@ def test_a_learner_trial_resumed_mid_learning_ends_as_an_uninterrupted_one(digit
                                      "latency_ms": measured.latency_ms},
                        space=space, splits=splits, finetune=TrainRecipe(epochs=1, lr=0.01, batch_size=64),
                        importance="texture", bn_recalibration_batches=2, latency_repeats=2)
-    job = LearnerJob("cdp-dtc", {"epochs": 3, "checkpoint_every": 7, "criterion": "texture"}, 0.5)
+    job = LearnerJob("cdp-dtc", {"steps": 60, "checkpoint_every": 7, "criterion": "texture", **WIDE}, 0.5)
     config = {**HPARAMS, "learner": "cdp-dtc", "seed": 0}
 
     def run(folder, *, stop_after=None, checkpoint_dir=None):
@@ -410,7 +417,7 @@ def test_prunetune_run_method_cdp_dtc_end_to_end(tmp_path, base_model_cache, tra
 
     result = run_cli(["run", *QUICK, "--method", "cdp-dtc", "--trials", "2", "--concurrency", "2",
                       "--objective", "pareto", "--name", "cdp2", "--storage", str(tracking_store(tmp_path / "runs")),
-                      "--set", "cdp_dtc.epochs=3", "--set", "cdp_dtc.checkpoint_every=10",
+                      "--set", "cdp_dtc.steps=30", "--set", "cdp_dtc.checkpoint_every=10",
                       "--set", "cdp_dtc.skeleton_lr=0.03", "--set", "cdp_dtc.adaptive_min=0.2",
                       "--set", "cdp_dtc.adaptive_max=0.3"],
                      cache=base_model_cache, cwd=tmp_path)
@@ -421,11 +428,12 @@ def test_prunetune_run_method_cdp_dtc_end_to_end(tmp_path, base_model_cache, tra
     for record in records:
         assert record["status"] == "finished"
         assert record["params"]["importance"] == "texture"  # cdp-dtc's default criterion
-        assert 0.1 <= record["params"]["delta"] <= 0.6 and 0.2 <= record["params"]["adaptive"] <= 0.3
+        assert 0.05 <= record["params"]["delta"] <= 0.9 and 0.2 <= record["params"]["adaptive"] <= 0.3
         learning = record["learning"]
         assert learning["learned_macs_ratio"] == pytest.approx(record["metrics"]["macs_ratio"], abs=0.01)
         rows = learning["trajectory"]
-        assert [r["epoch"] for r in rows if float(r["epoch"]).is_integer()] == [0, 1, 2, 3]
+        assert [r["epoch"] for r in rows if float(r["epoch"]).is_integer()] == [0, 1, 2, 3]  # 30 steps of 10
+        assert learning["steps"] == 30
         assert set(learning["survival"]) == {k[len("filters."):] for k in rows[-1] if k.startswith("filters.")}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "cdp-dtc" and summary["trials"]["finished"] == 2

@@ -38,7 +38,7 @@ MODEL = "tiny_resnet"
 FAST_LEARNER_OPTIONS = {
     "dcm": {"epochs": 1, "checkpoint_every": 4, "rank_every": 3},
     "dcpa": {"checkpoint_every": 4},
-    "cdp-dtc": {"checkpoint_every": 4},
+    "cdp-dtc": {"steps": 20, "checkpoint_every": 4},
 }
 KINDS = {name: METHODS[name].kind for name in method_names()}
 SEARCHERS = [name for name, kind in KINDS.items() if kind == "searcher"]
