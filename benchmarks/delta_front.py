@@ -2,12 +2,12 @@
 
 CDP+DTC reaches the MACs its delta (DTC's threshold factor) lets die, not a target (METHODS.md). So
 for each model and each delta of ``--deltas`` it runs a ``cdp-dtc`` search with delta fixed
-(``cdp_dtc.delta_min = delta_max``; the penalty weights still searched, ``--trials`` trials,
+(``cdp_dtc.delta_min = delta_max``; the similarity weights still searched, ``--trials`` trials,
 objective pareto, no target in the way); the MACs ratio its best trial reaches is then the target of
-a ``uniform`` and a ``global`` (l1) search, and with ``--optuna`` of an optuna search, on the same
-base model. Every search's best policy gets the same final fine-tune (the search's own,
+a ``uniform`` and a ``global`` (l1) search, and with ``--baselines uniform,global,optuna`` of an optuna
+search too, on the same base model. Every search's best policy gets the same final fine-tune (the search's own,
 ``final.epochs``). It prints one Markdown table per model (delta, MACs ratio reached, final test
-accuracy of each method at that MACs) and draws ``front.png`` per model into ``--keep``, with every
+accuracy of each method at that MACs) and draws ``front-<model>.png`` into ``--keep``, with every
 search's small files.
 
 Setting: Fashion-MNIST at 28x28 with ``--data-fraction`` of the training split, seed 0. Resumable
@@ -15,6 +15,7 @@ like ``benchmarks/quality.py`` (a search whose summary.json exists is not run ag
 
     PRUNETUNE_CACHE=/work/cache python benchmarks/delta_front.py --storage /work/delta-front
     python benchmarks/delta_front.py --models vgg11 --deltas 0.2,0.6      # a slice
+    python benchmarks/delta_front.py --storage /work/delta-front --table-only   # what is there, running nothing
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def flags(model: str, args) -> list[str]:
 def run(name: str, arguments: list[str], args) -> dict:
     """One search (skipped when its summary.json exists): its summary with its final fine-tune's result."""
     run_dir = args.storage / name
+    if not (run_dir / "summary.json").exists() and args.table_only:
+        return {"name": name, "summary": None, "final": None}  # not run: shown as "-"
     if not (run_dir / "summary.json").exists():
         done, wall = cli(["run", *arguments, "--name", name])
         if done.returncode != 0:
@@ -65,7 +68,7 @@ def sweep(model: str, args) -> list[dict]:
                                                  "--set", f"cdp_dtc.delta_min={delta}",
                                                  "--set", f"cdp_dtc.delta_max={delta}"], args)
         row = {"delta": delta, "cdp-dtc": cdp}
-        best = cdp["summary"].get("best")
+        best = (cdp["summary"] or {}).get("best")
         if best is None:
             rows.append(row)
             continue
@@ -131,6 +134,8 @@ def main() -> int:
     parser.add_argument("--optuna-trials", type=int, default=10)
     parser.add_argument("--final-epochs", type=int, default=10)
     parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-delta-front"))
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: the table, plot and kept files of the searches already in --storage")
     parser.add_argument("--keep", type=Path,
                         default=ROOT / "benchmarks" / "results" / "delta-front" / date.today().isoformat())
     args = parser.parse_args()
@@ -142,8 +147,8 @@ def main() -> int:
     for model in args.models.split(","):
         rows = sweep(model, args)
         results[model] = rows
-        keep([str(args.storage / e["name"]) for r in rows for e in r.values() if isinstance(e, dict)],
-             args.keep / "runs")
+        keep([str(args.storage / e["name"]) for r in rows for e in r.values()
+              if isinstance(e, dict) and e["summary"] is not None], args.keep / "runs")
         plot(model, rows, args.baselines, args.keep)
         print(markdown(model, rows, args.baselines) + "\n", flush=True)
     (args.keep / "rows.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
