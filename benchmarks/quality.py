@@ -4,7 +4,8 @@ For every MACs target, seed and method it runs a real search (``prunetune run``:
 MLflow), then gives each search's best policy the same final fine-tune (``prunetune finetune``,
 with and without distillation from the base model) and prints Markdown for BENCHMARKS.md: per
 method the mean and sd over seeds of the final test accuracy, the paired difference to the best
-heuristic of the same seed and target (uniform, global l1, global LAMP) with its sd, trials and
+heuristic of the same seed and target (uniform, global l1, global LAMP, and uniform and global in
+BatchNorm-scale order) with its sd, trials and
 wall time. The goal it measures against: at target 0.25 the best search at least 1 point above the
 best heuristic, at 0.5 no search below it.
 
@@ -40,7 +41,7 @@ from pathlib import Path
 from compare_table import compare_json, keep, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-HEURISTIC_METHODS = ("uniform", "global", "global-lamp")
+HEURISTIC_METHODS = ("uniform", "global", "global-lamp", "uniform-bn", "global-bn")
 SEARCH_METHODS = ("optuna-affine", "optuna-affine-e3", "optuna-affine-full-e3", "optuna-stages", "optuna",
                   "arpruning", "dcm", "dcpa", "cdp-dtc")
 # method name -> the flags that make it (global-lamp is the global baseline with LAMP normalisation)
@@ -48,6 +49,9 @@ METHOD_FLAGS = {
     "uniform": ["--method", "uniform"],
     "global": ["--method", "global", "--importance", "l1"],
     "global-lamp": ["--method", "global", "--importance", "l1", "--set", "global.normalizer=lamp"],
+    # the same two in BatchNorm-scale order (network slimming's criterion, DCP-A's default)
+    "uniform-bn": ["--method", "uniform", "--importance", "bn_scale"],
+    "global-bn": ["--method", "global", "--importance", "bn_scale"],
     "random": ["--method", "random"],
     "optuna": ["--method", "optuna"],
     # optuna as issue 10 asks for it: warm-started (the default), two-stage (16 proxies scored after
