@@ -19,6 +19,7 @@ so after an interruption run the same command again:
 
     PRUNETUNE_CACHE=/work/cache python benchmarks/quality.py --storage /work/quality
     python benchmarks/quality.py --targets 0.25 --seeds 0 --methods global,optuna   # a slice
+    python benchmarks/quality.py --storage /work/quality --table-only   # what is there, running nothing
 
 Every search's small files (``prunetune.json``, ``config.yaml``, ``space.json``, ``trials.jsonl``,
 ``summary.json``) and final results are kept under ``--keep``, with ``rows.json``; the method
@@ -102,6 +103,11 @@ def cli(arguments: list[str]) -> tuple[subprocess.CompletedProcess, float]:
 
 def run_name(method: str, target: float, seed: int) -> str:
     return f"{method}-t{target:g}-s{seed}"
+
+
+def finished(method: str, target: float, seed: int, args) -> bool:
+    """Whether that search's summary is in the storage (``--table-only`` shows only those)."""
+    return (args.storage / run_name(method, target, seed) / "summary.json").exists()
 
 
 def search(method: str, target: float, seed: int, args) -> dict:
@@ -205,6 +211,8 @@ def main() -> int:
                         help="which final fine-tunes to run: with distillation, without, or both")
     parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-quality"))
     parser.add_argument("--keep", type=Path, default=ROOT / "benchmarks" / "results" / "quality" / date.today().isoformat())
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: the tables from the searches and finals already in --storage")
     args = parser.parse_args()
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     targets = [float(t) for t in args.targets.split(",")]
@@ -214,8 +222,13 @@ def main() -> int:
     for target in targets:
         for seed in seeds:
             for method in methods:
+                if args.table_only and not finished(method, target, seed, args):
+                    continue
                 summary = search(method, target, seed, args)
                 for distill in distills:
+                    if args.table_only and summary.get("best") and not final_results(
+                            args.storage / run_name(method, target, seed), distill, args.final_epochs):
+                        continue
                     rows.append({"method": method, "target": target, "seed": seed, "distill": distill,
                                  "summary": summary, "final": final(method, target, seed, distill, args, summary)})
     run_dirs = sorted({str(args.storage / run_name(r["method"], r["target"], r["seed"])) for r in rows})
