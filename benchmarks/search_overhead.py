@@ -67,7 +67,7 @@ def plain_loop(run_dir: Path, *, cache: Path) -> tuple[float, float, int]:
     from prunetune.search.trial import run_trial
 
     torch.set_num_threads(1)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved=True)
     records = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines() if line.strip()]
     started = time.monotonic()
     _, setup, _ = prepare(cfg, run_dir=run_dir, cache_dir=cache, log=lambda _message: None)

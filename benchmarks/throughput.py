@@ -91,7 +91,7 @@ def _loop_worker(run_dir: str, cache: str, policies: list[dict], seed: int, read
     from prunetune.search.driver import prepare
     from prunetune.search.trial import run_trial
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg = load_config(Path(run_dir) / "config.yaml", saved=True)
     _, setup, _ = prepare(cfg, cache_dir=Path(cache), log=lambda _message: None)
     ready.wait()
     go.wait()

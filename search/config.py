@@ -91,10 +91,28 @@ def _own_criteria() -> str:
 _OWN_CRITERIA = _own_criteria()
 
 
+# Keys an earlier version wrote into every run's resolved config.yaml, with what replaced them: a
+# saved config drops them (so older runs still resume, fine-tune and export); a user's config that
+# sets one is told what to write instead.
+RETIRED_KEYS = {
+    "cdp_dtc.epochs": "cdp_dtc.steps (learning steps, not passes over the training split)",
+}
+
+
+def _drop_retired(tree: dict[str, Any]) -> None:
+    for key in RETIRED_KEYS:
+        section, _, leaf = key.rpartition(".")
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(leaf, None)
+
+
 def _unknown_key(key: Any, valid: Sequence[str], prefix: str) -> UserError:
     """The error for an unknown ``key`` under ``prefix``: the closest valid key, and all of them."""
     name = str(key)
     full = join_key(prefix, name)
+    if full in RETIRED_KEYS:
+        return UserError(f"config key '{full}' is no longer used: it was replaced by {RETIRED_KEYS[full]}; "
+                         f"remove '{full}' from the config")
     where = f"of {prefix}" if prefix else "at the top level"
     listing = f"(valid keys {where}: {', '.join(sorted(valid))})"
     every = [row.key for row in describe_config()]
@@ -740,6 +758,7 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     sets: Sequence[str] = (),
     names: bool = True,
+    saved: bool = False,
 ) -> SearchConfig:
     """Load, merge and validate a config. Precedence, lowest first: schema defaults < the file <
     ``overrides`` (the CLI's flags, as dotted keys; every key given is applied, so leave out flags
@@ -747,6 +766,8 @@ def load_config(
 
     ``path`` is a YAML file, the name of a shipped config (``cifar10``), or None for the shipped
     default (``search/configs/default.yaml``). ``names=False`` skips :func:`check_names`.
+    ``saved=True`` reads a run's own resolved ``config.yaml``, which may hold a retired key
+    (``RETIRED_KEYS``) that an earlier version wrote: it is dropped, not refused.
     """
     text, label = _read_config_text(path)
     data = _parse_yaml(text, label)
@@ -758,6 +779,8 @@ def load_config(
             "write it as 'key: value' lines"
         )
     tree = _plain(data)
+    if saved:
+        _drop_retired(tree)
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value, "flag")
     for item in sets:

@@ -181,7 +181,7 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
     if (run_dir / SUMMARY_FILE).exists():
         log(f"the search in {run_dir} has already finished; see summary.json or `prunetune status {run_dir}`")
         return 0
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(run_dir / CONFIG_FILE, saved=True)
     check_tracking_uri(meta["tracking_uri"])
     check_ray_storage(cfg.ray_storage)
     with StopSignals() as stop, RaySession(cfg.address, runtime_env=user_code_runtime_env(cfg)) as ray:

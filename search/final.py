@@ -61,7 +61,7 @@ def run_final(run_dir: Path, *, trial: str, final, cache_dir: Path | None, log: 
         raise UserError(f"a final fine-tune needs at least 1 epoch, got {final.epochs}; pass --epochs N")
     run_dir = Path(run_dir).expanduser().resolve()
     record = find_trial(run_dir, trial)
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(run_dir / CONFIG_FILE, saved=True)
     recipe = replace(cfg.finetune.recipe(), epochs=final.epochs, lr=final.lr)
     plan = final_plan(record, final, recipe)
     folder = plan_folder(run_dir, plan)

@@ -385,6 +385,19 @@ def test_dump_and_load_round_trip(tmp_path):
     assert load_config(tmp_path / "config.yaml", names=False) == cfg
 
 
+def test_a_saved_config_with_a_retired_key_still_loads_and_a_users_is_told_the_replacement(tmp_path):
+    """An older run's config.yaml holds every key of its version (cdp_dtc.epochs, since replaced by
+    cdp_dtc.steps): resume, finetune and export read it with saved=True; a user's file is refused."""
+    cfg = load_config(names=False)
+    dump_config(cfg, tmp_path / "config.yaml")
+    tree = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    tree["cdp_dtc"]["epochs"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert load_config(tmp_path / "config.yaml", names=False, saved=True) == cfg
+    with pytest.raises(UserError, match=r"'cdp_dtc.epochs' is no longer used: it was replaced by cdp_dtc.steps"):
+        load_config(tmp_path / "config.yaml", names=False)
+
+
 def test_config_is_hashable_picklable_and_frozen():
     cfg = _cfg()
     assert pickle.loads(pickle.dumps(cfg)) == cfg and hash(pickle.loads(pickle.dumps(cfg))) == hash(cfg)

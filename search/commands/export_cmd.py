@@ -48,7 +48,7 @@ def find_trial(run_dir: Path, trial: str) -> dict:
         return _final_record(run_dir)
     records = read_trials(run_dir / TRIALS_FILE)
     if trial == "best":
-        cfg = load_config(run_dir / CONFIG_FILE)
+        cfg = load_config(run_dir / CONFIG_FILE, saved=True)
         best = best_trial(records, macs_limit=cfg.macs_target + cfg.macs_tolerance)
         if best is None:
             raise UserError(f"no finished trial of {run_dir} meets its MACs target; pass --trial ID")
@@ -132,7 +132,7 @@ def _checkpoint_model(run_dir: Path, record: dict, fetched: Path, filename: str)
             raise UserError(f"the final fine-tune's checkpoint is gone ({source}); run `prunetune finetune "
                             f"{run_dir}` again")
         return source
-    ray_storage = load_config(run_dir / CONFIG_FILE).ray_storage
+    ray_storage = load_config(run_dir / CONFIG_FILE, saved=True).ray_storage
     if ray_storage:
         import pyarrow.fs
 
@@ -189,7 +189,7 @@ def _test_split(run_dir: Path):
     from prunetune.search.config import load_config
     from prunetune.tracking.rundir import CONFIG_FILE
 
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(run_dir / CONFIG_FILE, saved=True)
     d = cfg.dataset
     return load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
                         data_fraction=d.data_fraction, image_size=d.image_size).test

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out) if args.out else None
     given = {"epochs": args.epochs, "lr": args.lr, "distill": args.distill,
              "distill_weight": args.distill_weight, "temperature": args.temperature}
-    configured = load_config(run_dir / CONFIG_FILE).final
+    configured = load_config(run_dir / CONFIG_FILE, saved=True).final
     final = replace(configured, **{key: value for key, value in given.items() if value is not None})  # checked
     result = run_final(run_dir, trial=args.trial, final=final, cache_dir=cache_dir(args.cache_dir),
                        log=log_to_stderr)

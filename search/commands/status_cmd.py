@@ -36,7 +36,7 @@ def search_status(run_dir: Path) -> dict:
     )
 
     meta = read_meta(run_dir)
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(run_dir / CONFIG_FILE, saved=True)
     records = read_trials(run_dir / TRIALS_FILE)
     counts = {s: sum(1 for r in records if r["status"] == s) for s in ("finished", "stopped", "failed")}
     best = best_trial(records, macs_limit=cfg.macs_target + cfg.macs_tolerance)
