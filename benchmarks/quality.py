@@ -43,7 +43,7 @@ from compare_table import compare_json, keep, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 HEURISTIC_METHODS = ("uniform", "global", "global-lamp", "uniform-bn", "global-bn")
-SEARCH_METHODS = ("optuna-affine", "optuna-affine-e3", "optuna-affine-full-e3", "optuna-stages", "optuna",
+SEARCH_METHODS = ("optuna-affine", "optuna-affine-bn", "optuna-affine-e3", "optuna-affine-full-e3", "optuna-stages", "optuna",
                   "arpruning", "dcm", "dcpa", "cdp-dtc")
 # method name -> the flags that make it (global-lamp is the global baseline with LAMP normalisation)
 METHOD_FLAGS = {
@@ -74,6 +74,10 @@ METHOD_FLAGS = {
                          "--set", "val_subset=0.25", "--finetune-epochs", "3"],
     "optuna-affine-full-e3": ["--method", "optuna", "--trials", "12", "--set", "space.parameterisation=affine",
                               "--set", "val_subset=0.25", "--finetune-epochs", "3"],
+    # optuna-affine ranking channels by BatchNorm scale instead of l1 (its heuristics then in that order too)
+    "optuna-affine-bn": ["--method", "optuna", "--importance", "bn_scale", "--trials", "16",
+                         "--set", "fidelity.promote=3", "--set", "fidelity.proxy_epochs=0",
+                         "--set", "space.parameterisation=affine", "--set", "val_subset=0.25"],
     "arpruning": ["--method", "arpruning", "--set", "arpruning.proxy=bn"],
     "dcm": ["--method", "dcm"],
     "dcpa": ["--method", "dcpa"],
