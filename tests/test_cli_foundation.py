@@ -95,8 +95,11 @@ def test_ctrl_c_exits_130_with_one_line_and_caches_nothing(tmp_path):
     cache = tmp_path / "cache"
     argv = [prunetune_executable(), *prune_argv(cache, "--uniform", "0.5")]
     argv[argv.index("--pretrain-epochs") + 1] = "500"
+    # SIGINT's default disposition, as a terminal gives it: a suite started in the background
+    # (`nohup ... &` from a script) ignores SIGINT, and a child would inherit that
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in process.stderr:  # wait until training has started
             if line.startswith("pretrain epoch 1/"):
