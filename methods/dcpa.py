@@ -628,10 +628,10 @@ class DcpaRun:
         width_p, depth_p = self.distribution()
         argmax = Policy({g.name: float(r) for g, r in zip(self.space.groups, ratios, strict=True)}, dropped,
                         self.space.space_id)
+        argmax_macs, learned_macs = self.space.macs_ratio(argmax), self.space.macs_ratio(policy)
         info = {
-            "argmax_macs_ratio": self.space.macs_ratio(argmax), "learned_macs_ratio": self.space.macs_ratio(policy),
-            "shrunk": self.space.macs_ratio(policy) < self.space.macs_ratio(argmax),
-            "filled": self.space.macs_ratio(policy) > self.space.macs_ratio(argmax),
+            "argmax_macs_ratio": argmax_macs, "learned_macs_ratio": learned_macs,
+            "shrunk": learned_macs < argmax_macs, "filled": learned_macs > argmax_macs,
             "loss_target": self.loss_target, "tolerance": self.options.tolerance,
             "steps": self.step, "warmup_steps": self.warmup_steps, "reranks": self.reranks,
             "seconds": self.seconds, "dropped_blocks": len(policy.dropped_blocks),

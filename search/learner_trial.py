@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any
 
 from prunetune.search.timing import LEARNING, PhaseTimer
-from prunetune.search.trial import CHECKPOINT_MODEL, Report, TrialSetup, _report
+from prunetune.search.trial import CHECKPOINT_MODEL, Report, TrialSetup, timed_report
 
 LEARNER_STATE = "learner.pt"
 LEARNED_FILE = "learned.json"
@@ -120,7 +120,7 @@ def learn(setup: TrialSetup, job: LearnerJob, config: Mapping[str, Any], *, seed
         nonlocal since
         metrics = {**progress.metrics, "learn_step": progress.step, "learn_total_steps": progress.total_steps}
         learned_so_far()
-        _report(timer, report, metrics, None if learner_state is None else _state_writer(learner_state, timer))
+        timed_report(timer, report, metrics, None if learner_state is None else _state_writer(learner_state, timer))
         since = time.perf_counter()
 
     torch.manual_seed(seed)
@@ -135,7 +135,7 @@ def _state_writer(state: dict, timer: PhaseTimer):
 
     def write(directory: Path) -> None:
         torch.save(state, Path(directory) / LEARNER_STATE)
-        (Path(directory) / TIMING_FILE).write_text(json.dumps(timer.to_json()))
+        _write_timing(directory, timer)
 
     return write
 
@@ -148,6 +148,10 @@ def _with_learned(write_checkpoint, learned, timer: PhaseTimer):
         if write_checkpoint is not None:
             write_checkpoint(directory)
         (Path(directory) / LEARNED_FILE).write_text(json.dumps(learned.to_json()))
-        (Path(directory) / TIMING_FILE).write_text(json.dumps(timer.to_json()))
+        _write_timing(directory, timer)
 
     return write
+
+
+def _write_timing(directory: Path, timer: PhaseTimer) -> None:
+    (Path(directory) / TIMING_FILE).write_text(json.dumps(timer.to_json()))

@@ -176,7 +176,7 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
         history = [{"epoch": 0, "val_accuracy": val_accuracy, "val_loss": val_loss,
                     "val_images": len(val.at_epoch(0, epochs))}]
         writer = _checkpoint_writer(setup, policy, trainer, history, timer) if _worth_resuming(0, epochs) else None
-        _report(timer, report, {**size, **history[-1]}, writer)
+        timed_report(timer, report, {**size, **history[-1]}, writer)
     for epoch_report in trainer.remaining_epochs():
         timer.add("train", epoch_report.seconds - epoch_report.val_seconds)
         timer.add("evaluate", epoch_report.val_seconds)
@@ -184,7 +184,7 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
                         "val_loss": epoch_report.val_loss, "train_loss": epoch_report.train_loss,
                         "val_images": len(val.intermediate)})
         if trainer.epochs_done < epochs:
-            _report(timer, report, {**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history, timer))
+            timed_report(timer, report, {**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history, timer))
     if epochs and val.subset_used:  # the last report's score is on the full validation split
         with timer.phase("evaluate"):
             val_accuracy, val_loss = evaluate(model, setup.splits.val, device=setup.device, **fast)
@@ -312,7 +312,7 @@ def _measure(setup: TrialSetup, policy: Policy, model: nn.Module) -> Measured:
     return MEASURED.get(key, compute)
 
 
-def _report(timer: PhaseTimer, report: Report, metrics: dict, writer) -> None:
+def timed_report(timer: PhaseTimer, report: Report, metrics: dict, writer) -> None:
     """``report`` the metrics, its checkpoint write counted as ``checkpoint``, the rest as ``report``
     (Ray's report waits for the driver to take the result)."""
     started, written = time.perf_counter(), timer.seconds.get("checkpoint", 0.0)

@@ -104,8 +104,7 @@ def timing_metrics(record: Mapping[str, Any], start_ms: int) -> list[MetricPoint
     at, step = start_ms + duration_ms(record), final_step(record)
     return [MetricPoint(mlflow_key(f"{TIMING_PREFIX}{phase}_s"), float(seconds), at, step)
             for phase, seconds in timing.items()
-            if phase not in ("started_at", "resumed") and metric_value(seconds) is not None
-            and not isinstance(seconds, bool)]
+            if phase != "started_at" and not isinstance(seconds, bool) and metric_value(seconds) is not None]
 
 
 def test_metric(record: Mapping[str, Any], start_ms: int) -> list[MetricPoint]:
