@@ -235,6 +235,9 @@ def main() -> int:
                         continue
                     rows.append({"method": method, "target": target, "seed": seed, "distill": distill,
                                  "summary": summary, "final": final(method, target, seed, distill, args, summary)})
+    if not rows:
+        raise SystemExit(f"quality.py: nothing to report: no finished search of those methods, targets and seeds "
+                         f"in {args.storage}; run without --table-only to run them")
     run_dirs = sorted({str(args.storage / run_name(r["method"], r["target"], r["seed"])) for r in rows})
     keep(run_dirs, args.keep / "runs")
     (args.keep / "rows.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
