@@ -78,7 +78,9 @@ METHOD_FLAGS = {
     "optuna-affine-bn": ["--method", "optuna", "--importance", "bn_scale", "--trials", "16",
                          "--set", "fidelity.promote=3", "--set", "fidelity.proxy_epochs=0",
                          "--set", "space.parameterisation=affine", "--set", "val_subset=0.25"],
-    "arpruning": ["--method", "arpruning", "--set", "arpruning.proxy=bn"],
+    # ARPruning with the proxy that ranks best (BENCHMARKS.md, "ARPruning: how well the proxies rank
+    # policies": one fine-tuning epoch, tau 0.63 against the full fine-tune; BatchNorm alone -0.01)
+    "arpruning": ["--method", "arpruning", "--set", "arpruning.proxy=epochs:1"],
     "dcm": ["--method", "dcm"],
     "dcpa": ["--method", "dcpa"],
     "cdp-dtc": ["--method", "cdp-dtc"],
