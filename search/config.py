@@ -468,6 +468,11 @@ class SearchConfig(Section):
     experiment: str = option("prunetune", "MLflow experiment name")
     address: str | None = option(None, "Ray address to join; null = start a local Ray")
     max_failures: int = option(2, "retries of a failed trial from its last checkpoint", check=NON_NEGATIVE)
+    checkpoint_min_s: float = option(
+        30.0, "seconds of a trial's work since its last checkpoint (or its start) before an intermediate epoch "
+        "is checkpointed; shorter work is redone on a retry; 0 = every epoch; the last epoch always is",
+        check=NON_NEGATIVE
+    )
     val_subset: float = option(
         1.0, "fraction of the validation split a trial's intermediate epochs score on (fixed by the seed); "
         "its last report is always on the whole split", check=FRACTION

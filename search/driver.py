@@ -118,6 +118,7 @@ def prepare(cfg, *, cache_dir: Path, log: Log, run_dir: Path | None = None, inpu
         threads=max(1, int(cfg.resources.cpus_per_trial)),
         amp=cfg.resources.amp, channels_last=cfg.resources.channels_last,
         val_subset=cfg.val_subset, evaluate_test=cfg.test_eval == "all", cache_key=uuid.uuid4().hex,
+        checkpoint_min_s=cfg.checkpoint_min_s,
     )
     return base, setup, calibration_batches(replace(setup, device=device))  # used here, on the driver
 

@@ -10,6 +10,8 @@ A config may set the trial's own fine-tune length, ``finetune_epochs`` (a search
 ``methods.proxy``: 0 = BatchNorm recalibration only); without it the search's ``finetune.epochs``.
 ``evaluate_test: false`` skips the test split (a proxy trial is scored on validation only); without
 it, ``setup.evaluate_test`` decides (``test_eval``: a search scores its reportable trials at its end).
+An intermediate report carries a checkpoint only after ``setup.checkpoint_min_s`` seconds of work
+since the last one (``search.trial.CheckpointSchedule``); the last report always does.
 ``data_fraction`` (a two-stage search's proxy, ``search.two_stage``) fine-tunes on that fraction of
 the training split, the same subset for every trial of the search (:func:`train_fraction`); the
 pruning's calibration batches and BatchNorm recalibration still read the whole split, so a proxy
@@ -50,7 +52,8 @@ def policy_trainable(config: dict, setup: TrialSetup) -> None:
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as restored:
         run_trial(setup, policy, seed=int(config.get("seed", setup.seed)), report=report_to_tune,
                   checkpoint_dir=Path(restored) if restored else None,
-                  evaluate_test=bool(config.get("evaluate_test", setup.evaluate_test)))
+                  evaluate_test=bool(config.get("evaluate_test", setup.evaluate_test)),
+                  checkpoint_min_s=setup.checkpoint_min_s)
 
 
 def learner_trainable(config: dict, setup: TrialSetup, job) -> None:

@@ -2,9 +2,11 @@
 
 ``run_trial`` is plain Python (no Ray): Ray Tune calls it through ``search.trainable``, tests and
 the benchmarks call it directly. It reports after BatchNorm recalibration (epoch 0) and after every
-fine-tuning epoch, handing the caller a checkpoint with each (epoch 0's only where the fine-tune is
-long enough for that to pay: ``_worth_resuming``), and continues from such a checkpoint when one
-is given, so a retried trial does not start over. It times its phases (``search.timing``).
+fine-tuning epoch. The last report always carries a checkpoint (the trial's model); an earlier one
+carries one only where a retry would otherwise lose real work (``CheckpointSchedule``: at least
+``checkpoint_min_s`` seconds since the last checkpoint, epoch 0 only for fine-tunes of 3 epochs or
+more). It continues from such a checkpoint when one is given, so a retried trial does not start
+over. It times its phases (``search.timing``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class TrialSetup:
     finetune_splits: Splits | None = None  # the fine-tune's training data where not ``splits`` (a proxy's fraction)
     amp: str = "none"  # resources.amp: bf16 autocasts the forward passes (pruning.train.autocast)
     channels_last: bool = False  # resources.channels_last: the model and its inputs in NHWC memory order
+    # The search's checkpoint_min_s, which its policy trials pass to ``run_trial`` (``search.trainable``);
+    # a learner's fine-tune and the final fine-tune checkpoint every epoch (run_trial's default, 0).
+    checkpoint_min_s: float = 0.0
 
 
 # report(metrics, checkpoint_dir_writer or None); the writer saves a checkpoint into a directory.
@@ -133,7 +138,7 @@ def prune_for_trial(setup: TrialSetup, policy: Policy, timer: PhaseTimer | None 
 
 def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
               checkpoint_dir: Path | None = None, evaluate_test: bool | None = None,
-              timer: PhaseTimer | None = None) -> dict:
+              timer: PhaseTimer | None = None, checkpoint_min_s: float = 0.0) -> dict:
     """Prune, recalibrate, fine-tune (reporting each epoch), evaluate and measure; return the result.
 
     ``checkpoint_dir`` is a checkpoint this trial wrote earlier: training continues after its epoch.
@@ -143,11 +148,15 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
     reportable trials only, at its end, ``search.test_eval``), ``macs``, ``params``, ``latency_ms``
     and their ratios to the base model, and ``timing``: seconds per phase (``search.timing``), from
     ``timer`` where given (a learner's trial: its learning timed already), else from now.
+    ``checkpoint_min_s``: an intermediate report carries a checkpoint only when this attempt has run
+    at least that many seconds since its start or its last checkpoint (``CheckpointSchedule``); 0 =
+    after every epoch (epoch 0 as ``_worth_resuming`` says). The last report always carries one.
     """
     from prunetune.pruning.surgery import load_pruned
     from prunetune.pruning.train import Trainer, evaluate
 
     timer = PhaseTimer() if timer is None else timer
+    schedule = CheckpointSchedule(setup.finetune.epochs, checkpoint_min_s, saved_at=time.perf_counter())
     evaluate_test = setup.evaluate_test if evaluate_test is None else evaluate_test
     setup = on_device(setup)
     torch.manual_seed(seed)
@@ -175,8 +184,9 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
             val_accuracy, val_loss = evaluate(model, val.at_epoch(0, epochs), device=setup.device, **fast)
         history = [{"epoch": 0, "val_accuracy": val_accuracy, "val_loss": val_loss,
                     "val_images": len(val.at_epoch(0, epochs))}]
-        writer = _checkpoint_writer(setup, policy, trainer, history, timer) if _worth_resuming(0, epochs) else None
-        timed_report(timer, report, {**size, **history[-1]}, writer)
+        due = schedule.due(0, time.perf_counter())
+        timed_report(timer, report, {**size, **history[-1]},
+                     _checkpoint_writer(setup, policy, trainer, history, timer) if due else None)
     for epoch_report in trainer.remaining_epochs():
         timer.add("train", epoch_report.seconds - epoch_report.val_seconds)
         timer.add("evaluate", epoch_report.val_seconds)
@@ -184,7 +194,9 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
                         "val_loss": epoch_report.val_loss, "train_loss": epoch_report.train_loss,
                         "val_images": len(val.intermediate)})
         if trainer.epochs_done < epochs:
-            timed_report(timer, report, {**size, **history[-1]}, _checkpoint_writer(setup, policy, trainer, history, timer))
+            due = schedule.due(trainer.epochs_done, time.perf_counter())
+            timed_report(timer, report, {**size, **history[-1]},
+                         _checkpoint_writer(setup, policy, trainer, history, timer) if due else None)
     if epochs and val.subset_used:  # the last report's score is on the full validation split
         with timer.phase("evaluate"):
             val_accuracy, val_loss = evaluate(model, setup.splits.val, device=setup.device, **fast)
@@ -241,13 +253,46 @@ def _validation(setup: TrialSetup) -> Validation:
 
 
 def _worth_resuming(epoch: int, epochs: int) -> bool:
-    """Whether to checkpoint after ``epoch`` (0: after BatchNorm recalibration) of ``epochs``.
+    """Whether the report after ``epoch`` (0: after BatchNorm recalibration) of ``epochs`` may carry
+    a checkpoint at all.
 
-    Every epoch before the last is (the last report carries the final checkpoint). Epoch 0 is
-    only for fine-tunes of 3 epochs or more: before that, a retried trial redoes the pruning and
+    Every epoch before the last may (the last report carries the final checkpoint). Epoch 0 only
+    for fine-tunes of 3 epochs or more: before that, a retried trial redoes the pruning and
     recalibration from the base model in about the time a checkpoint costs to write and read back.
     """
     return 0 < epoch < epochs or (epoch == 0 and epochs >= 3)
+
+
+@dataclass
+class CheckpointSchedule:
+    """Which of a trial's intermediate reports carry a checkpoint: those after which a retry would
+    otherwise lose real work (issue 15).
+
+    A report of ``epoch`` carries one when ``_worth_resuming`` allows it and the trial has run at
+    least ``min_seconds`` (by its own clock, ``time.perf_counter`` as its ``PhaseTimer``) since
+    ``saved_at``: its start, its resume from a checkpoint, or its last checkpoint. Under Ray Tune
+    an intermediate checkpoint is not free: the trial writes it, the report becomes two round
+    trips to the driver (the result, then Tune's save), and the driver forces an experiment-state
+    snapshot (``CheckpointConfig(num_to_keep=1)``, ``search.tuner``). That is paid at every epoch,
+    a retry is rare: below ``min_seconds`` of work, redoing it on a retry costs less than saving
+    it every time (BENCHMARKS.md, "Throughput"). No scheduler of prunetune's pauses trials (ASHA
+    stops them, FIFO runs them to the end), so none needs a checkpoint at an epoch the rule skips;
+    one that pauses and resumes trials (PBT) would need ``min_seconds`` 0. ``min_seconds`` 0
+    checkpoints every epoch ``_worth_resuming`` allows. One per trial attempt; ``due`` moves
+    ``saved_at``.
+    """
+
+    epochs: int
+    min_seconds: float
+    saved_at: float  # time.perf_counter() at the trial's start, its resume or its last checkpoint
+
+    def due(self, epoch: int, now: float) -> bool:
+        """Whether the report after ``epoch`` carries a checkpoint (``now``: the trial's clock); if
+        it does, the trial's work is saved as of ``now``."""
+        if not _worth_resuming(epoch, self.epochs) or now - self.saved_at < self.min_seconds:
+            return False
+        self.saved_at = now
+        return True
 
 
 @dataclass(frozen=True)

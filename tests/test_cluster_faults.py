@@ -186,9 +186,11 @@ def test_a_worker_node_killed_mid_trial_is_survived(cluster):
     run_dir = cluster.work / "runs" / name
     log = cluster.work / f"{name}.log"
     workers = cluster.worker_ids()
+    # checkpoint_min_s=0: a checkpoint after every epoch (these take a second, under the default's 30 s),
+    # so that the trial has one to continue from
     driver = cluster.start(["run", *QUICK, *cluster.sweep_args(name, experiment=name), "--trials", "3",
                             "--concurrency", "2", "--finetune-epochs", "3", "--scheduler", "none",
-                            "--set", "finetune.batch_size=8"], log)
+                            "--set", "finetune.batch_size=8", "--set", "checkpoint_min_s=0"], log)
     try:
         trial_id, victim = wait_for(lambda: _first_report_on_a_worker(run_dir, workers), timeout_s=240,
                                     what="a trial's first checkpoint", log=log, poll_s=0.05)

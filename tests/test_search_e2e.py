@@ -179,6 +179,16 @@ def test_resume_after_ctrl_c_and_after_the_driver_is_killed(tmp_path, base_model
         assert as_ended(records[: len(before_kill)]) == as_ended(before_kill)  # kept as they ended, not rerun
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["trials"]["finished"] == 4
+        # Issue 15: these epochs take a second, under checkpoint_min_s (30 s), so a trial's one checkpoint
+        # is its last report's (its model, for export); a trial interrupted above started over
+        results = {path.parent.name: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                   for path in run_dir.glob("trial_*/result.json")}
+        assert sorted(results) == sorted(f"trial_{r['trial_id']}" for r in records)
+        for rows in results.values():
+            saved = [row for row in rows if row.get("checkpoint_dir_name")]
+            assert saved and all(row.get("trial_complete") for row in saved), [
+                (row.get("epoch"), row.get("checkpoint_dir_name")) for row in rows]
+        assert all(r["checkpoint"] for r in records)
         parents, children = mlflow_runs(meta["tracking_uri"])
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert sorted(c.data.tags["prunetune.trial_key"] for c in children) == sorted(keys)

@@ -70,7 +70,8 @@ def test_the_phases_are_timed_and_sum_to_no_more_than_the_trial(setup, tmp_path)
     assert sum(timing[p] for p in TRIAL_PHASES) <= timing["wall"] <= wall + 1e-3
     assert result["trial_seconds"] == pytest.approx(timing["wall"])
     assert timing["started_at"] == pytest.approx(time.time() - wall, abs=1.0)
-    # 2 epochs: the epoch-0 report carries no checkpoint (a retry redoes the pruning), epoch 1's and the last do
+    # 2 epochs, checkpoint_min_s 0 (run_trial's default): the epoch-0 report carries no checkpoint (a
+    # retry redoes the pruning), epoch 1's and the last do
     assert [r["epoch"] for r in reports] == [0, 1, 2] and sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]
 
 
@@ -105,6 +106,48 @@ def test_a_resumed_trial_sums_its_attempts_and_says_so(setup, tmp_path):
     assert timing["started_at"] == pytest.approx(reports[-1]["timing"]["started_at"])  # the first attempt's
     assert timing["train"] > saved["train"] and timing["wall"] > saved["wall"]  # epoch 1 earlier, epoch 2 now
     assert timing["prune"] == pytest.approx(saved["prune"])  # pruned once, in the first attempt
+
+
+def checkpointed_epochs(epochs: int, min_s: float, seconds: list[float]) -> list[int]:
+    """The intermediate reports (epochs 0 .. epochs-1) that ``CheckpointSchedule`` gives a checkpoint,
+    when reaching report ``e`` takes ``seconds[e]`` (recalibration's, then each epoch's)."""
+    from prunetune.search.trial import CheckpointSchedule
+
+    schedule, now = CheckpointSchedule(epochs, min_s, saved_at=100.0), 100.0
+    due = []
+    for epoch in range(epochs):
+        now += seconds[epoch]
+        if schedule.due(epoch, now):
+            due.append(epoch)
+    return due
+
+
+@pytest.mark.parametrize("epochs, min_s, seconds, expected", [
+    (5, 0.0, [1, 1, 1, 1, 1], [0, 1, 2, 3, 4]),  # 0: every epoch, as before
+    (2, 0.0, [1, 1], [1]),  # epoch 0 only for fine-tunes of 3 epochs or more
+    (1, 0.0, [1], []),  # one epoch: the last report's checkpoint only
+    (5, 30.0, [0.1, 1, 1, 1, 1], []),  # 1-s epochs (the benchmark's short trials): none
+    (5, 30.0, [2, 20, 20, 20, 20], [2, 4]),  # 30 s of work since the start, then since that checkpoint
+    (5, 30.0, [40, 10, 10, 10, 10], [0, 3]),  # a long recalibration is worth keeping
+    (2, 30.0, [40, 40], [1]),  # but not before a 2-epoch fine-tune: epoch 0's rule still holds
+    (4, 30.0, [0, 30, 29.9, 0.2], [1, 3]),  # at least min_s, measured from the last checkpoint
+])
+def test_an_intermediate_epoch_is_checkpointed_only_after_min_s_of_work(epochs, min_s, seconds, expected):
+    assert checkpointed_epochs(epochs, min_s, seconds) == expected
+
+
+def test_a_short_trial_reports_its_last_checkpoint_only_and_a_retry_starts_over(setup, tmp_path):
+    from prunetune.search.trial import run_trial
+
+    reports, report = keep_reports(tmp_path / "first")
+    result = run_trial(setup, half(setup.space), seed=0, report=report, checkpoint_min_s=3600.0)
+    assert [r["epoch"] for r in reports] == [0, 1, 2]
+    assert [p.name for p in (tmp_path / "first").iterdir()] == ["3"]  # the final report's, with the result
+    assert reports[-1]["val_accuracy"] == result["val_accuracy"] and result["timing"]["checkpoint"] > 0
+    again, report = keep_reports(tmp_path / "again")  # a retry has no checkpoint: the same trial from its start
+    retried = run_trial(setup, half(setup.space), seed=0, report=report, checkpoint_min_s=3600.0)
+    assert [r["epoch"] for r in again] == [0, 1, 2] and "resumed" not in retried["timing"]
+    assert [h["val_accuracy"] for h in retried["history"]] == pytest.approx([h["val_accuracy"] for h in result["history"]])
 
 
 def test_latency_is_measured_once_per_architecture(setup, tmp_path):
