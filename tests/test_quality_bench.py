@@ -14,9 +14,10 @@ def quality(monkeypatch):
     return importlib.import_module("quality")
 
 
-def row(method, seed, accuracy, macs=0.5):
+def row(method, seed, accuracy, macs=0.5, val=None):
     summary = {"wall_s": 10.0, "fidelity": {"full": 4, "proxy": 0}, "best": None if accuracy is None else {}}
-    final = None if accuracy is None else {"test_accuracy": accuracy, "macs_ratio": macs}
+    final = None if accuracy is None else {"test_accuracy": accuracy, "val_accuracy": accuracy if val is None else val,
+                                           "macs_ratio": macs, "final_seconds": 30.0}
     return {"method": method, "target": 0.5, "seed": seed, "distill": False, "summary": summary, "final": final}
 
 
@@ -31,4 +32,13 @@ def test_a_search_without_a_best_is_none_within_target_and_runs_no_final(monkeyp
     assert cells["uniform"][3] == "72.50 ± 3.54"
     assert cells["cdp-dtc"][3] == "72.00 ± 0.00 (1 of 2 none within target)"
     assert cells["cdp-dtc"][4] == "2.00 ± 0.00"  # against seed 1's heuristic only
-    assert cells["dcm"][3] == "none within target" and cells["dcm"][4] == "-" and cells["dcm"][5] == "-"
+    assert cells["dcm"][3] == "none within target" and cells["dcm"][4] == "-" and cells["dcm"][6] == "-"
+
+
+def test_the_heuristic_validation_would_pick_and_a_final_variant_s_run_directory(monkeypatch):
+    bench = quality(monkeypatch)
+    # seed 0: uniform is best on test, global on validation; the search is compared with each
+    rows = [row("uniform", 0, 0.75, val=0.70), row("global", 0, 0.74, val=0.72), row("optuna-affine", 0, 0.745)]
+    cells = bench.table(rows, ["optuna-affine"], [0.5], False)[2].split(" | ")
+    assert cells[4] == "-0.50 ± 0.00" and cells[5] == "0.50 ± 0.00" and cells[-1] == "30 |"
+    assert bench.run_name("optuna-affine-bn-top3", 0.25, 1) == bench.run_name("optuna-affine-bn", 0.25, 1)
