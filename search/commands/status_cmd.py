@@ -1,5 +1,9 @@
 """`prunetune status RUN_DIR`: trial counts, the best trial so far, and whether the search runs;
-``--timing``: where each ended trial's time went (``search.timing``)."""
+``--timing``: where each ended trial's time went (``search.timing``).
+
+It reads the run directory's JSON and YAML files only, so it imports neither torch nor ray nor
+mlflow (a test holds it to that) and answers at once, even while the search runs.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def search_status(run_dir: Path) -> dict:
     )
 
     meta = read_meta(run_dir)
-    cfg = load_config(run_dir / CONFIG_FILE, saved=True)
+    cfg = load_config(run_dir / CONFIG_FILE, saved=True, names=False)  # checked at its start; torch checks them
     records = read_trials(run_dir / TRIALS_FILE)
     counts = {s: sum(1 for r in records if r["status"] == s) for s in ("finished", "stopped", "failed")}
     best = best_trial(records, macs_limit=cfg.macs_target + cfg.macs_tolerance)
