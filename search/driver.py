@@ -12,7 +12,8 @@ kept, exit 130 or 143).
 ``resume_search`` picks an interrupted search up from its run directory: Ray restores the trials
 and the searcher, finished trials are not run again, and MLflow runs are found, not duplicated.
 Both end in ``finish_search``: summary.json, the Pareto plot, the parent run closed; a search
-whose every trial failed says why in one line and exits 1 (``search.failures``).
+whose every trial failed says why in one line and exits 1 (``search.failures``), and so does one
+(objective constrained) none of whose ended trials met the MACs target.
 """
 
 from __future__ import annotations
@@ -370,9 +371,17 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
     """Write summary.json and the Pareto plot, close the parent MLflow run, print the front.
 
     A search whose every trial failed prints one line instead (how many, the first one's cause,
-    its traceback's file), marks the parent run FAILED, and returns 1.
+    its traceback's file), marks the parent run FAILED, and returns 1. One whose trials ended but
+    none within the MACs target (``best`` null) prints the front, then one line (the closest trial,
+    the fix); with objective ``constrained`` it did not do its job: parent run FAILED, returns 1.
     """
-    from prunetune.search.failures import EXIT_ALL_FAILED, all_failed_message, first_failure
+    from prunetune.search.failures import (
+        EXIT_ALL_FAILED,
+        EXIT_NO_BEST,
+        all_failed_message,
+        first_failure,
+        no_best_message,
+    )
     from prunetune.search.summary import build_summary, format_summary
     from prunetune.search.test_eval import evaluated_on, score_reportable
     from prunetune.tracking.plots import plot_search
@@ -398,6 +407,7 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
             records, {name: Policy.from_json(policy) for name, policy in heuristics.items()}, summary["best"])
     counts = summary["trials"]
     all_failed = counts["failed"] > 0 and counts["finished"] == 0 and counts["stopped"] == 0
+    no_best = not all_failed and summary["best"] is None and cfg.objective == "constrained"
     png = plot_search(records, summary, run_dir / PARETO_PNG)  # proxies apart, the target, the best ringed
     write_summary(run_dir, summary)
     try:
@@ -405,7 +415,7 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
             if point.get("test_accuracy") is not None:
                 search.tracker.log_test_accuracy(meta["parent_run_id"], point["trial_key"], point["test_accuracy"])
         search.tracker.finish_parent(meta["parent_run_id"], summary, pareto_png=png,
-                                     status="FAILED" if all_failed else "FINISHED")
+                                     status="FAILED" if all_failed or no_best else "FINISHED")
     except Exception as exc:  # noqa: BLE001 - the run directory holds everything; sync repairs MLflow
         log(f"prunetune: warning: could not finish the MLflow view ({type(exc).__name__}); "
             f"run `prunetune sync {run_dir}` when the tracking store is back")
@@ -416,6 +426,10 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
         log(f"prunetune: error: {all_failed_message(counts['failed'], failure)}")
         return EXIT_ALL_FAILED
     print(format_summary(summary), flush=True)
+    if summary["best"] is None:  # pareto: the front is the result, the target only a mark on it
+        log(f"prunetune: {'error' if no_best else 'warning'}: {no_best_message(records, cfg)}")
+        if no_best:
+            return EXIT_NO_BEST
     final = cfg.final.epochs > 0 and summary["best"] is not None
     if final:
         _final_fine_tune(search, log)

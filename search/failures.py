@@ -3,15 +3,18 @@
 Ray Tune keeps a failed trial's last exception (``error.pkl``) and its full traceback
 (``error.txt``) in the trial's directory inside the run directory. A search names the first failure
 in its summary, and a search whose trials all failed ends with that line and exit status 1
-instead of an empty Pareto table.
+instead of an empty Pareto table. So does a search (objective ``constrained``) whose trials ended but
+none within the MACs target: it did not do its job (``no_best_message``); everything it ran is kept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_ALL_FAILED = 1
+EXIT_NO_BEST = 1  # trials ended, none within the MACs target
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,38 @@ def all_failed_message(failed: int, failure: TrialFailure) -> str:
     every = "the only trial" if failed == 1 else f"all {failed} trials"
     return (f"{every} failed; the first (trial {failure.trial_id}) with {failure.cause}; its full traceback "
             f"is in {failure.log}")
+
+
+def closest_trial(records: Sequence[Mapping]) -> Mapping | None:
+    """The trial nearest the MACs target from above: the smallest MACs ratio of the finished
+    full-fidelity trials, else of any trial that measured one; None when none did."""
+    from prunetune.tracking.names import fidelity_of
+    from prunetune.tracking.rundir import STATUS_FINISHED
+
+    measured = [r for r in records if (r.get("metrics") or {}).get("macs_ratio") is not None]
+    full = [r for r in measured if r["status"] == STATUS_FINISHED and fidelity_of(r.get("params") or {}) == "full"]
+    return min(full or measured, key=lambda r: r["metrics"]["macs_ratio"], default=None)
+
+
+def cut_deeper_hint(cfg) -> str:
+    """How the config's method could reach lower MACs: its floor option, a learner's ranges, or the space."""
+    from prunetune.methods.registry import get_method
+
+    spec = get_method(cfg.method)
+    options = cfg.methods.get(spec.section) if spec.section else None
+    for key in ("min_keep_ratio", "floor"):
+        if hasattr(options, key):
+            return f"let {cfg.method} cut deeper (lower --set {spec.section}.{key}, now {getattr(options, key):g})"
+    if spec.kind == "learner":
+        return f"let {cfg.method} cut deeper (its {spec.section}.* hyperparameters: README, 'Configuration')"
+    return "widen the space (--set space.min_channels=1, --set space.search_depth=true)"
+
+
+def no_best_message(records: Sequence[Mapping], cfg) -> str:
+    """The one line of a search none of whose trials met the MACs target (``cfg``: its SearchConfig)."""
+    closest = closest_trial(records)
+    near = ("no trial measured its MACs" if closest is None else
+            f"the closest: trial {closest['trial_id']} at MACs ratio {closest['metrics']['macs_ratio']:.3f}")
+    return (f"no finished trial met the MACs target {cfg.macs_target:g} (a MACs ratio of at most "
+            f"{cfg.macs_target + cfg.macs_tolerance:g} with macs_tolerance {cfg.macs_tolerance:g}; {near}); "
+            f"raise --macs-target, or {cut_deeper_hint(cfg)}")

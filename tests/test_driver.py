@@ -52,8 +52,9 @@ def _record(trial_id: str, status: str) -> dict:
             "metrics": metrics, "test_accuracy": 0.5 if status == "finished" else None, "history": []}
 
 
-def _finish(tmp_path: Path, statuses: list[str], capsys, tracking_store):
-    """``finish_search`` over trials.jsonl records with ``statuses``; the failed ones raised ValueError."""
+def _finish(tmp_path: Path, statuses: list[str], capsys, tracking_store, **config):
+    """``finish_search`` over trials.jsonl records with ``statuses`` (each finished one at MACs ratio 0.5)
+    and the config keys ``config`` (dotted); the failed ones raised ValueError."""
     from prunetune.search.config import load_config
     from prunetune.search.driver import Search, finish_search
     from prunetune.tracking.tracker import Tracker
@@ -71,7 +72,7 @@ def _finish(tmp_path: Path, statuses: list[str], capsys, tracking_store):
     parent = tracker.start_parent("uid", "r", {})
     for record in records:
         tracker.log_trial(parent, record)
-    cfg = load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits", "final.epochs": 0})
+    cfg = load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits", "final.epochs": 0, **config})
     meta = {"name": "r", "run_uid": "uid", "parent_run_id": parent, "tracking_uri": tracker.tracking_uri}
     base = SimpleNamespace(metrics={"val_accuracy": 0.9, "test_accuracy": 0.9, "macs": 200.0, "params": 20.0})
     search = Search(cfg, run_dir, meta, tracker, base, setup=None, calib=[])
