@@ -1,24 +1,50 @@
 """`prunetune cluster up --tracking-backend postgresql`: the tracking server over a PostgreSQL the cluster
-starts (where PostgreSQL and psycopg2 are installed; CI has neither), on loopback, password-protected,
-and stopped with the rest by `cluster down`."""
+starts (where PostgreSQL and psycopg2 are installed: CI installs both, Debian's `postgresql` in .ci/run
+and psycopg2-binary with the `dev` extra), on loopback, password-protected, and stopped with the rest by
+`cluster down`. Run as root (as CI runs), PostgreSQL runs as the `postgres` user."""
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from prunetune.cluster.postgres import find_binaries
 from tests.cluster_helpers import all_members, base_env, cli, listening_sockets, still_running
 
-pytestmark = [
-    pytest.mark.slow, pytest.mark.cluster,
-    pytest.mark.skipif(find_binaries() is None or importlib.util.find_spec("psycopg2") is None,
-                       reason="PostgreSQL or psycopg2 is not installed"),
-]
+PROGRAMS = ("initdb", "postgres", "pg_isready", "createdb")
+DEBIAN_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)  # Debian's layout, newest first
 
 
+def test_find_binaries_prefers_path_and_says_none_without_postgres(tmp_path, monkeypatch):
+    for name in PROGRAMS:
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    found = find_binaries()
+    assert found is not None and {getattr(found, n) for n in PROGRAMS} == {str(tmp_path / n) for n in PROGRAMS}
+    if not DEBIAN_BIN:
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        assert find_binaries() is None
+
+
+@pytest.mark.skipif(not DEBIAN_BIN, reason="Debian's postgresql package is not installed")
+def test_find_binaries_finds_debians_layout_when_postgres_is_not_on_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # initdb and postgres are never on PATH after apt-get install
+    found = find_binaries()
+    assert found is not None, f"PostgreSQL's programs not found in {DEBIAN_BIN}"
+    assert {Path(getattr(found, n)).parent for n in PROGRAMS} == {Path(DEBIAN_BIN[0])}
+    assert all(os.access(getattr(found, n), os.X_OK) for n in PROGRAMS)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.skipif(find_binaries() is None or importlib.util.find_spec("psycopg2") is None,
+                    reason="PostgreSQL or psycopg2 is not installed")
 def test_a_postgres_backed_cluster_keeps_runs_in_postgres_and_stops_whole(tmp_path):
     import psycopg2
 
