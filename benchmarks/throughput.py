@@ -20,6 +20,11 @@ run pretrains them, resnet20 for a few minutes, before anything is timed). Write
 
     python benchmarks/throughput.py                             # both lengths, concurrency 1 and 2
     python benchmarks/throughput.py --lengths short --trials 4  # a smoke run of a minute or two
+    python benchmarks/throughput.py --lengths short --set checkpoint_min_s=0 --label before
+
+``--set KEY=VALUE`` (repeatable) passes a config override to every `prunetune run` of the benchmark
+(and so to the limit, which runs each search's saved config): an A/B of one option, each side under
+its own ``--label``. Each row also counts the checkpoints a trial reported (Ray's ``result.json``).
 
 Besides the means it splits each search's trials into the first trial of each worker (which waits
 for its worker process to start and import torch) and the later ones (the steady state), and gives
@@ -41,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -128,11 +134,27 @@ def per_hour(trials: int, seconds: float) -> float:
     return 3600.0 * trials / seconds if seconds > 0 else float("nan")
 
 
-def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache: Path) -> dict:
+def checkpoints_per_trial(run_dir: Path) -> float:
+    """The mean number of checkpoints a trial of the run reported: its ``result.json`` rows that name
+    one (Ray's ``checkpoint_dir_name``)."""
+    counts = [sum(1 for line in path.read_text().splitlines()
+                  if line.strip() and json.loads(line).get("checkpoint_dir_name"))
+              for path in sorted(run_dir.glob("trial_*/result.json"))]
+    return sum(counts) / len(counts) if counts else float("nan")
+
+
+def set_flags(overrides: Sequence[str]) -> list[str]:
+    """``prunetune run``'s ``--set`` flags for the benchmark's ``--set KEY=VALUE`` overrides."""
+    return [flag for override in overrides for flag in ("--set", override)]
+
+
+def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache: Path,
+            overrides: tuple[str, ...] = ()) -> dict:
     spec = LENGTHS[length]
     name = f"{length}-c{concurrency}"
     load = [round(x, 1) for x in os.getloadavg()]  # the machine's load as the search starts
-    args = [*spec["args"], *COMMON, "--trials", str(trials), "--concurrency", str(concurrency)]
+    args = [*spec["args"], *COMMON, *set_flags(overrides), "--trials", str(trials),
+            "--concurrency", str(concurrency)]
     wall = prunetune_run(args, name=name, storage=storage, cache=cache)
     records = read_records(storage / name)
     search = in_search_seconds(records)
@@ -157,6 +179,7 @@ def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache:
                          "limit": round(sum(limit["trial_seconds"]) / len(limit["trial_seconds"]), 3)},
         "mean_phase_s": {k: round(v, 4) for k, v in mean.items()},
         "mean_overhead_s": round(sum(overhead_seconds(t) for t in timings) / len(timings), 3),
+        "checkpoints_per_trial": round(checkpoints_per_trial(storage / name), 2),
         **steady_state(timings, concurrency=concurrency, in_search_s=search),
     }
 
@@ -193,15 +216,15 @@ def markdown(rows: list[dict], *, command: str, started: datetime, wall: float) 
              "plain processes running `run_trial`, one per worker. Ratio = time / limit's time (1.00x = the "
              "limit; the goal is within 1.1x).", "",
              "| length | concurrency | trials | mean trial s (prunetune / limit) | trials/h prunetune | "
-             "in-search | limit | ratio whole | ratio in-search | overhead s/trial |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "in-search | limit | ratio whole | ratio in-search | overhead s/trial | checkpoints/trial |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tph = r["trials_per_hour"]
         lines.append(f"| {r['length']} (about {LENGTHS[r['length']]['about']}) | {r['concurrency']} | {r['trials']} | "
                      f"{r['mean_trial_s']['prunetune']:.2f} / {r['mean_trial_s']['limit']:.2f} | "
                      f"{tph['prunetune']:.0f} | {tph['prunetune_in_search']:.0f} | {tph['limit']:.0f} | "
                      f"**{r['ratio_limit_over_prunetune']:.2f}x** | **{r['ratio_in_search']:.2f}x** | "
-                     f"{r['mean_overhead_s']:.2f} |")
+                     f"{r['mean_overhead_s']:.2f} | {r.get('checkpoints_per_trial', float('nan')):.2f} |")
     lines += ["", "Mean seconds per phase of prunetune's trials (`prunetune status --timing`):", "",
               "| length | concurrency | " + " | ".join(rows[0]["mean_phase_s"]) + " |",
               "|---|---|" + "---|" * len(rows[0]["mean_phase_s"])]
@@ -228,19 +251,26 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("PRUNETUNE_CACHE", "/work/cache")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput")
     parser.add_argument("--label", default=None, help="the results' folder under --out (default: the date)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every prunetune run of the benchmark (repeatable), "
+                             "e.g. --set checkpoint_min_s=0")
     args = parser.parse_args()
+    bad = [override for override in args.overrides if "=" not in override or not override.split("=", 1)[0]]
+    if bad:
+        parser.error(f"--set takes KEY=VALUE, got {bad[0]!r}; e.g. --set checkpoint_min_s=0")
     started = datetime.now(UTC)
     clock = time.monotonic()
     rows = []
     with tempfile.TemporaryDirectory(prefix="prunetune-throughput-") as tmp:
         storage = Path(tmp)
         for length in args.lengths:
-            prunetune_run([*LENGTHS[length]["args"], *COMMON, "--trials", "1", "--concurrency", "1",
-                           "--finetune-epochs", "0"], name=f"{length}-warm", storage=storage,
+            prunetune_run([*LENGTHS[length]["args"], *COMMON, *set_flags(args.overrides), "--trials", "1",
+                           "--concurrency", "1", "--finetune-epochs", "0"], name=f"{length}-warm", storage=storage,
                           cache=args.cache)  # the base model trained and cached before anything is timed
             for concurrency in args.concurrency:
                 trials = args.trials or LENGTHS[length]["trials"]
-                rows.append(measure(length, concurrency, trials=trials, storage=storage, cache=args.cache))
+                rows.append(measure(length, concurrency, trials=trials, storage=storage, cache=args.cache,
+                                    overrides=tuple(args.overrides)))
                 print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     folder = args.out / (args.label or f"{started:%Y-%m-%d}")
@@ -249,7 +279,8 @@ def main() -> int:
     (folder / "throughput.md").write_text(text)
     (folder / "summary.json").write_text(json.dumps({
         "command": command.strip(), "started": started.isoformat(), "machine": platform.machine(),
-        "cores": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows}, indent=1) + "\n")
+        "cores": os.cpu_count(), "load_average": os.getloadavg(), "overrides": args.overrides, "rows": rows},
+        indent=1) + "\n")
     print(text)
     print(f"written to {folder}")
     return 0
