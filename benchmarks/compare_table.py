@@ -67,6 +67,17 @@ def markdown(table: dict, by: str) -> str:
     return "\n".join(lines)
 
 
+NO_BEST_EXIT = 1  # `prunetune run`'s status when its trials finished but none met a constrained MACs target
+
+
+def search_failed(done: subprocess.CompletedProcess, run_dir: Path) -> bool:
+    """Whether a ``prunetune run`` failed: any non-zero exit but the one for "no trial met the MACs
+    target", a finished search (summary.json written, ``best`` null) that a table shows as such."""
+    if done.returncode in (0, NO_BEST_EXIT) and (Path(run_dir) / "summary.json").is_file():
+        return done.returncode != 0 and json.loads((Path(run_dir) / "summary.json").read_text()).get("best") is not None
+    return True
+
+
 def keep(run_dirs: list[str], out: Path) -> None:
     """Copy each run directory's small files into ``out/<name>/``."""
     for run_dir in map(Path, run_dirs):

@@ -27,7 +27,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from compare_table import keep
+from compare_table import keep, search_failed
 from quality import ROOT, cli, final_results
 
 BASELINES = {"uniform": ["--method", "uniform"], "global": ["--method", "global", "--importance", "l1"],
@@ -51,7 +51,7 @@ def run(name: str, arguments: list[str], args) -> dict:
         return {"name": name, "summary": None, "final": None}  # not run: shown as "-"
     if not (run_dir / "summary.json").exists():
         done, wall = cli(["run", *arguments, "--name", name])
-        if done.returncode != 0:
+        if search_failed(done, run_dir):
             raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         print(f"  {name}: {wall:.0f} s", file=sys.stderr, flush=True)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -25,6 +25,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from compare_table import search_failed
+
 # --image-size 16: the figures in BENCHMARKS.md were measured at 16x16 (the embedded default's image
 # size then applied to every dataset); kept so they reproduce and stay comparable.
 SHARED = ["--model", "resnet20", "--dataset", "fashion-mnist", "--image-size", "16", "--macs-target", "0.5",
@@ -40,7 +42,7 @@ def run_search(method: str, seed: int, *, storage: Path, shared: list[str], extr
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     wall = time.monotonic() - started
-    if done.returncode != 0:
+    if search_failed(done, storage / name):
         raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     summary = json.loads((storage / name / "summary.json").read_text())
     return {**summary, "seed": seed, "command_wall_s": wall}

@@ -42,7 +42,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from compare_table import compare_json, keep, markdown
+from compare_table import compare_json, keep, markdown, search_failed
 
 ROOT = Path(__file__).resolve().parents[1]
 HEURISTIC_METHODS = ("uniform", "global", "global-lamp", "uniform-bn", "global-bn")
@@ -137,7 +137,7 @@ def search(method: str, target: float, seed: int, args) -> dict:
         done, wall = cli(["run", *shared_flags(args), *trials_flags(method, args), *METHOD_FLAGS[method],
                           "--macs-target", str(target), "--seed", str(seed), "--name", name,
                           "--storage", str(args.storage)])
-        if done.returncode != 0:
+        if search_failed(done, run_dir):
             raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         print(f"  {name}: {wall:.0f} s", file=sys.stderr, flush=True)
     return json.loads((run_dir / "summary.json").read_text())

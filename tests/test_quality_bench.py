@@ -42,3 +42,19 @@ def test_the_heuristic_validation_would_pick_and_a_final_variant_s_run_directory
     cells = bench.table(rows, ["optuna-affine"], [0.5], False)[2].split(" | ")
     assert cells[4] == "-0.50 ± 0.00" and cells[5] == "0.50 ± 0.00" and cells[-1] == "30 |"
     assert bench.run_name("optuna-affine-bn-top3", 0.25, 1) == bench.run_name("optuna-affine-bn", 0.25, 1)
+
+
+def test_a_search_that_met_no_target_is_finished_not_failed(monkeypatch, tmp_path):
+    """`prunetune run` exits 1 when no trial met its MACs target; the benchmarks then show an empty row."""
+    bench = quality(monkeypatch)
+    import json
+    import subprocess
+
+    def exited(status):
+        return subprocess.CompletedProcess([], status, "", "")
+
+    assert bench.search_failed(exited(1), tmp_path) and bench.search_failed(exited(0), tmp_path)  # no summary
+    (tmp_path / "summary.json").write_text(json.dumps({"best": None}))
+    assert not bench.search_failed(exited(1), tmp_path) and bench.search_failed(exited(2), tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"best": {"trial_id": "a"}}))
+    assert bench.search_failed(exited(1), tmp_path) and not bench.search_failed(exited(0), tmp_path)
