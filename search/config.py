@@ -214,7 +214,9 @@ class ResourcesSection(Section):
 @dataclass(frozen=True)
 class FinalSection(Section):
     """The final fine-tune of the chosen policy (``prunetune finetune``; at the end of ``run`` when
-    ``epochs`` > 0): pruned from the base model again, trained longer, optionally distilled from it."""
+    ``epochs`` > 0): pruned from the base model again, trained longer, optionally distilled from it.
+    With ``candidates`` > 1 or ``heuristics``, several policies get it and the best by final
+    validation accuracy is chosen (``search.final.run_finals``): the last rung of multi-fidelity."""
 
     section: ClassVar[str] = "final"
     epochs: int = option(0, "epochs of the final fine-tune of the best policy at the end of run; 0 = none",
@@ -224,6 +226,11 @@ class FinalSection(Section):
     distill_weight: float = option(0.5, "weight w of the distillation term: (1 - w) CE + w T^2 KL",
                                    check=Range(0, 1))
     temperature: float = option(4.0, "distillation temperature T", check=POSITIVE)
+    candidates: int = option(1, "the best distinct trials within the MACs target (by trial validation accuracy) "
+                             "that each get the final fine-tune; the best final validation accuracy is kept",
+                             check=AT_LEAST_ONE)
+    heuristics: bool = option(False, "also give the final to every warm-start heuristic's trial within the "
+                              "MACs target")
 
 
 @dataclass(frozen=True)

@@ -330,14 +330,18 @@ def _new_tuner(search: Search, log: Log):
 
 
 def _final_fine_tune(search: Search, log: Log) -> None:
-    """The ``final`` section's long fine-tune of the best policy (``search.final``), printed after
-    the summary; interrupted, it continues with ``prunetune finetune RUN_DIR`` (same settings)."""
-    from prunetune.search.final import format_final, record_final, run_final
+    """The ``final`` section's long fine-tune of the best policy, or of its best candidates
+    (``search.final.run_finals``), printed after the summary; interrupted, it continues with
+    ``prunetune finetune RUN_DIR`` (same settings)."""
+    from prunetune.search.final import format_final, record_final, run_finals
 
-    log(f"final fine-tune of the best policy ({search.cfg.final.epochs} epochs); if interrupted, continue "
+    final = search.cfg.final
+    several = final.candidates > 1 or final.heuristics
+    which = "the best policy" if final.candidates == 1 else f"the {final.candidates} best policies"
+    log(f"final fine-tune of {which}{' and the heuristics' if final.heuristics else ''} ({final.epochs} epochs"
+        f"{', the best final validation accuracy kept' if several else ''}); if interrupted, continue "
         f"with `prunetune finetune {search.run_dir}`")
-    result = run_final(search.run_dir, trial="best", final=search.cfg.final, cache_dir=None, log=log,
-                       setup=search.setup)
+    result = run_finals(search.run_dir, final=final, cache_dir=None, log=log, setup=search.setup)
     record_final(search.run_dir, result, log)
     print(format_final(result), flush=True)
 

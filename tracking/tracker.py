@@ -220,11 +220,13 @@ class Tracker:
         self._complete_trial(run, record)
         return run.info.run_id
 
-    def log_final(self, parent_id: str, result: Mapping[str, Any]) -> str:
-        """Log a final fine-tune (``search.final``) as a child run tagged final; return its id.
+    def log_final(self, parent_id: str, result: Mapping[str, Any], *, chosen: bool = True) -> str:
+        """Log a final fine-tune (``search.final``) as a child run; return its id.
 
         It is logged like a trial whose id is ``final-<trial>`` (found again by its plan folder, so
-        logging it twice makes no second run), then re-tagged: role and fidelity ``final``.
+        logging it twice makes no second run), then re-tagged: fidelity ``final`` and role ``final``
+        for the ``chosen`` one, ``final_candidate`` for the other candidates of a multi-candidate final
+        (set on every call: a candidate logged again by a later choice takes that choice's role).
         """
         metrics = {key: result.get(key) for key in ("val_accuracy", "macs", "params", "macs_ratio",
                                                     "params_ratio", "latency_ms")}
@@ -235,9 +237,9 @@ class Tracker:
                   "params": {"of_trial": result["trial_id"], "final_epochs": result["recipe"]["epochs"],
                              "final_lr": result["recipe"]["lr"], "distill": result["distill"],
                              "distill_weight": result.get("distill_weight"),
-                             "temperature": result.get("temperature")}}
+                             "temperature": result.get("temperature"), "heuristic": result.get("heuristic")}}
         run_id = self.log_trial(parent_id, record)
-        self.client.set_tag(run_id, TAG_ROLE, "final")
+        self.client.set_tag(run_id, TAG_ROLE, "final" if chosen else "final_candidate")
         self.client.set_tag(run_id, TAG_FIDELITY, "final")
         return run_id
 
