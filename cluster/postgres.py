@@ -11,7 +11,6 @@ lives in a directory of its own under /tmp that ``cluster down`` removes. MLflow
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import pwd
@@ -30,6 +29,7 @@ DB_USER = "prunetune"
 DB_NAME = "mlflow"
 SERVICE_USER = "postgres"  # who runs PostgreSQL when we are root
 START_TIMEOUT_S = 60.0
+DEBIAN_ROOT = Path("/usr/lib/postgresql")  # Debian installs each major version in <root>/<version>/bin
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,24 @@ class PostgresBinaries:
     createdb: str
 
 
-def find_binaries() -> PostgresBinaries | None:
-    """PostgreSQL's programs on PATH, else in Debian's /usr/lib/postgresql/<version>/bin; None if absent."""
+def _version_key(folder: Path) -> tuple[tuple[int, ...], str]:
+    """Sort key of a Debian version folder's name, by number: 9.6 < 10 < 15 (as text, "9.6" > "15")."""
+    name = folder.name
+    parts = name.split(".")
+    number = tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
+    return number, name
+
+
+def find_binaries(debian_root: Path = DEBIAN_ROOT) -> PostgresBinaries | None:
+    """PostgreSQL's programs on PATH, else in Debian's ``<debian_root>/<version>/bin`` of the newest
+    version (by number) that has them all; None if absent."""
     names = ("initdb", "postgres", "pg_isready", "createdb")
     found = {name: shutil.which(name) for name in names}
     if all(found.values()):
         return PostgresBinaries(**found)
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        paths = {name: str(Path(folder) / name) for name in names}
+    versions = sorted((p.parent for p in Path(debian_root).glob("*/bin")), key=_version_key, reverse=True)
+    for version in versions:
+        paths = {name: str(version / "bin" / name) for name in names}
         if all(os.access(p, os.X_OK) for p in paths.values()):
             return PostgresBinaries(**paths)
     return None

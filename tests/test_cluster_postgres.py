@@ -17,7 +17,8 @@ from prunetune.cluster.postgres import find_binaries
 from tests.cluster_helpers import all_members, base_env, cli, listening_sockets, still_running
 
 PROGRAMS = ("initdb", "postgres", "pg_isready", "createdb")
-DEBIAN_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)  # Debian's layout, newest first
+DEBIAN_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda f: int(Path(f).parent.name.split(".")[0]),
+                    reverse=True)  # Debian's layout, newest (by major version number) first
 
 
 def test_find_binaries_prefers_path_and_says_none_without_postgres(tmp_path, monkeypatch):
@@ -30,6 +31,19 @@ def test_find_binaries_prefers_path_and_says_none_without_postgres(tmp_path, mon
     if not DEBIAN_BIN:
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
         assert find_binaries() is None
+
+
+def test_find_binaries_takes_debians_newest_version_by_number_not_as_text(tmp_path, monkeypatch):
+    root = tmp_path / "postgresql"
+    for version in ("9.6", "15", "10", "16"):  # as text "9.6" sorts last, above "16"
+        (root / version / "bin").mkdir(parents=True)
+        for name in PROGRAMS if version != "16" else PROGRAMS[:2]:  # 16 lacks pg_isready: skipped
+            (root / version / "bin" / name).write_text("#!/bin/sh\n")
+            (root / version / "bin" / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    found = find_binaries(root)
+    assert found is not None and Path(found.initdb) == root / "15" / "bin" / "initdb"
+    assert {Path(getattr(found, n)).parent for n in PROGRAMS} == {root / "15" / "bin"}
 
 
 @pytest.mark.skipif(not DEBIAN_BIN, reason="Debian's postgresql package is not installed")
