@@ -384,6 +384,7 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
         EXIT_NO_BEST,
         all_failed_message,
         first_failure,
+        next_steps,
         no_best_message,
     )
     from prunetune.search.summary import build_summary, format_summary
@@ -437,8 +438,5 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
     final = cfg.final.epochs > 0 and summary["best"] is not None
     if final:
         _final_fine_tune(search, log)
-    uri = meta["tracking_uri"]
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
-    print(f"\nnext: {ui}   |   prunetune status {run_dir}   |   "
-          f"prunetune export {run_dir} --trial {'final' if final else 'best'} --out pruned.pt", flush=True)
+    print(f"\n{next_steps(summary, run_dir, meta['tracking_uri'], final=final)}", flush=True)
     return 0

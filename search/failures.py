@@ -114,3 +114,21 @@ def no_best_message(records: Sequence[Mapping], cfg) -> str:
     return (f"no finished trial met the MACs target {cfg.macs_target:g} (a MACs ratio of at most "
             f"{cfg.macs_target + cfg.macs_tolerance:g} with macs_tolerance {cfg.macs_tolerance:g}; {near}); "
             f"raise --macs-target, or {cut_deeper_hint(cfg)}")
+
+
+def next_steps(summary: Mapping, run_dir: Path, tracking_uri: str, *, final: bool) -> str:
+    """The closing ``next:`` line of a search: the MLflow view, ``prunetune status`` and an export
+    that works: ``--trial final`` after a final fine-tune, ``--trial best`` where a trial met the
+    MACs target; where none did (objective pareto exits 0), ``--trial ID`` of the front's trial
+    with the fewest MACs (the closest to the target), as ``--trial best`` would be refused."""
+    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else f"open {tracking_uri}"
+    steps = [ui, f"prunetune status {run_dir}"]
+    if final or summary.get("best") is not None:
+        steps.append(f"prunetune export {run_dir} --trial {'final' if final else 'best'} --out pruned.pt")
+    else:
+        front = [p for p in summary.get("pareto") or [] if p.get("macs") is not None]
+        if front:
+            fewest = min(front, key=lambda p: p["macs"])
+            steps.append(f"prunetune export {run_dir} --trial {fewest['trial_id']} --out pruned.pt "
+                         f"(the front's fewest MACs, ratio {fewest['macs_ratio']:.3f}; none met the target)")
+    return "next: " + "   |   ".join(steps)

@@ -31,6 +31,28 @@ def test_a_pareto_search_with_no_trial_within_the_target_warns_and_exits_0(tmp_p
                                                          macs_target=0.3, objective="pareto")
     assert status == 0 and parent_status == "FINISHED" and summary["best"] is None
     assert len(lines) == 1 and lines[0].startswith("prunetune: warning: no finished trial met the MACs target 0.3")
+    closing = out.strip().splitlines()[-1]  # suggests what works: --trial best would be refused
+    assert closing.startswith("next: ") and "--trial best" not in closing
+    assert f"prunetune status {tmp_path / 'r'}" in closing
+    assert f"prunetune export {tmp_path / 'r'} --trial t0 --out pruned.pt" in closing
+
+
+def test_the_closing_line_suggests_an_export_that_works():
+    from pathlib import Path
+
+    from prunetune.search.failures import next_steps
+
+    run = Path("/runs/r")
+    front = [{"trial_id": "a", "macs": 90.0, "macs_ratio": 0.9}, {"trial_id": "b", "macs": 60.0, "macs_ratio": 0.6}]
+    assert next_steps({"best": {"trial_id": "a"}, "pareto": front}, run, "sqlite:///x.db", final=False) == (
+        "next: mlflow ui --backend-store-uri sqlite:///x.db   |   prunetune status /runs/r   |   "
+        "prunetune export /runs/r --trial best --out pruned.pt")
+    assert next_steps({"best": {"trial_id": "a"}, "pareto": front}, run, "http://h:5000", final=True).endswith(
+        "--trial final --out pruned.pt") and "open http://h:5000" in next_steps({}, run, "http://h:5000", final=False)
+    unmet = next_steps({"best": None, "pareto": front}, run, "sqlite:///x.db", final=False)
+    assert "--trial b --out pruned.pt (the front's fewest MACs, ratio 0.600; none met the target)" in unmet
+    assert next_steps({"best": None, "pareto": []}, run, "sqlite:///x.db", final=False).endswith(
+        "prunetune status /runs/r")  # nothing to export: status lists the trials
 
 
 def test_the_closest_trial_prefers_finished_full_fidelity_ones_and_the_hint_follows_the_method():
