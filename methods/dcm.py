@@ -146,7 +146,8 @@ class DcmLearner(Learner):
         floor_ratio = space.macs_ratio(rounded_policy(space, floors(space, self.options.floor)))
         if floor_ratio > target:
             raise UserError(f"with every group at dcm.floor {self.options.floor:g} the model keeps "
-                            f"{floor_ratio:.3f} of its MACs, over the target {target:g}; lower dcm.floor")
+                            f"{floor_ratio:.3f} of its MACs, over the target {target:g}; raise --macs-target "
+                            f"to at least {floor_ratio:.3f}, or lower --set dcm.floor")
         if lowest <= 0:
             raise UserError(f"dcm.target_margin_max {self.options.target_margin_max:g} leaves no MACs target "
                             f"below {target:g}; lower it")

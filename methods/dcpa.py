@@ -275,7 +275,8 @@ class DcpaLearner(Learner):
         if space.macs_ratio(smallest) > target:
             raise UserError(f"with every group at dcpa.width_min {self.options.width_min:g} the model keeps "
                             f"{space.macs_ratio(smallest):.3f} of its MACs, over the target {target:g}; "
-                            f"lower dcpa.width_min")
+                            f"raise --macs-target to at least {space.macs_ratio(smallest):.3f}, or lower "
+                            f"--set dcpa.width_min")
         if target - self.options.target_margin_max - self.options.tolerance <= 0:
             raise UserError(f"dcpa.target_margin_max and dcpa.tolerance leave no MACs target below {target:g}; "
                             f"lower them")

@@ -67,7 +67,9 @@ def storage_dir(cfg) -> Path:
 def check_target(cfg, space) -> None:
     """Refuse a MACs target the space cannot reach, saying the reachable range (with
     ``space.search_depth``, or for a method that drops blocks by itself, dropping every droppable
-    block too)."""
+    block too); then one the method cannot reach with its options (its lowest keep ratio, a
+    learner's own check: ``methods.reach``), before Ray starts or the base model trains."""
+    from prunetune.methods.reach import check_reach
     from prunetune.methods.registry import get_method
 
     depth = cfg.space.search_depth or get_method(cfg.method).drops_blocks
@@ -76,6 +78,7 @@ def check_target(cfg, space) -> None:
         raise UserError(f"macs_target {cfg.macs_target:g} is below what {cfg.model} can reach: MACs ratios "
                         f"from {floor:.3f} to 1 (every group at its minimum channels"
                         f"{', every droppable block dropped' if depth else ''}); raise --macs-target")
+    check_reach(cfg.method, space, macs_target=cfg.macs_target, options=cfg.method_options)
 
 
 def load_inputs(cfg):

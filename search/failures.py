@@ -94,13 +94,14 @@ def closest_trial(records: Sequence[Mapping]) -> Mapping | None:
 
 def cut_deeper_hint(cfg) -> str:
     """How the config's method could reach lower MACs: its floor option, a learner's ranges, or the space."""
+    from prunetune.methods.reach import floor_key
     from prunetune.methods.registry import get_method
 
     spec = get_method(cfg.method)
     options = cfg.methods.get(spec.section) if spec.section else None
-    for key in ("min_keep_ratio", "floor"):
-        if hasattr(options, key):
-            return f"let {cfg.method} cut deeper (lower --set {spec.section}.{key}, now {getattr(options, key):g})"
+    key = floor_key(options)
+    if key is not None:
+        return f"let {cfg.method} cut deeper (lower --set {spec.section}.{key}, now {getattr(options, key):g})"
     if spec.kind == "learner":
         return f"let {cfg.method} cut deeper (its {spec.section}.* hyperparameters: README, 'Configuration')"
     return "widen the space (--set space.min_channels=1, --set space.search_depth=true)"

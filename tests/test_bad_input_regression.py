@@ -243,6 +243,11 @@ DRIVER_CASES = [
          absent=NOTHING, in_process=True),
     Case("run-target-above-one", _run("--macs-target", "1.5"), "macs_target", absent=NOTHING, in_process=True),
     Case("run-target-below-reach", _run("--macs-target", "0.001"), "MACs ratios from", absent=NOTHING, in_process=True),
+    Case("run-optuna-floor-above-the-target", _run("--macs-target", "0.2", "--set", "optuna.min_keep_ratio=0.9"),
+         "the lowest MACs ratio optuna reaches on small_cnn with optuna.min_keep_ratio 0.9", absent=NOTHING,
+         in_process=True),  # before Ray or the base model: no search none of whose trials can meet it
+    Case("run-dcm-floor-above-the-target", _run("--method", "dcm", "--macs-target", "0.2", "--set", "dcm.floor=0.9"),
+         "raise --macs-target to at least", absent=NOTHING, in_process=True),  # a learner's own check, as early
     Case("run-target-not-a-number", _run("--macs-target", "half"), "'half' is not a number", absent=NOTHING, in_process=True),
     Case("run-no-trials", _run("--trials", "0"), "--trials: 0 is not a positive integer", absent=NOTHING, in_process=True),
     Case("run-fractional-trials", _run("--trials", "3.5"), "'3.5' is not an integer", absent=NOTHING, in_process=True),

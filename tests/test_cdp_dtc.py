@@ -347,11 +347,16 @@ def test_the_driver_refuses_only_targets_below_the_floor_with_blocks_dropped():
     assert dropped < kept
     between = (dropped + kept) / 2
 
-    def cfg(method):
-        return SimpleNamespace(method=method, model="tiny_resnet", macs_target=between,
-                               space=SimpleNamespace(search_depth=False))
+    def cfg(method, **options):
+        from prunetune.methods.registry import METHODS
 
-    check_target(cfg("cdp-dtc"), space)
+        return SimpleNamespace(method=method, model="tiny_resnet", macs_target=between,
+                               space=SimpleNamespace(search_depth=False),
+                               method_options=METHODS[method].options(**options))
+
+    check_target(cfg("cdp-dtc", threshold="model"), space)
+    with pytest.raises(UserError, match="no layer empties"):  # its own check, as early: relative keeps blocks
+        check_target(cfg("cdp-dtc"), space)
     with pytest.raises(UserError, match="below what tiny_resnet can reach"):
         check_target(cfg("optuna"), space)
     with pytest.raises(UserError, match="every droppable block dropped"):
