@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prunetune.search.ray_session import kill_leftover_ray
-from tests.search_helpers import QUICK, mlflow_runs, run_cli, start_cli, wait_for_records
+from tests.search_helpers import QUICK, mlflow_runs, read_jsonl, run_cli, start_cli, wait_for_records
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,24 @@ def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path, base_model_cache, tra
         parents, _ = mlflow_runs(meta["tracking_uri"])
         assert [p.info.status for p in parents] == ["KILLED"]
         assert temp_dirs and not any(Path(d).exists() for d in temp_dirs)  # Ray's temp dir is removed
+        status = run_cli(["status", str(run_dir), "--json"], cache=cache, cwd=tmp_path)
+        assert json.loads(status.stdout)["state"] == "interrupted"
+
+        # resume takes the same path (StopSignals, a graceful tuner.fit): SIGTERM keeps it resumable
+        kept = read_jsonl(run_dir / "trials.jsonl")
+        driver = start_cli(["resume", str(run_dir)], cache=cache, cwd=tmp_path, log=log)
+        wait_for_records(run_dir, len(kept) + 1, driver, log)  # the resumed tuner.fit() is running
+        temp_dirs = json.loads((run_dir / "prunetune.json").read_text())["ray_temp_dirs"]
+        os.kill(driver.pid, signal.SIGTERM)
+        assert driver.wait(timeout=120) == 143, log.read_text()[-3000:]
+        text = log.read_text()
+        assert f"interrupted (SIGTERM): finished trials are kept in {run_dir}; continue with " \
+               f"`prunetune resume {run_dir}`" in text and "Traceback" not in text and "StackTrace" not in text
+        assert not (run_dir / "summary.json").exists()
+        assert read_jsonl(run_dir / "trials.jsonl")[: len(kept)] == kept  # kept as they were
+        parents, _ = mlflow_runs(meta["tracking_uri"])
+        assert [p.info.status for p in parents] == ["KILLED"]
+        assert temp_dirs and not any(Path(d).exists() for d in temp_dirs)
         status = run_cli(["status", str(run_dir), "--json"], cache=cache, cwd=tmp_path)
         assert json.loads(status.stdout)["state"] == "interrupted"
     finally:
