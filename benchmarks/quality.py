@@ -47,7 +47,7 @@ from compare_table import compare_json, keep, markdown, search_failed
 ROOT = Path(__file__).resolve().parents[1]
 HEURISTIC_METHODS = ("uniform", "global", "global-lamp", "uniform-bn", "global-bn")
 SEARCH_METHODS = ("optuna-affine", "optuna-affine-bn", "optuna-affine-e3", "optuna-affine-full-e3", "optuna-stages", "optuna",
-                  "arpruning", "dcm", "dcpa", "cdp-dtc", "optuna-affine-bn-top3", "optuna-affine-top3", "dcpa-top3")
+                  "arpruning", "dcm", "dcpa", "cdp-dtc", "optuna-affine-bn-top3", "optuna-affine-bn-top6", "optuna-affine-top3", "dcpa-top3")
 # method name -> the flags that make it (global-lamp is the global baseline with LAMP normalisation)
 METHOD_FLAGS = {
     "uniform": ["--method", "uniform"],
@@ -94,6 +94,8 @@ LEARNERS = ("dcm", "dcpa", "cdp-dtc")  # a trial learns its policy: fewer, longe
 # (``final.candidates``, ``final.heuristics``). Its cost is one final per candidate ("final s").
 FINAL_VARIANTS = {
     "optuna-affine-bn-top3": ("optuna-affine-bn", ["--candidates", "3", "--heuristics"]),
+    # the 6 best: where the heuristics lead the trials' validation (they often do), about 3 searched policies
+    "optuna-affine-bn-top6": ("optuna-affine-bn", ["--candidates", "6", "--heuristics"]),
     "optuna-affine-top3": ("optuna-affine", ["--candidates", "3", "--heuristics"]),
     "dcpa-top3": ("dcpa", ["--candidates", "3"]),
 }
