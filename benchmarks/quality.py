@@ -6,8 +6,8 @@ with and without distillation from the base model) and prints Markdown for BENCH
 method the mean and sd over seeds of the final test accuracy, the paired difference to the best
 heuristic of the same seed and target (uniform, global l1, global LAMP, and uniform and global in
 BatchNorm-scale order; the best by test, an oracle) and to the heuristic with the best final
-validation accuracy (the one a user would pick), each with its sd, trials, the search's and the
-final's wall time. A ``-top3`` method is its base method's search with another final: the final
+validation accuracy (the one a user would pick), each with its sd, trials, the search's wall time
+and the number of final fine-tunes (one, or one per candidate; their seconds are in rows.json). A ``-top3`` method is its base method's search with another final: the final
 fine-tune of its 3 best trials by validation (and of its heuristics' trials, for optuna), the one
 with the best final validation accuracy kept (``final.candidates``), at the cost of one final each. The goal it measures against: at target 0.25 the best search at least 1 point above the
 best heuristic, at 0.5 no search below it.
@@ -178,13 +178,14 @@ def final(method: str, target: float, seed: int, distill: bool, args, summary: d
             kept.write_text(json.dumps(outcome, indent=1) + "\n")
         outcome = json.loads(kept.read_text())
         results = {r["trial_id"]: r for r in final_results(run_dir, distill, args.final_epochs)}
+        outcome["finals"] = len(outcome["candidates"])
         outcome["final_seconds"] = sum(results[c["trial_id"]]["trial_seconds"] for c in outcome["candidates"])
         return outcome
     best = summary["best"]["trial_id"]
     if not final_results(run_dir, distill, args.final_epochs, best):
         finetune(run_dir, flags, f"final of {name}", args)
     chosen = final_results(run_dir, distill, args.final_epochs, best)[-1]
-    return {**chosen, "final_seconds": chosen["trial_seconds"]}
+    return {**chosen, "finals": 1, "final_seconds": chosen["trial_seconds"]}
 
 
 def final_done(method: str, target: float, seed: int, distill: bool, args, summary: dict) -> bool:
@@ -221,7 +222,7 @@ def table(rows: list[dict], methods: list[str], targets: list[float], distill: b
     """Per target and method: final test accuracy, the paired difference to the best heuristic."""
     out = ["| target | method | seeds | final test % (mean ± sd) | minus best heuristic, points (mean ± sd) | "
            "minus the heuristic with the best final val, points | MACs ratio | trials (full + proxy) | proxy tau | "
-           "search s | final s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "search s | final fine-tunes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for target in targets:
         for method in methods:
             mine = [r for r in rows if r["method"] == method and r["target"] == target and r["distill"] == distill]
@@ -245,11 +246,11 @@ def table(rows: list[dict], methods: list[str], targets: list[float], distill: b
             proxy = statistics.mean((r["summary"].get("fidelity") or {}).get("proxy", 0) for r in mine)
             taus = [t for t in (tau_of(r["summary"]) for r in mine) if t is not None]
             wall = statistics.mean(r["summary"]["wall_s"] for r in mine)
-            final_s = statistics.mean(r["final"]["final_seconds"] for r in reached) if reached else None
+            finals = statistics.mean(r["final"]["finals"] for r in reached) if reached else None
             out.append(f"| {target:g} | {method} | {len(mine)} | {accuracy} | {mean_sd(differences)} | "
                        f"{mean_sd(by_val)} | {mean_sd([r['final']['macs_ratio'] for r in reached], 1, 3)} | "
                        f"{full:.1f} + {proxy:.1f} | {mean_sd(taus, 1) if taus else '-'} | {wall:.0f} | "
-                       f"{'-' if final_s is None else f'{final_s:.0f}'} |")
+                       f"{'-' if finals is None else f'{finals:.1f}'} |")
     return out
 
 

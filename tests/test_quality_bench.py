@@ -17,7 +17,7 @@ def quality(monkeypatch):
 def row(method, seed, accuracy, macs=0.5, val=None):
     summary = {"wall_s": 10.0, "fidelity": {"full": 4, "proxy": 0}, "best": None if accuracy is None else {}}
     final = None if accuracy is None else {"test_accuracy": accuracy, "val_accuracy": accuracy if val is None else val,
-                                           "macs_ratio": macs, "final_seconds": 30.0}
+                                           "macs_ratio": macs, "finals": 1, "final_seconds": 30.0}
     return {"method": method, "target": 0.5, "seed": seed, "distill": False, "summary": summary, "final": final}
 
 
@@ -40,7 +40,7 @@ def test_the_heuristic_validation_would_pick_and_a_final_variant_s_run_directory
     # seed 0: uniform is best on test, global on validation; the search is compared with each
     rows = [row("uniform", 0, 0.75, val=0.70), row("global", 0, 0.74, val=0.72), row("optuna-affine", 0, 0.745)]
     cells = bench.table(rows, ["optuna-affine"], [0.5], False)[2].split(" | ")
-    assert cells[4] == "-0.50 ± 0.00" and cells[5] == "0.50 ± 0.00" and cells[-1] == "30 |"
+    assert cells[4] == "-0.50 ± 0.00" and cells[5] == "0.50 ± 0.00" and cells[-1] == "1.0 |"
     assert bench.run_name("optuna-affine-bn-top3", 0.25, 1) == bench.run_name("optuna-affine-bn", 0.25, 1)
 
 
