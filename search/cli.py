@@ -28,6 +28,7 @@ from prunetune.search.commands import (
     status_cmd,
     sync_cmd,
 )
+from prunetune.search.fast_exit import exit_now
 
 PROG = "prunetune"
 COMMANDS = (run_cmd, resume_cmd, status_cmd, compare_cmd, finetune_cmd, export_cmd, sync_cmd, space_cmd,
@@ -78,5 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(stop, "exit_status", EXIT_INTERRUPTED)
 
 
+def console() -> None:
+    """The `prunetune` console script: ``main()``, then the process ends without the interpreter's
+    finalization (``search.fast_exit``), since nothing is left to close."""
+    try:
+        status = main()
+    except SystemExit as stop:  # --help and --version end inside argparse
+        if stop.code is not None and not isinstance(stop.code, int):
+            raise
+        status = stop.code
+    exit_now(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -1,0 +1,60 @@
+"""The `prunetune` process ends without the interpreter's finalization, but only after the atexit
+handlers ran and stdout and stderr were flushed; its exit status is main()'s, also for argparse's
+own exits (--help, --version) and a user's mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXITING = """
+import atexit, sys
+class Finalised:
+    def __del__(self):
+        print("finalised", flush=True)
+kept = Finalised()  # a module global: only the interpreter's finalization would delete it
+atexit.register(lambda: print("handler ran"))
+print("buffered", end="")
+print("to stderr", file=sys.stderr, end="")
+from prunetune.search.fast_exit import exit_now
+exit_now(STATUS)
+"""
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_exit_now_runs_the_atexit_handlers_flushes_stdio_and_skips_finalization():
+    done = _python(EXITING.replace("STATUS", "3"))
+    assert done.returncode == 3
+    assert done.stdout == "bufferedhandler ran\n"  # piped stdout is block-buffered: nothing lost
+    assert done.stderr == "to stderr"
+
+
+def test_exit_now_with_none_exits_0():
+    assert _python(EXITING.replace("STATUS", "None")).returncode == 0
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prunetune.search.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_the_command_line_keeps_its_exit_statuses_and_output():
+    version = _cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("prunetune ")
+    helped = _cli("--help")
+    assert helped.returncode == 0 and "commands:" in helped.stdout
+    wrong = _cli("status", str(ROOT / "no-such-run"))
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("prunetune: error: ") and len(wrong.stderr.strip().splitlines()) == 1
+
+
+def test_the_console_script_is_the_fast_exiting_entry_point():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"prunetune": "prunetune.search.cli:console"}
