@@ -201,12 +201,18 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
         except Interrupted as stopped:
             log(f"prunetune: interrupted ({stopped}); nothing changed in {run_dir}")
             return stopped.exit_status
-        setup = replace(setup, recorded=_recorded_results(run_dir))  # ended trials are not trained again
-        tracker = _tracker(meta)
-        meta["parent_run_id"] = _start_parent(tracker, meta, config_to_dict(cfg), base)
-        meta["ray_temp_dirs"] = ray.temp_dirs
-        write_meta(run_dir, meta)
-        _log_recorded_trials(run_dir, log)
+        try:
+            setup = replace(setup, recorded=_recorded_results(run_dir))  # ended trials are not trained again
+            tracker = _tracker(meta)
+            meta["parent_run_id"] = _start_parent(tracker, meta, config_to_dict(cfg), base)
+            meta["ray_temp_dirs"] = ray.temp_dirs
+            write_meta(run_dir, meta)
+            _log_recorded_trials(run_dir, log)
+        except Interrupted as stopped:  # before the trials continued: what was recorded is as it was
+            with contextlib.suppress(Exception):
+                _tracker(meta).set_status(meta["parent_run_id"], "KILLED")
+            log(_interrupted_line(stopped, run_dir))
+            return stopped.exit_status
         log(f"resuming {run_dir}")
         return _run_tuner(Search(cfg, run_dir, meta, tracker, base, setup, calib), stop, log=log, restore=True)
 
@@ -368,10 +374,13 @@ def _interrupted(results) -> bool:
 def _interrupted_exit(search: Search, stop: StopSignals, log: Log) -> int:
     with contextlib.suppress(Exception):  # the message below matters more than the MLflow status
         search.tracker.set_status(search.meta["parent_run_id"], "KILLED")
-    run_dir = search.run_dir
-    log(f"interrupted ({stop.name}): finished trials are kept in {run_dir}; continue with "
-        f"`prunetune resume {run_dir}`")
+    log(_interrupted_line(stop.name, search.run_dir))
     return stop.exit_status
+
+
+def _interrupted_line(signal_name, run_dir: Path) -> str:
+    return f"interrupted ({signal_name}): finished trials are kept in {run_dir}; continue with " \
+           f"`prunetune resume {run_dir}`"
 
 
 def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:

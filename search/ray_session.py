@@ -230,10 +230,13 @@ def stop_ray() -> None:
 
 
 def processes_using(path: str) -> list[int]:
-    """PIDs of this user's processes that mention ``path`` in their command line or hold a file under it.
+    """PIDs of this user's Ray processes of the local Ray whose temp dir is ``path``.
 
-    Ray's agents rename themselves (``ray::DashboardAgent``), so their command line no longer names
-    the temp dir; their open log files still do. Linux /proc only.
+    Those are the processes that name ``path`` on their command line (GCS, raylet, Ray's Python
+    daemons), and Ray's renamed ones (``ray::DashboardAgent``, ``ray::IDLE``: their command line no
+    longer names it) that hold a file under it. Any other process is not Ray's, even if it holds
+    such a file: a notebook or test process whose in-process driver once started that Ray keeps
+    its log files open. Linux /proc only.
     """
     pids = []
     for entry in Path("/proc").iterdir():
@@ -243,7 +246,7 @@ def processes_using(path: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if path in cmdline or _holds_file_under(entry, path):
+        if path in cmdline or (cmdline.startswith("ray::") and _holds_file_under(entry, path)):
             pids.append(int(entry.name))
     return pids
 

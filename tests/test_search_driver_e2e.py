@@ -39,7 +39,7 @@ def test_an_image_folder_search_runs_its_trials_in_ray_workers(tmp_path, trackin
     assert summary["first_failure"] is None
 
 
-def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path, base_model_cache, tracking_store):
+def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path, base_model_cache, tracking_store, monkeypatch):
     storage, cache, log = tracking_store(tmp_path / "runs"), base_model_cache, tmp_path / "driver.log"
     run_dir = storage / "termed"
     args = ["run", *QUICK, "--finetune-epochs", "2", "--trials", "4", "--concurrency", "1", "--name", "termed",
@@ -63,8 +63,17 @@ def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path, base_model_cache, tra
         status = run_cli(["status", str(run_dir), "--json"], cache=cache, cwd=tmp_path)
         assert json.loads(status.stdout)["state"] == "interrupted"
 
-        # resume takes the same path (StopSignals, a graceful tuner.fit): SIGTERM keeps it resumable
+        # a signal after Ray's start but before the resumed trials (here: while MLflow is brought up to
+        # date) ends the resume with the same line, and changes nothing recorded. This process keeps
+        # the log files of that in-process Ray open: the resume below must not take it for Ray's
+        # leftover and kill it (as it once did: the notebook user's case)
         kept = read_jsonl(run_dir / "trials.jsonl")
+        _signal_before_the_resumed_trials(run_dir, cache, monkeypatch)
+        assert read_jsonl(run_dir / "trials.jsonl") == kept and not (run_dir / "summary.json").exists()
+        parents, _ = mlflow_runs(meta["tracking_uri"])
+        assert [p.info.status for p in parents] == ["KILLED"]
+
+        # resume takes the same path (StopSignals, a graceful tuner.fit): SIGTERM keeps it resumable
         driver = start_cli(["resume", str(run_dir)], cache=cache, cwd=tmp_path, log=log)
         wait_for_records(run_dir, len(kept) + 1, driver, log)  # the resumed tuner.fit() is running
         temp_dirs = json.loads((run_dir / "prunetune.json").read_text())["ray_temp_dirs"]
@@ -84,6 +93,25 @@ def test_sigterm_stops_the_search_as_ctrl_c_does(tmp_path, base_model_cache, tra
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         kill_leftover_ray(temp_dirs)
+
+
+def _signal_before_the_resumed_trials(run_dir: Path, cache: Path, monkeypatch) -> None:
+    """``resume_search`` in this process, SIGTERM raised where the driver syncs MLflow (as the signal
+    handler does): exit 143, the usual one line, Ray stopped and its temp dir removed."""
+    from prunetune.search import driver
+    from prunetune.search.interrupt import Interrupted
+
+    def signalled(*_args) -> None:
+        raise Interrupted(signal.SIGTERM)
+
+    lines: list[str] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "_log_recorded_trials", signalled)
+        assert driver.resume_search(run_dir, cache_dir=cache, log=lines.append) == 143
+    assert lines[-1] == (f"interrupted (SIGTERM): finished trials are kept in {run_dir}; continue with "
+                         f"`prunetune resume {run_dir}`")
+    temp_dirs = json.loads((run_dir / "prunetune.json").read_text())["ray_temp_dirs"]
+    assert temp_dirs and not any(Path(d).exists() for d in temp_dirs)
 
 
 def _ray_temp_dirs_of_children(pid: int) -> set[Path]:
