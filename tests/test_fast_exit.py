@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 EXITING = """
-import atexit, sys
+import atexit, sys, threading, time
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread done", end=""))).start()
 class Finalised:
     def __del__(self):
         print("finalised", flush=True)
@@ -29,10 +30,11 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
-def test_exit_now_runs_the_atexit_handlers_flushes_stdio_and_skips_finalization():
+def test_exit_now_waits_for_threads_runs_the_atexit_handlers_flushes_stdio_and_skips_finalization():
     done = _python(EXITING.replace("STATUS", "3"))
     assert done.returncode == 3
-    assert done.stdout == "bufferedhandler ran\n"  # piped stdout is block-buffered: nothing lost
+    # a non-daemon thread is waited for, then the handlers run; piped stdout is block-buffered: nothing lost
+    assert done.stdout == "bufferedthread donehandler ran\n"
     assert done.stderr == "to stderr"
 
 
