@@ -4,8 +4,9 @@ After a search's ``main`` has returned, Python's own shutdown (tearing down torc
 MLflow's modules and the C++ objects behind them) takes 1.5 to 2.4 s of a short command
 (BENCHMARKS.md, "Throughput", the teardown figures) and does nothing a user needs: every run, file
 and Ray session is closed by then. ``exit_now`` runs what a normal exit runs that matters (the
-``atexit`` handlers: logging's flush, MLflow's and Ray's own, in their order, after waiting for
-any non-daemon thread, as Python does), flushes stdout and stderr, and ends the process with
+``atexit`` handlers: logging's flush, MLflow's and Ray's own, in their order, after
+``threading._shutdown``, which ends idle thread-pool workers and waits for non-daemon threads,
+as Python's own exit does first), flushes stdout and stderr, and ends the process with
 ``os._exit``. Only the console script and ``python -m
 prunetune.search.cli`` use it; ``main()`` called from Python returns as before.
 """
@@ -23,9 +24,7 @@ from typing import NoReturn
 def exit_now(status: int | None) -> NoReturn:
     """End the process with ``status`` (None: 0) once the non-daemon threads ended, the atexit
     handlers ran and stdio is flushed."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # what Python's own exit does first: tell thread pools' workers to end, join them
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (`prunetune status | head`)
