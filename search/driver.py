@@ -211,7 +211,7 @@ def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -
         except Interrupted as stopped:  # before the trials continued: what was recorded is as it was
             with contextlib.suppress(Exception):
                 _tracker(meta).set_status(meta["parent_run_id"], "KILLED")
-            log(_interrupted_line(stopped, run_dir))
+            log(_interrupted_line(str(stopped), run_dir))
             return stopped.exit_status
         log(f"resuming {run_dir}")
         return _run_tuner(Search(cfg, run_dir, meta, tracker, base, setup, calib), stop, log=log, restore=True)
@@ -378,7 +378,7 @@ def _interrupted_exit(search: Search, stop: StopSignals, log: Log) -> int:
     return stop.exit_status
 
 
-def _interrupted_line(signal_name, run_dir: Path) -> str:
+def _interrupted_line(signal_name: str, run_dir: Path) -> str:
     return f"interrupted ({signal_name}): finished trials are kept in {run_dir}; continue with " \
            f"`prunetune resume {run_dir}`"
 
