@@ -1,0 +1,147 @@
+"""Headroom at a MACs target: does any policy of the space beat the one-shot heuristics, whatever the searcher?
+
+The search-quality goal (issue 10; ``benchmarks/quality.py``) asks the best search to be at least 1 point above the
+best heuristic at MACs target 0.25. This measures whether policies that good exist in the setting at all,
+independently of how a searcher ranks them. Per seed it draws random policies within the target (``--method
+random``: one uniform draw per group, and a second search with one draw per stage, ``space.parameterisation=stages``),
+the first search warm-started with the heuristics (uniform, global and global LAMP, in ``--importance`` order), and
+gives every policy the same final fine-tune as quality.py's searches (``prunetune finetune RUN --candidates K
+--heuristics``: all of them). It reports per seed the best heuristic's final test accuracy, the random policies'
+best, median and worst, how many beat the best heuristic and how many by a point, the policy that the best final
+*validation* accuracy picks, and Kendall's tau between the trials' short fine-tune and the final's validation.
+
+If no random policy reaches +1, a searcher can reach it only by finding a policy rarer than 1 in the draws; if some
+do, it is the searchers' ranking that is missing. Same setting and cache as quality.py (Fashion-MNIST at 28x28,
+resnet20, ``--data-fraction`` of the training split), resumable the same way (a finished search or final is reused):
+
+    PRUNETUNE_CACHE=/work/cache python benchmarks/headroom.py --storage /work/headroom --data-fraction 0.05
+    python benchmarks/headroom.py --storage /work/headroom --data-fraction 0.05 --seeds 0   # one seed
+
+Each search's small files and every final's ``result.json`` are kept under ``--keep`` with ``rows.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+from compare_table import keep
+from quality import ROOT, cli, final_results, finetune, shared_flags
+
+# the random searches of a seed: parameterisation -> whether the heuristics are evaluated first (once is enough)
+SEARCHES = {"groups": True, "stages": False}
+HEURISTIC_COUNT = 3  # uniform, global, global-lamp (methods.heuristics.HEURISTICS)
+
+
+def run_dir_of(args, parameterisation: str, seed: int) -> Path:
+    return args.storage / f"random-{parameterisation}-t{args.target:g}-s{seed}"
+
+
+def search(args, parameterisation: str, seed: int) -> Path:
+    """One random search (skipped when its summary exists), then the final of every one of its policies."""
+    run_dir = run_dir_of(args, parameterisation, seed)
+    warm = SEARCHES[parameterisation]
+    trials = args.draws + (HEURISTIC_COUNT if warm else 0)
+    if not (run_dir / "summary.json").exists():
+        done, wall = cli(["run", *shared_flags(args), "--method", "random", "--importance", args.importance,
+                          "--trials", str(trials), "--set", f"space.parameterisation={parameterisation}",
+                          "--set", f"warm_start={str(warm).lower()}", "--macs-target", str(args.target),
+                          "--seed", str(seed), "--name", run_dir.name, "--storage", str(args.storage)])
+        if done.returncode != 0 or not (run_dir / "summary.json").exists():
+            raise SystemExit(f"{run_dir.name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        print(f"  {run_dir.name}: {wall:.0f} s", file=sys.stderr, flush=True)
+    finetune(run_dir, ["--no-distill", "--candidates", str(trials), *(["--heuristics"] if warm else [])],
+             f"finals of {run_dir.name}", args)
+    return run_dir
+
+
+def finals_of(run_dir: Path, args) -> list[dict]:
+    """Every final of the run (no distillation, the final's epochs), with the heuristic it is, if any."""
+    from prunetune.pruning.policy import Policy
+    from prunetune.tracking.rundir import read_heuristics
+
+    names = {Policy.from_json(p).key(): n for n, p in reversed(read_heuristics(run_dir).items())}
+    return [{"search": run_dir.name, "trial_id": r["trial_id"], "heuristic": names.get(Policy.from_json(r["policy"]).key()),
+             "trial_val": r["trial_val_accuracy"], "val": r["val_accuracy"], "test": r["test_accuracy"],
+             "macs_ratio": r["macs_ratio"], "policy": r["policy"]} for r in final_results(run_dir, False, args.final_epochs)]
+
+
+def seed_row(seed: int, finals: list[dict]) -> dict:
+    """The figures of one seed: the best heuristic against the random policies' finals."""
+    from scipy.stats import kendalltau
+
+    heuristics = [f for f in finals if f["heuristic"]]
+    drawn = [f for f in finals if not f["heuristic"]]
+    best_h = max(heuristics, key=lambda f: f["test"])
+    gains = sorted(f["test"] - best_h["test"] for f in drawn)
+    picked = max(finals, key=lambda f: f["val"])
+    return {"seed": seed, "best_heuristic": best_h["heuristic"], "best_heuristic_test": best_h["test"],
+            "heuristics": {f["heuristic"]: f["test"] for f in heuristics}, "policies": len(drawn),
+            "best_gain": gains[-1], "median_gain": statistics.median(gains), "worst_gain": gains[0],
+            "above": sum(g > 0 for g in gains), "above_by_1": sum(g >= 0.01 for g in gains),
+            "picked_by_val": picked["heuristic"] or picked["search"], "picked_gain": picked["test"] - best_h["test"],
+            "tau_trial_vs_final_val": kendalltau([f["trial_val"] for f in finals], [f["val"] for f in finals]).statistic,
+            "tau_final_val_vs_test": kendalltau([f["val"] for f in finals], [f["test"] for f in finals]).statistic}
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = ["| seed | best heuristic: final test % | random policies | best, median, worst of them minus it, points | "
+           "above it | above by 1 point | final val picks (minus it) | tau: trial val vs final val | "
+           "tau: final val vs test |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['seed']} | {r['best_heuristic']} {100 * r['best_heuristic_test']:.2f} | {r['policies']} | "
+                   f"{100 * r['best_gain']:+.2f}, {100 * r['median_gain']:+.2f}, {100 * r['worst_gain']:+.2f} | "
+                   f"{r['above']} | {r['above_by_1']} | {r['picked_by_val']} ({100 * r['picked_gain']:+.2f}) | "
+                   f"{r['tau_trial_vs_final_val']:.2f} | {r['tau_final_val_vs_test']:.2f} |")
+    return out
+
+
+def keep_finals(run_dirs: list[Path], out: Path) -> None:
+    """The searches' small files, and each final's plan and result (no checkpoints)."""
+    keep([str(d) for d in run_dirs], out)
+    for run_dir in run_dirs:
+        for result in (run_dir / "final").glob("*/result.json"):
+            target = out / run_dir.name / "final" / result.parent.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(result, target / result.name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=float, default=0.25, help="the MACs target (a ratio of the base model's)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--importance", default="bn_scale", help="the criterion of the heuristics and of the pruning")
+    parser.add_argument("--draws", type=int, default=8, help="random policies per parameterisation and seed")
+    parser.add_argument("--data-fraction", type=float, default=0.05)
+    parser.add_argument("--pretrain-epochs", type=int, default=15)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--final-epochs", type=int, default=10)
+    parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-headroom"))
+    parser.add_argument("--keep", type=Path, default=ROOT / "benchmarks" / "results" / "headroom" / date.today().isoformat())
+    args = parser.parse_args()
+    args.storage.mkdir(parents=True, exist_ok=True)
+    rows, run_dirs = [], []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        dirs = [search(args, parameterisation, seed) for parameterisation in SEARCHES]
+        finals = [f for d in dirs for f in finals_of(d, args)]
+        rows.append({**seed_row(seed, finals), "finals": finals})
+        run_dirs += dirs
+    keep_finals(run_dirs, args.keep / "runs")
+    (args.keep / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"# headroom at MACs target {args.target:g}, {date.today()}, {platform.machine()}, {platform.node()}\n")
+    print(f"settings: `prunetune run {' '.join(shared_flags(args))} --method random --importance {args.importance} "
+          f"--macs-target {args.target:g}` per parameterisation ({args.draws} random policies each of "
+          f"{', '.join(SEARCHES)}; the heuristics first in the groups search), then `prunetune finetune RUN --epochs {args.final_epochs} "
+          f"--candidates K --heuristics` of every policy\n")
+    print("\n".join(table(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
