@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -129,6 +130,10 @@ def test_finetune_distils_records_logs_and_exports(search, base_model_cache):
     assert "final fine-tune of trial" in result.stdout and "distilled" in result.stdout
     model, meta = load_pruned(work / "final.pt")
     assert meta["policy"].to_json() == final["policy"]
+    hint = re.search(r"`(model, info = prunetune\.load_pruned\(.+?\))`", result.stdout).group(1)
+    scope: dict = {}
+    exec(f"import prunetune, torch\n{hint}\nout = model.eval()(torch.zeros(1, *info['space'].input_shape))", scope)
+    assert scope["info"]["policy"].to_json() == final["policy"] and scope["out"].shape[0] == 1  # the hint runs
 
     _, trials = mlflow_runs(json.loads((run_dir / "prunetune.json").read_text())["tracking_uri"])
     finals = [r for r in mlflow_runs_all(run_dir) if r.data.tags.get("prunetune.role") == "final"]

@@ -74,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
         tmp = out.with_name(out.name + ".tmp")
         shutil.copyfile(run_dir / result["checkpoint"] / CHECKPOINT_MODEL, tmp)
         tmp.replace(out)
-        print(f"saved the fine-tuned model to {out} (load it with prunetune.pruning.surgery.load_pruned)")
+        print(f"saved the fine-tuned model to {out} (load it with `model, info = prunetune.load_pruned("
+              f"{str(out)!r})`: info holds its arch, space, policy and extra)")
     return 0
