@@ -236,7 +236,10 @@ def _distillation(setup, final, recipe):
 
 
 def _reporter(folder: Path, epochs: int, log: Log):
-    """The trial's ``report``: each checkpoint replaces the last one atomically; each epoch one line."""
+    """The trial's ``report``: each checkpoint replaces the last one atomically; each report one line,
+    numbered as ``prunetune prune`` numbers its epochs: ``run_trial`` reports epoch 0 (the pruned
+    model after BatchNorm recalibration, before any training), then epochs 1 to N (the last with
+    the result, on the whole validation split)."""
 
     def report(metrics: dict, write_checkpoint) -> None:
         if write_checkpoint is not None:
@@ -250,7 +253,9 @@ def _reporter(folder: Path, epochs: int, log: Log):
                 (folder / CHECKPOINT).rename(old)
             staging.rename(folder / CHECKPOINT)
             shutil.rmtree(old, ignore_errors=True)
-        if "epoch" in metrics and "test_accuracy" not in metrics:
+        if metrics.get("epoch") == 0:
+            log(f"  final: pruned, val accuracy {metrics['val_accuracy']:.4f} after BatchNorm recalibration")
+        elif "epoch" in metrics:
             log(f"  final epoch {metrics['epoch']}/{epochs}: val accuracy {metrics['val_accuracy']:.4f}")
 
     return report

@@ -60,6 +60,20 @@ def test_the_chosen_candidate_has_the_best_final_validation_and_a_tie_goes_to_th
         FinalSection(candidates=0)
 
 
+def test_the_final_fine_tune_numbers_its_epochs_1_to_n_after_the_recalibrated_score(tmp_path):
+    """As ``prunetune prune`` numbers them: the recalibrated model's score labelled as such, then every
+    training epoch, the last one (which comes with the result) included."""
+    from prunetune.search.final import _reporter
+
+    lines: list[str] = []
+    report = _reporter(tmp_path, 2, lines.append)
+    for metrics in ({"epoch": 0, "val_accuracy": 0.6736}, {"epoch": 1, "val_accuracy": 0.5208},
+                    {"epoch": 2, "val_accuracy": 0.8472, "test_accuracy": 0.9}):  # what run_trial reports
+        report(metrics, None)
+    assert lines == ["  final: pruned, val accuracy 0.6736 after BatchNorm recalibration",
+                     "  final epoch 1/2: val accuracy 0.5208", "  final epoch 2/2: val accuracy 0.8472"]
+
+
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, base_model_cache, tracking_store):
     """A 3-trial search (the warm start's heuristics first) whose config's ``final`` section
@@ -134,6 +148,9 @@ def test_finetune_distils_records_logs_and_exports(search, base_model_cache):
     scope: dict = {}
     exec(f"import prunetune, torch\n{hint}\nout = model.eval()(torch.zeros(1, *info['space'].input_shape))", scope)
     assert scope["info"]["policy"].to_json() == final["policy"] and scope["out"].shape[0] == 1  # the hint runs
+    epochs = [line for line in result.stderr.splitlines() if line.startswith("  final")]  # numbered as prune's
+    assert [line.split(":")[0] for line in epochs] == ["  final", "  final epoch 1/2", "  final epoch 2/2"]
+    assert epochs[0].endswith("after BatchNorm recalibration")
 
     _, trials = mlflow_runs(json.loads((run_dir / "prunetune.json").read_text())["tracking_uri"])
     finals = [r for r in mlflow_runs_all(run_dir) if r.data.tags.get("prunetune.role") == "final"]
