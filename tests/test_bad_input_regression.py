@@ -133,6 +133,51 @@ def other_model(ws: Workspace) -> None:
     shutil.copyfile(model_file(ws.run, TRIAL), model_file(ws.run, OLD_TRIAL))
 
 
+OWN_MODEL = """
+from torch import nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+"""
+
+
+def own_model_moved_away(ws: Workspace) -> None:
+    """The run's model made the user's own file (``nets/mynet.py:MyNet``), trial t1's checkpoint one of
+    it, then the file moved elsewhere (``mv nets/mynet.py elsewhere``): the checkpoint itself is intact."""
+    from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.models import create_model
+    from prunetune.pruning.policy import Policy
+    from prunetune.pruning.surgery import prune, save_pruned
+    from prunetune.search.config import dump_config, load_config
+    from prunetune.tracking.rundir import file_sha256
+
+    (ws.root / "nets").mkdir()
+    source = ws.root / "nets" / "mynet.py"
+    source.write_text(OWN_MODEL)
+    ref = f"{source}:MyNet"
+    dump_config(load_config(None, overrides={"model": ref, "dataset.name": "digits", "dataset.image_size": 8,
+                                             "name": RUN_NAME}), ws.run / "config.yaml")
+    model = create_model(ref, num_classes=10, in_channels=1)
+    space = build_space(model, ref, (1, 8, 8))
+    (ws.run / "space.json").write_text(json.dumps(space.to_json()))
+    policy = Policy.uniform(space, 0.5)
+    save_pruned(model_file(ws.run, TRIAL), prune(model, space, policy, importance="l1"),
+                arch={"name": ref, "num_classes": 10, "in_channels": 1}, space=space, policy=policy)
+    records = [json.loads(line) for line in (ws.run / "trials.jsonl").read_text().splitlines()]
+    for record in records:
+        if record["trial_id"] == TRIAL:
+            record.update(policy=policy.to_json(), checkpoint_sha256=file_sha256(model_file(ws.run, TRIAL)))
+    (ws.run / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    source.rename(ws.root / "mynet-elsewhere.py")
+
+
 # ----------------------------------------------------------------------------------------------
 # The cases
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +203,11 @@ CASES = [
     Case("export-checkpoint-of-another-policy", _export(lambda ws: ws.run, OLD_TRIAL),
          "holds another model than the trial record", prepare=other_model, absent=("out.pt", "out.pt.tmp")),
     Case("export-unknown-trial", _export(lambda ws: ws.run, "nosuch"), "no trial 'nosuch'", absent=("out.pt",)),
+    # the model's own file moved away: finetune's error (the file does not exist), not "damaged"
+    Case("export-own-model-file-moved-away", _export(lambda ws: ws.run, TRIAL),
+         "nets/mynet.py does not exist", prepare=own_model_moved_away, absent=("out.pt", "out.pt.tmp")),
+    Case("finetune-own-model-file-moved-away", lambda ws: ["finetune", str(ws.run), "--trial", TRIAL, "--epochs", "1"],
+         "nets/mynet.py does not exist", prepare=own_model_moved_away),
     Case("export-out-in-missing-folder", _export(lambda ws: ws.run, TRIAL, "missing/out.pt"),
          "does not exist", absent=("missing",)),
     # missing folders, and folders that are not runs

@@ -162,6 +162,7 @@ def load_checked(run_dir: Path, record: dict, source: Path):
     if digest and file_sha256(source) != digest:
         raise UserError(f"the checkpoint of trial {trial} ({source}) is not the one recorded when the trial "
                         f"ended (its SHA-256 differs): it was changed or damaged; it cannot be exported")
+    _check_model_code(run_dir)  # a missing model file is not a damaged checkpoint
     try:
         model, meta = load_pruned(source)
     except UserError:
@@ -177,6 +178,19 @@ def load_checked(run_dir: Path, record: dict, source: Path):
         raise UserError(f"the checkpoint of trial {trial} ({source}) holds another model than the trial "
                         f"record (policy or space differ); it cannot be exported")
     return model, meta
+
+
+def _check_model_code(run_dir: Path) -> None:
+    """The one-line error ``prunetune finetune`` gives (``pruning.user_models.resolve_factory``: the
+    model file does not exist, or its module does not import) when the run's own model can no longer
+    be imported here; registry and ``torchvision:`` models have nothing to check."""
+    from prunetune.pruning.user_models import TORCHVISION_PREFIX, is_reference, resolve_factory
+    from prunetune.search.config import load_config
+    from prunetune.tracking.rundir import CONFIG_FILE
+
+    model = load_config(run_dir / CONFIG_FILE, saved=True).model
+    if is_reference(model) and not model.startswith(TORCHVISION_PREFIX):
+        resolve_factory(model)
 
 
 def _accuracy(value: float | None, digits: int) -> str:
