@@ -45,7 +45,7 @@ class Workspace:
 class Case:
     name: str
     argv: Callable[[Workspace], list[str]]
-    says: str  # the error line's fragment (exit 2), or text in the output (exit 0)
+    says: str | Callable[[Workspace], str]  # the error line's fragment (exit 2), or text in the output (exit 0)
     exit: int = 2
     prepare: Callable[[Workspace], None] = lambda ws: None
     absent: tuple[str, ...] = field(default=())  # paths under ws.root that must not exist afterwards
@@ -178,6 +178,16 @@ def own_model_moved_away(ws: Workspace) -> None:
     source.rename(ws.root / "mynet-elsewhere.py")
 
 
+def every_trial_failed(ws: Workspace) -> None:
+    """The run's trials all failed, as a search records them: failed records, the first failure in
+    summary.json."""
+    records = [{"trial_id": trial, "trial_key": f"uid:{trial}", "status": "failed", "policy": None, "params": {},
+                "metrics": {}, "test_accuracy": None, "history": []} for trial in (OLD_TRIAL, TRIAL)]
+    (ws.run / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    failure = {"trial_id": OLD_TRIAL, "cause": "ValueError: bad", "log": str(ws.run / f"trial_{OLD_TRIAL}/error.txt")}
+    (ws.run / "summary.json").write_text(json.dumps({"name": RUN_NAME, "best": None, "first_failure": failure}))
+
+
 # ----------------------------------------------------------------------------------------------
 # The cases
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +218,12 @@ CASES = [
          "nets/mynet.py does not exist", prepare=own_model_moved_away, absent=("out.pt", "out.pt.tmp")),
     Case("finetune-own-model-file-moved-away", lambda ws: ["finetune", str(ws.run), "--trial", TRIAL, "--epochs", "1"],
          "nets/mynet.py does not exist", prepare=own_model_moved_away),
+    # every trial failed: no --trial ID would do; status and the traceback say why
+    Case("export-every-trial-failed", lambda ws: ["export", str(ws.run), "--out", ws.path("out.pt")],
+         lambda ws: f"no trial of {ws.run} finished (2 ended, 2 of them failed), so no --trial ID would do; see "
+                    f"why with `prunetune status {ws.run}`, and trial {OLD_TRIAL}'s traceback in "
+                    f"{ws.run}/trial_{OLD_TRIAL}/error.txt",
+         prepare=every_trial_failed, absent=("out.pt",), in_process=True),
     Case("export-out-in-missing-folder", _export(lambda ws: ws.run, TRIAL, "missing/out.pt"),
          "does not exist", absent=("missing",)),
     # missing folders, and folders that are not runs
@@ -349,13 +365,14 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path, capsys, monkeypat
                                   monkeypatch=monkeypatch)
     else:
         result = run_cli(case.argv(ws), cache=cache, cwd=tmp_path, timeout=case.timeout)
+    says = case.says(ws) if callable(case.says) else case.says
     if case.exit == 2:
-        assert_user_error(result, case.says)
+        assert_user_error(result, says)
     else:
         assert result.returncode == case.exit, result.stderr[-3000:]
         assert "Traceback" not in result.stderr
         output = result.stdout + result.stderr
-        assert output.count(case.says) == 1, output[-3000:]
+        assert output.count(says) == 1, output[-3000:]
     for name in case.absent:
         assert not (tmp_path / name).exists(), name
 

@@ -41,7 +41,7 @@ def find_trial(run_dir: Path, trial: str) -> dict:
     gives the final fine-tune's (summary.json's ``final``, ``search.final``) in the same shape."""
     from prunetune.search.config import load_config
     from prunetune.search.summary import best_trial
-    from prunetune.tracking.rundir import CONFIG_FILE, TRIALS_FILE, read_meta, read_trials
+    from prunetune.tracking.rundir import CONFIG_FILE, STATUS_FINISHED, TRIALS_FILE, read_meta, read_trials
 
     read_meta(run_dir)
     if trial == FINAL:
@@ -50,6 +50,8 @@ def find_trial(run_dir: Path, trial: str) -> dict:
     if trial == "best":
         cfg = load_config(run_dir / CONFIG_FILE, saved=True)
         best = best_trial(records, macs_limit=cfg.macs_target + cfg.macs_tolerance)
+        if best is None and not any(r["status"] == STATUS_FINISHED for r in records):
+            raise _nothing_finished(run_dir, records)
         if best is None:
             raise UserError(f"no finished trial of {run_dir} meets its MACs target; pass --trial ID")
         trial = best["trial_id"]
@@ -61,6 +63,20 @@ def find_trial(run_dir: Path, trial: str) -> dict:
     if record["status"] != "finished" or not record.get("checkpoint"):
         raise UserError(f"trial {trial} did not finish ({record['status']}); export a finished trial")
     return record
+
+
+def _nothing_finished(run_dir: Path, records: list[dict]) -> UserError:
+    """The error of a search none of whose trials finished: no --trial ID would do, so it points to
+    ``prunetune status`` and to the first failure's traceback (``summary.json``'s ``first_failure``)."""
+    from prunetune.tracking.rundir import STATUS_FAILED, SUMMARY_FILE
+
+    failed = sum(r["status"] == STATUS_FAILED for r in records)
+    summary_file = run_dir / SUMMARY_FILE
+    failure = (json.loads(summary_file.read_text()).get("first_failure") if summary_file.is_file() else None) or {}
+    where = f", and trial {failure['trial_id']}'s traceback in {failure['log']}" if failure.get("log") else ""
+    ended = f"{len(records)} ended, {failed} of them failed" if records else "none has ended"
+    return UserError(f"no trial of {run_dir} finished ({ended}), so no --trial ID would do; see why with "
+                     f"`prunetune status {run_dir}`{where}")
 
 
 def _final_record(run_dir: Path) -> dict:
