@@ -11,7 +11,9 @@ writes its trials' checkpoints there, and the run directory keeps the driver's o
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from pathlib import Path
 
 from prunetune.pruning.errors import UserError
@@ -28,22 +30,53 @@ def experiment_location(ray_storage: str | None, run_dir: Path) -> str:
     return join_uri(ray_storage, run_dir.name) if ray_storage else str(run_dir)
 
 
-def check_ray_storage(uri: str | None) -> None:
-    """Fail before anything starts when ``uri`` (a URI: the config checks that) cannot be opened or its
-    bucket does not exist; nothing to check when it is null (the run directory)."""
+PROBE_SECONDS = 10.0  # how long the check waits for the storage to answer (GCS retries for 15 minutes)
+
+
+def check_ray_storage(uri: str | None, *, limit: float = PROBE_SECONDS) -> None:
+    """Fail before anything starts when ``uri`` (a URI: the config checks that) cannot be opened, does
+    not answer within ``limit`` seconds, or its bucket (its folder, for ``file://``) does not exist;
+    nothing to check when it is null (the run directory).
+
+    The file system is probed in a daemon thread the caller waits for with a time limit: pyarrow's
+    calls (GCS's above all, without a network) block in C++ for minutes, and a signal handler runs
+    only once the main thread is back in Python. The waiting stays interruptible; a probe still
+    running when the check gives up is left behind and ends with the process.
+    """
     if uri is None:
         return
+    outcome: list = []
+    probe = threading.Thread(target=lambda: outcome.append(_probe(uri)), name="ray-storage-probe", daemon=True)
+    probe.start()
+    probe.join(limit)
+    if not outcome:
+        raise UserError(f"ray_storage {uri} could not be reached in {limit:g} s; check the network, the endpoint "
+                        f"and the credentials, or leave ray_storage unset to keep checkpoints in the run directory")
+    if isinstance(outcome[0], UserError):
+        raise outcome[0]
+
+
+def _probe(uri: str) -> UserError | None:
+    """What is wrong with ``uri``, as the UserError to raise, or None when it can be used."""
     import pyarrow.fs
 
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(uri)
-        bucket = path.split("/", 1)[0]
-        found = fs.get_file_info(bucket).type
+        local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+        where = path if local else path.split("/", 1)[0]  # a local folder itself, else the bucket
+        found = fs.get_file_info(where).type
     except (OSError, ValueError) as exc:
-        raise UserError(f"ray_storage {uri} cannot be opened ({_first_line(exc)}); check the URI, the "
-                        f"endpoint and the credentials") from None
-    if found != pyarrow.fs.FileType.Directory:
-        raise UserError(f"ray_storage {uri}: bucket {bucket!r} does not exist; create it first")
+        return UserError(f"ray_storage {uri} cannot be opened ({_first_line(exc)}); check the URI, the "
+                         f"endpoint and the credentials")
+    if found == pyarrow.fs.FileType.Directory:
+        if local and not os.access(where, os.W_OK | os.X_OK):
+            return UserError(f"ray_storage {uri}: folder {where} cannot be written; choose a writable folder")
+        return None
+    if local:
+        state = ("does not exist; create the folder first" if found == pyarrow.fs.FileType.NotFound
+                 else "is not a folder; give a folder's file:// URI")
+        return UserError(f"ray_storage {uri}: {where} {state}")
+    return UserError(f"ray_storage {uri}: bucket {where!r} does not exist; create it first")
 
 
 def fetch_checkpoint_file(ray_storage: str, checkpoint: str, filename: str, dest: Path) -> Path:
