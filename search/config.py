@@ -638,6 +638,17 @@ def describe_config() -> list[KeyDoc]:
     return describe_section(SearchConfig, "")
 
 
+def declared_rule(key: str) -> tuple[Range, str]:
+    """The range and the meaning config key ``key`` declares (``seed``, ``pretrain.epochs``): what a
+    command's flag for the same value checks (``search.commands.common.declared_int``)."""
+    cls: Any = SearchConfig
+    *sections, leaf = key.split(".")
+    for name in sections:
+        cls = {spec.name: spec for spec in fields(cls)}[name].default_factory
+    spec = {spec.name: spec for spec in fields(cls)}[leaf]
+    return spec.metadata["check"], spec.metadata["doc"]
+
+
 def resolved_importance(cfg: SearchConfig) -> str:
     """The criterion trials rank channels by: ``importance``, or when null the method's default."""
     if cfg.importance is not None:

@@ -351,6 +351,20 @@ DRIVER_CASES = [
 CASES += DRIVER_CASES
 
 
+# ----------------------------------------------------------------------------------------------
+# Flags that every command checks against the config's declaration of the same value
+# ----------------------------------------------------------------------------------------------
+
+PRUNE = ["prune", "--model", "small_cnn", "--dataset", "digits", "--uniform", "0.5"]
+SEED_RULE = "argument --seed: must be in [0, 4294967295]"
+
+FLAG_CASES = [
+    Case("prune-negative-seed", lambda ws: [*PRUNE, "--seed", "-1"], SEED_RULE, absent=("cache",), in_process=True),
+    Case("run-negative-seed", _run("--seed", "-1"), SEED_RULE, absent=NOTHING, in_process=True),
+]
+CASES += FLAG_CASES
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, template: Path, tmp_path: Path, capsys, monkeypatch, request):
     ws = Workspace(tmp_path, tmp_path / "runs" / RUN_NAME)

@@ -62,6 +62,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def declared_int(key: str):
+    """An argparse type: an integer within the range config key ``key`` declares (``search.config``),
+    so a flag refuses what the config refuses, for every command that takes it. The config is read
+    when the flag is parsed, not when the parser is built: ``--help`` stays quick."""
+
+    def parse(text: str) -> int:
+        from prunetune.search.config import declared_rule
+
+        value = _integer(text)
+        rule, doc = declared_rule(key)
+        if not rule(value):
+            raise argparse.ArgumentTypeError(f"must be {rule.text()} ({doc.split(';')[0]}), got {value}")
+        return value
+
+    parse.__name__ = key  # argparse names a type by it in some messages
+    return parse
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)
@@ -99,7 +117,8 @@ def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--data-fraction, --seed, --device, --cache-dir, --pretrain-epochs: how the base model is trained."""
     parser.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
                         help="train on this fraction of the training split (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the splits and training (default: 0)")
+    parser.add_argument("--seed", type=declared_int("seed"), default=0, metavar="N",
+                        help="seed of the splits and training (default: 0)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where to train and measure (default: auto, a GPU where present)")
     parser.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",

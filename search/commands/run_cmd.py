@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from prunetune.search.commands.common import add_download_argument, positive_float, positive_int
+from prunetune.search.commands.common import add_download_argument, declared_int, positive_float, positive_int
 
 NAME = "run"
 
@@ -38,7 +38,7 @@ FLAGS = {
     "--ray-storage": ("ray_storage", str, "URI for Ray's experiment state and checkpoints (s3://bucket/prefix)"),
     "--experiment": ("experiment", str, "MLflow experiment name"),
     "--address": ("address", str, "Ray cluster address to join (default: start a local Ray)"),
-    "--seed": ("seed", int, "seed of data splits, base model and searcher"),
+    "--seed": ("seed", declared_int("seed"), "seed of data splits, base model and searcher"),
 }
 
 
