@@ -357,10 +357,16 @@ CASES += DRIVER_CASES
 
 PRUNE = ["prune", "--model", "small_cnn", "--dataset", "digits", "--uniform", "0.5"]
 SEED_RULE = "argument --seed: must be in [0, 4294967295]"
+EPOCHS_RULE = "argument --pretrain-epochs: must be >= 1"
 
 FLAG_CASES = [
     Case("prune-negative-seed", lambda ws: [*PRUNE, "--seed", "-1"], SEED_RULE, absent=("cache",), in_process=True),
     Case("run-negative-seed", _run("--seed", "-1"), SEED_RULE, absent=NOTHING, in_process=True),
+    Case("prune-no-pretrain-epochs", lambda ws: [*PRUNE, "--pretrain-epochs", "0"], EPOCHS_RULE, absent=("cache",),
+         in_process=True),
+    Case("run-no-pretrain-epochs", _run("--pretrain-epochs", "0"), EPOCHS_RULE, absent=NOTHING, in_process=True),
+    Case("run-no-pretrain-epochs-set", _run("--set", "pretrain.epochs=0"), "config key 'pretrain.epochs' must be >= 1",
+         absent=NOTHING, in_process=True),
 ]
 CASES += FLAG_CASES
 

@@ -28,7 +28,7 @@ FLAGS = {
     "--trials": ("trials", positive_int, "number of trials"),
     "--concurrency": ("concurrency", positive_int, "trials running at once"),
     "--finetune-epochs": ("finetune.epochs", int, "fine-tuning epochs per trial"),
-    "--pretrain-epochs": ("pretrain.epochs", positive_int, "base model training epochs"),
+    "--pretrain-epochs": ("pretrain.epochs", declared_int("pretrain.epochs"), "base model training epochs"),
     "--data-fraction": ("dataset.data_fraction", positive_float, "fraction of the training split used"),
     "--scheduler": ("scheduler", str, "asha, none or auto"),
     "--cpus-per-trial": ("resources.cpus_per_trial", positive_float, "CPUs per trial"),
