@@ -541,6 +541,11 @@ def _resize(images: Tensor, size: int) -> Tensor:
     """Square ``images`` resized to ``size`` pixels by bilinear interpolation, keeping their dtype."""
     if images.shape[-2:] == (size, size):
         return images
+    needed = images.shape[0] * images.shape[1] * size * size * images.element_size()  # N x C x size x size
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > memory:
+        raise UserError(f"{len(images)} images resized to {size} x {size} pixels need {needed / 2**30:.0f} GiB, more "
+                        f"than this machine's {memory / 2**30:.0f} GiB of memory; pass a smaller --image-size (dataset.image_size)")
     chunks = []
     for chunk in images.split(_RESIZE_CHUNK):
         resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False)

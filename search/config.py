@@ -67,6 +67,7 @@ SCHEDULERS = ("auto", "asha", "none")
 OBJECTIVES = ("constrained", "pareto")
 TEST_EVALS = ("reportable", "all")  # which trials score the test split (search.trial, search.test_eval)
 DEVICES = ("auto", "cpu", "cuda")
+MAX_IMAGE_SIZE = 1024  # dataset.image_size: 4x ImageNet's 224; one batch of 128 such images is 1.6 GB
 ASHA_MIN_EPOCHS = 3  # scheduler auto picks ASHA from this many fine-tuning epochs on
 DEFAULT_CONFIG = "default"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -144,7 +145,7 @@ class DatasetSection(Section):
                        "path/to/file.py:factory returning (train, val, test) datasets of (image, label)")
     root: str | None = option(None, "folder holding the dataset's files; null = the dataset's default place")
     image_size: int | None = option(
-        None, "image side in pixels; null = the dataset's default", check=AT_LEAST_ONE
+        None, "image side in pixels; null = the dataset's default", check=Range(1, MAX_IMAGE_SIZE)
     )
     val_fraction: float = option(
         0.1, "fraction of the training split held out for validation", check=OPEN_FRACTION

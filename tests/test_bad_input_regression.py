@@ -358,6 +358,7 @@ CASES += DRIVER_CASES
 PRUNE = ["prune", "--model", "small_cnn", "--dataset", "digits", "--uniform", "0.5"]
 SEED_RULE = "argument --seed: must be in [0, 4294967295]"
 EPOCHS_RULE = "argument --pretrain-epochs: must be >= 1"
+SIZE_RULE = "argument --image-size: must be in [1, 1024] (image side in pixels), got"
 
 FLAG_CASES = [
     Case("prune-negative-seed", lambda ws: [*PRUNE, "--seed", "-1"], SEED_RULE, absent=("cache",), in_process=True),
@@ -367,6 +368,10 @@ FLAG_CASES = [
     Case("run-no-pretrain-epochs", _run("--pretrain-epochs", "0"), EPOCHS_RULE, absent=NOTHING, in_process=True),
     Case("run-no-pretrain-epochs-set", _run("--set", "pretrain.epochs=0"), "config key 'pretrain.epochs' must be >= 1",
          absent=NOTHING, in_process=True),
+    *[Case(f"{name}-huge-image-size", lambda ws, a=argv: [*a(ws), "--image-size", "100000"], SIZE_RULE,
+           absent=("cache", "runs/x"), in_process=True)
+      for name, argv in (("prune", lambda ws: PRUNE), ("space", lambda ws: ["space", *PRUNE[1:5]]),
+                         ("run", _run()))],
 ]
 CASES += FLAG_CASES
 

@@ -102,7 +102,7 @@ def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, metavar="NAME",
                         help="dataset name (e.g. digits, fashion-mnist, cifar10)")
     parser.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
-    parser.add_argument("--image-size", type=positive_int, metavar="N",
+    parser.add_argument("--image-size", type=declared_int("dataset.image_size"), metavar="N",
                         help="resize images to N x N pixels (default: the dataset's own size)")
     add_download_argument(parser)
 
@@ -123,8 +123,8 @@ def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to train and measure (default: auto, a GPU where present)")
     parser.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
                         help=f"cache of trained base models (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
-    parser.add_argument("--pretrain-epochs", type=declared_int("pretrain.epochs"),
-                        default=DEFAULT_PRETRAIN_EPOCHS, metavar="N", help=f"epochs to train the base model (default: {DEFAULT_PRETRAIN_EPOCHS})")
+    parser.add_argument("--pretrain-epochs", type=declared_int("pretrain.epochs"), default=DEFAULT_PRETRAIN_EPOCHS,
+                        metavar="N", help=f"epochs to train the base model (default: {DEFAULT_PRETRAIN_EPOCHS})")
     parser.add_argument("--weights", metavar="FILE", default=None,
                         help="a state_dict of your trained model (torch.save(model.state_dict(), FILE)); "
                              "the base model is then not pretrained")

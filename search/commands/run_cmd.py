@@ -20,7 +20,7 @@ FLAGS = {
     "--weights": ("weights", str, "a state_dict of your trained model; the base model is then not pretrained"),
     "--dataset": ("dataset.name", str, "dataset name"),
     "--data-root": ("dataset.root", str, "folder holding the dataset's files"),
-    "--image-size": ("dataset.image_size", positive_int, "image side in pixels"),
+    "--image-size": ("dataset.image_size", declared_int("dataset.image_size"), "image side in pixels"),
     "--method": ("method", str, "pruning method (see `prunetune run --help`'s list below)"),
     "--importance": ("importance", str, "channel importance criterion"),
     "--macs-target": ("macs_target", positive_float, "kept fraction of the base model's MACs, in (0, 1]"),
