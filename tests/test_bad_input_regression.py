@@ -52,6 +52,7 @@ class Case:
     timeout: float = 300
     in_process: bool = False  # run ``cli.main`` in the test's process (a refusal before Ray: no import cost)
     search: bool = False  # a row that runs a real search: the session's base-model cache, a migrated store
+    cache: str | None = None  # $PRUNETUNE_CACHE, where not the test's own folder's cache/
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,12 +377,37 @@ FLAG_CASES = [
 CASES += FLAG_CASES
 
 
+# ----------------------------------------------------------------------------------------------
+# A base-model cache that cannot be written is said before the base model is trained
+# ----------------------------------------------------------------------------------------------
+
+UNWRITABLE = "/proc/prunetune-cache"  # not even root can make a folder in /proc
+CACHE_RULE = f"the base-model cache {UNWRITABLE} cannot be created"
+CACHE_CASES = [
+    Case("run-unwritable-cache-dir", _run("--cache-dir", UNWRITABLE), CACHE_RULE, absent=NOTHING, in_process=True),
+    Case("run-unwritable-cache-env", _run(), CACHE_RULE, cache=UNWRITABLE, absent=NOTHING, in_process=True),
+    Case("prune-unwritable-cache-dir", lambda ws: [*PRUNE, "--cache-dir", UNWRITABLE], CACHE_RULE, in_process=True),
+    Case("prune-unwritable-cache-env", lambda ws: PRUNE, CACHE_RULE, cache=UNWRITABLE, in_process=True),
+    Case("prune-cache-under-a-file", lambda ws: [*PRUNE, "--cache-dir", ws.path("afile/cache")],
+         "afile/cache cannot be created (Not a directory); pass a writable folder with --cache-dir DIR or "
+         "$PRUNETUNE_CACHE", prepare=_write("afile", ""), in_process=True),
+]
+CASES += CACHE_CASES
+
+
+def test_the_cache_check_creates_nothing_where_the_cache_can_be_made(tmp_path):
+    from prunetune.search.commands.common import check_cache_dir
+
+    assert check_cache_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert list(tmp_path.iterdir()) == []  # neither the cache nor the probe is left behind
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input(case: Case, template: Path, tmp_path: Path, capsys, monkeypatch, request):
     ws = Workspace(tmp_path, tmp_path / "runs" / RUN_NAME)
     shutil.copytree(template.parent, ws.run.parent)
     case.prepare(ws)
-    cache = tmp_path / "cache"
+    cache = Path(case.cache) if case.cache else tmp_path / "cache"
     if case.search:  # conftest: the base models other searches trained, a migrated MLflow store
         request.getfixturevalue("tracking_store")(ws.run.parent)
         cache = request.getfixturevalue("base_model_cache")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -163,12 +164,30 @@ def model_args(args: argparse.Namespace) -> dict:
     return result
 
 
-def check_cache_dir(path: str) -> Path:
-    """The cache folder, expanded; UserError if it exists as something other than a folder."""
+def check_cache_dir(path: str | Path, *, writable: bool = True) -> Path:
+    """The cache folder, expanded; UserError if it exists as something other than a folder, or (with
+    ``writable``: a base model will be trained into it) if it cannot be created or written, so that
+    this is said before the training, not after it."""
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--cache-dir {path} is not a folder; pass a folder path (it is created if missing)")
+    if writable:
+        _check_writable(folder)
     return folder
+
+
+def _check_writable(folder: Path) -> None:
+    """UserError unless a folder can be made in ``folder``, or in its nearest existing parent when it is
+    missing; the probe is removed at once, so nothing is left behind, not even ``folder`` itself."""
+    existing = folder.absolute()
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".prunetune-probe-"))
+    except OSError as error:
+        verb = "written" if existing == folder.absolute() else "created"
+        raise UserError(f"the base-model cache {folder} cannot be {verb} ({error.strerror or error}); pass a "
+                        f"writable folder with --cache-dir DIR or ${CACHE_ENV}") from None
 
 
 def check_output_file(path: str | None) -> Path | None:
