@@ -236,8 +236,13 @@ class FolderImages(Dataset):
         from PIL import Image
 
         path, label = self.samples[self.indices[index]]
-        with Image.open(path) as image:  # as torchvision's default loader: decoded as RGB
-            return self.transform(image.convert("RGB")), label
+        try:
+            with Image.open(path) as image:  # as torchvision's default loader: decoded as RGB
+                return self.transform(image.convert("RGB")), label
+        except OSError as error:  # PIL.UnidentifiedImageError, a truncated file, one that vanished
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"image file {path} cannot be read ({reason}); replace it or remove it from the "
+                            f"dataset folder") from None
 
     def subset(self, indices: Tensor) -> FolderImages:
         """The images at positions ``indices`` of this subset."""
@@ -520,12 +525,15 @@ def _build_imagefolder(request: _Request) -> tuple[DatasetInfo, Dataset, Dataset
             raise UserError(
                 f"{root / part} is not a folder; --data-root must hold train/ and val/ class folders"
             )
-    ImageFolder = import_torchvision().datasets.ImageFolder
-    train, val = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
-    if train.classes != val.classes:
+    classes = {part: _class_folders(root / part) for part in ("train", "val")}
+    if classes["train"] != classes["val"]:
+        only = [f"only in {part}/: {', '.join(sorted(set(classes[part]) - set(classes[other])))}"
+                for part, other in (("train", "val"), ("val", "train")) if set(classes[part]) - set(classes[other])]
         raise UserError(
-            f"{root}/train and {root}/val have different class folders; give both the same classes"
+            f"{root}/train and {root}/val have different class folders ({'; '.join(only)}); give both the same classes"
         )
+    ImageFolder = import_torchvision().datasets.ImageFolder
+    train, val = (_image_folder(ImageFolder, root / part) for part in ("train", "val"))
     info = DatasetInfo(
         "imagefolder", len(train.classes), 3, request.image_size or 224,
         (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "crop_flip",
@@ -535,6 +543,22 @@ def _build_imagefolder(request: _Request) -> tuple[DatasetInfo, Dataset, Dataset
         FolderImages(train, range(len(train)), info=info),
         FolderImages(val, range(len(val)), info=info),
     )
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class names of an image folder, as torchvision's ``ImageFolder`` finds them: its sub-folders."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _image_folder(image_folder: type, folder: Path):
+    """torchvision's ``ImageFolder`` of ``folder``; a folder it refuses (no class folder, a class folder
+    without images) is a UserError saying so."""
+    try:
+        return image_folder(str(folder))
+    except FileNotFoundError as error:
+        reason = " ".join(str(error).split()).rstrip(".")
+        raise UserError(f"{folder}: {reason}; --data-root must hold train/ and val/ with one folder of images "
+                        f"per class, none of them empty") from None
 
 
 def _resize(images: Tensor, size: int) -> Tensor:

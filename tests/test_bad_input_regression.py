@@ -395,6 +395,48 @@ CACHE_CASES = [
 CASES += CACHE_CASES
 
 
+# ----------------------------------------------------------------------------------------------
+# Image folders torchvision refuses, or whose files PIL cannot read
+# ----------------------------------------------------------------------------------------------
+
+
+def _image_folder(ws: Workspace, *, classes=("cat", "dog"), only_val=(), empty=(), corrupt: str | None = None) -> None:
+    """``ws.root/imgs`` with train/ and val/ folders of 8x8 PNGs per class; ``only_val`` classes in val/
+    only, ``empty`` class folders without an image in both, ``corrupt`` a file that is no image."""
+    from PIL import Image
+
+    for part in ("train", "val"):
+        for label in (*classes, *(only_val if part == "val" else ())):
+            folder = ws.root / "imgs" / part / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 90, 200 if label == classes[0] else 20)).save(folder / f"{i}.png")
+        for label in empty:
+            (ws.root / "imgs" / part / label).mkdir()
+    if corrupt:
+        (ws.root / "imgs" / corrupt).write_bytes(b"\x89PNG but not really" * 8)
+
+
+FOLDER = [*PRUNE[:3], "--dataset", "imagefolder", "--uniform", "0.5", "--image-size", "8", "--pretrain-epochs", "1"]
+
+FOLDER_CASES = [
+    Case("imagefolder-empty-class-folder", lambda ws: [*FOLDER, "--data-root", ws.path("imgs")],
+         "Found no valid file for the classes odd", prepare=lambda ws: _image_folder(ws, empty=("odd",)),
+         absent=("cache",), in_process=True),
+    Case("imagefolder-empty-class-folder-in-train-only", lambda ws: [*FOLDER, "--data-root", ws.path("imgs")],
+         "have different class folders (only in train/: odd)",
+         prepare=lambda ws: _image_folder(ws) or (ws.root / "imgs" / "train" / "odd").mkdir(), absent=("cache",),
+         in_process=True),
+    Case("imagefolder-class-only-in-val", lambda ws: [*FOLDER, "--data-root", ws.path("imgs")],
+         "have different class folders (only in val/: odd)", prepare=lambda ws: _image_folder(ws, only_val=("odd",)),
+         absent=("cache",), in_process=True),
+    Case("imagefolder-corrupt-image", lambda ws: [*FOLDER, "--data-root", ws.path("imgs")],
+         "imgs/train/dog/broken.png cannot be read (cannot identify image file",
+         prepare=lambda ws: _image_folder(ws, corrupt="train/dog/broken.png"), absent=("cache",), in_process=True),
+]
+CASES += FOLDER_CASES
+
+
 def test_the_cache_check_creates_nothing_where_the_cache_can_be_made(tmp_path):
     from prunetune.search.commands.common import check_cache_dir
 
