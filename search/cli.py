@@ -28,7 +28,7 @@ from prunetune.search.commands import (
     status_cmd,
     sync_cmd,
 )
-from prunetune.search.fast_exit import exit_now
+from prunetune.search.fast_exit import EXIT_CLOSED_STDOUT, exit_now, silence_stdout, stdout_closed
 
 PROG = "prunetune"
 COMMANDS = (run_cmd, resume_cmd, status_cmd, compare_cmd, finetune_cmd, export_cmd, sync_cmd, space_cmd,
@@ -81,13 +81,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console() -> None:
     """The `prunetune` console script: ``main()``, then the process ends without the interpreter's
-    finalization (``search.fast_exit``), since nothing is left to close."""
+    finalization (``search.fast_exit``), since nothing is left to close. A reader that closed stdout
+    early (``| head -1``) ends the command quietly with status 141, as SIGPIPE ends a Unix tool."""
     try:
         status = main()
     except SystemExit as stop:  # --help and --version end inside argparse
         if stop.code is not None and not isinstance(stop.code, int):
             raise
         status = stop.code
+    except BrokenPipeError:
+        if not stdout_closed():  # another pipe's: a bug, with its traceback
+            raise
+        silence_stdout()
+        status = EXIT_CLOSED_STDOUT
     exit_now(status)
 
 

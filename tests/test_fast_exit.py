@@ -63,3 +63,31 @@ def test_the_command_line_keeps_its_exit_statuses_and_output():
 def test_the_console_script_is_the_fast_exiting_entry_point():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"prunetune": "prunetune.search.cli:console"}
+
+
+def _into_closed_pipe(*args: str) -> tuple[int, str]:
+    """Run the CLI with stdout a pipe whose reader closed it at once, as ``| true`` does: the
+    command's first write meets a pipe nobody reads. Returns the exit status and stderr."""
+    child = subprocess.Popen([sys.executable, "-m", "prunetune.search.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    child.stdout.close()  # before the child has imported anything, let alone printed
+    err = child.stderr.read()
+    return child.wait(timeout=120), err
+
+
+def test_a_reader_that_closes_stdout_early_ends_the_command_quietly_with_141(tmp_path):
+    from tests.test_bad_input_regression import RUN_NAME, fake_run
+
+    fake_run(tmp_path / RUN_NAME)
+    for args in (["status", str(tmp_path / RUN_NAME), "--json"], ["space", "--model", "small_cnn", "--dataset", "digits"]):
+        status, err = _into_closed_pipe(*args)
+        assert (status, err) == (141, ""), (args, err[-2000:])
+
+
+def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback():
+    code = ("import sys; from prunetune.search import cli\n"
+            "def main():\n    raise BrokenPipeError(32, 'a socket of ours broke')\n"
+            "cli.main = main; print('ok', flush=True); cli.console()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.stdout == "ok\n" and done.returncode == 1
+    assert "Traceback" in done.stderr and "a socket of ours broke" in done.stderr
