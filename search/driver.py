@@ -19,6 +19,7 @@ whose every trial failed says why in one line and exits 1 (``search.failures``),
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -128,65 +129,84 @@ def prepare(cfg, *, cache_dir: Path, log: Log, run_dir: Path | None = None, inpu
 
 
 def start_search(cfg, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
-    """``prunetune run``: a new search from a validated config; returns the exit status."""
-    from functools import partial
-
-    from prunetune.search.config import config_to_dict, default_run_name, dump_config
-    from prunetune.tracking.rundir import (
-        check_new_run_dir,
-        create_run_dir,
-        new_meta,
-        remove_unstarted_run_dir,
-        write_meta,
-    )
-    from prunetune.tracking.uri import check_tracking_uri, default_tracking_uri
+    """``prunetune run``: a new search from a validated config; returns the exit status. It holds the run
+    directory's lock (``tracking.run_lock``) from before its checks to its end, so a second ``run`` of the
+    same name is refused at once rather than after training."""
+    from prunetune.search.config import default_run_name
+    from prunetune.tracking.run_lock import run_lock
+    from prunetune.tracking.rundir import check_new_run_dir
 
     storage = storage_dir(cfg)
     cfg = replace(cfg, name=cfg.name or default_run_name(cfg, datetime.now()))
     run_dir = storage / cfg.name
-    check_new_run_dir(run_dir)
-    with StopSignals() as stop, RaySession(cfg.address, runtime_env=user_code_runtime_env(cfg)) as ray:
-        try:
-            inputs = load_inputs(cfg)
-            check_ray_storage(cfg.ray_storage)
-            tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
-            check_tracking_uri(tracking_uri, folder_may_be_missing=cfg.tracking_uri is None)
-            base, setup, calib = _ray_and_base_model(ray, stop, cfg, cache_dir=cache_dir, log=log, inputs=inputs)
-        except Interrupted as stopped:
-            log(f"prunetune: interrupted ({stopped}) before the search started; nothing was created")
-            return stopped.exit_status
-        try:
-            create_run_dir(run_dir, write_config=partial(dump_config, cfg), space=base.space.to_json())
-            meta = new_meta(name=cfg.name, method=cfg.method, tracking_uri=tracking_uri, experiment=cfg.experiment)
-            meta["ray_temp_dirs"] = ray.temp_dirs
-            tracker = _tracker(meta)
-            meta["parent_run_id"] = _start_parent(tracker, meta, config_to_dict(cfg), base)
-            write_meta(run_dir, meta)
-        except BaseException as error:
-            remove_unstarted_run_dir(run_dir)
-            if isinstance(error, Interrupted):
-                log(f"prunetune: interrupted ({error}) before the search started; nothing was kept")
-                return error.exit_status
-            raise
-        log(f"run directory: {run_dir}")
-        return _run_tuner(Search(cfg, run_dir, meta, tracker, base, setup, calib), stop, log=log, restore=False)
+    with run_lock(run_dir, "run"):
+        check_new_run_dir(run_dir)
+        with StopSignals() as stop, RaySession(cfg.address, runtime_env=user_code_runtime_env(cfg)) as ray:
+            return _start(cfg, run_dir, storage, stop, ray, cache_dir=cache_dir, log=log)
+
+
+def _start(cfg, run_dir: Path, storage: Path, stop: StopSignals, ray: RaySession, *, cache_dir: Path,
+           log: Log) -> int:
+    from functools import partial
+
+    from prunetune.search.config import config_to_dict, dump_config
+    from prunetune.tracking.rundir import create_run_dir, new_meta, remove_unstarted_run_dir, write_meta
+    from prunetune.tracking.uri import check_tracking_uri, default_tracking_uri
+
+    try:
+        inputs = load_inputs(cfg)
+        check_ray_storage(cfg.ray_storage)
+        tracking_uri = cfg.tracking_uri or default_tracking_uri(storage)
+        check_tracking_uri(tracking_uri, folder_may_be_missing=cfg.tracking_uri is None)
+        base, setup, calib = _ray_and_base_model(ray, stop, cfg, cache_dir=cache_dir, log=log, inputs=inputs)
+    except Interrupted as stopped:
+        log(f"prunetune: interrupted ({stopped}) before the search started; nothing was created")
+        return stopped.exit_status
+    try:
+        create_run_dir(run_dir, write_config=partial(dump_config, cfg), space=base.space.to_json())
+        meta = new_meta(name=cfg.name, method=cfg.method, tracking_uri=tracking_uri, experiment=cfg.experiment)
+        meta["ray_temp_dirs"] = ray.temp_dirs
+        tracker = _tracker(meta)
+        meta["parent_run_id"] = _start_parent(tracker, meta, config_to_dict(cfg), base)
+        write_meta(run_dir, meta)
+    except BaseException as error:
+        remove_unstarted_run_dir(run_dir)
+        if isinstance(error, Interrupted):
+            log(f"prunetune: interrupted ({error}) before the search started; nothing was kept")
+            return error.exit_status
+        raise
+    log(f"run directory: {run_dir}")
+    return _run_tuner(Search(cfg, run_dir, meta, tracker, base, setup, calib), stop, log=log, restore=False)
 
 
 def resume_search(run_dir: Path, *, cache_dir: Path, log: Log = log_to_stderr) -> int:
-    """``prunetune resume``: continue an interrupted search from its run directory."""
+    """``prunetune resume``: continue an interrupted search from its run directory, holding its lock
+    (``tracking.run_lock``): a second resume, or any other writer of the run, is refused at once."""
+    from prunetune.tracking.run_lock import run_lock
+    from prunetune.tracking.rundir import read_meta
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    read_meta(run_dir)  # a one-line error for a folder that is not a run, before a lock is made beside it
+    with run_lock(run_dir, "resume"):
+        return _resume(run_dir, cache_dir=cache_dir, log=log)
+
+
+def _resume(run_dir: Path, *, cache_dir: Path, log: Log) -> int:
     from prunetune.search.config import config_to_dict, load_config
     from prunetune.search.ray_session import kill_leftover_ray, remove_temp_dirs
     from prunetune.tracking.rundir import CONFIG_FILE, SUMMARY_FILE, driver_alive, read_meta, write_meta
     from prunetune.tracking.uri import check_tracking_uri
 
-    run_dir = Path(run_dir).expanduser().resolve()
     meta = read_meta(run_dir)
     if driver_alive(run_dir):
         raise UserError(f"the search in {run_dir} is still running; wait for it or stop it (Ctrl-C) first")
+    cfg = load_config(run_dir / CONFIG_FILE, saved=True)
     if (run_dir / SUMMARY_FILE).exists():
+        if _final_left(run_dir, cfg):
+            log(f"the search in {run_dir} has finished, but not its final fine-tune: continuing it")
+            return _final_from_cache(run_dir, cfg.final, cache_dir=cache_dir, log=log)
         log(f"the search in {run_dir} has already finished; see summary.json or `prunetune status {run_dir}`")
         return 0
-    cfg = load_config(run_dir / CONFIG_FILE, saved=True)
     check_tracking_uri(meta["tracking_uri"])
     check_ray_storage(cfg.ray_storage)
     with StopSignals() as stop, RaySession(cfg.address, runtime_env=user_code_runtime_env(cfg)) as ray:
@@ -355,6 +375,24 @@ def _final_fine_tune(search: Search, log: Log) -> None:
     print(format_final(result), flush=True)
 
 
+def _final_left(run_dir: Path, cfg) -> bool:
+    """Whether a finished search's configured final fine-tune has not ended (it was interrupted)."""
+    from prunetune.tracking.rundir import SUMMARY_FILE
+
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    return cfg.final.epochs > 0 and summary.get("best") is not None and summary.get("final") is None
+
+
+def _final_from_cache(run_dir: Path, final, *, cache_dir: Path, log: Log) -> int:
+    """The final fine-tune of a finished search, as ``prunetune finetune RUN_DIR`` runs it (from its checkpoint)."""
+    from prunetune.search.final import format_final, record_final, run_finals
+
+    result = run_finals(run_dir, final=final, cache_dir=cache_dir, log=log)
+    record_final(run_dir, result, log)
+    print(format_final(result), flush=True)
+    return 0
+
+
 def _restored_tuner(search: Search, location: str):
     from prunetune.search.callbacks import resume_progress
     from prunetune.search.tuner import restore_tuner
@@ -372,6 +410,12 @@ def _interrupted(results) -> bool:
 
 
 def _interrupted_exit(search: Search, stop: StopSignals, log: Log) -> int:
+    from prunetune.tracking.rundir import SUMMARY_FILE
+
+    if (search.run_dir / SUMMARY_FILE).exists():  # the search ended; the final fine-tune after it did not
+        log(f"interrupted ({stop.name}) during the final fine-tune: the search's results are in {search.run_dir}; "
+            f"continue the final with `prunetune resume {search.run_dir}` (or `prunetune finetune`)")
+        return stop.exit_status
     with contextlib.suppress(Exception):  # the message below matters more than the MLflow status
         search.tracker.set_status(search.meta["parent_run_id"], "KILLED")
     log(_interrupted_line(stop.name, search.run_dir))

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from prunetune.search.final import format_final, record_final, run_finals
     from prunetune.search.prepare import log_to_stderr
     from prunetune.search.trial import CHECKPOINT_MODEL
+    from prunetune.tracking.run_lock import run_lock
     from prunetune.tracking.rundir import CONFIG_FILE, read_meta
 
     run_dir = Path(args.run_dir).expanduser().resolve()
@@ -66,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
              "temperature": args.temperature, "candidates": args.candidates, "heuristics": args.heuristics}
     configured = load_config(run_dir / CONFIG_FILE, saved=True).final
     final = replace(configured, **{key: value for key, value in given.items() if value is not None})  # checked
-    result = run_finals(run_dir, trial=args.trial, final=final, cache_dir=cache_dir(args.cache_dir),
-                        log=log_to_stderr)
-    record_final(run_dir, result, log_to_stderr)
+    with run_lock(run_dir, "finetune"):  # one writer at a time: a search's resume, or another finetune
+        result = run_finals(run_dir, trial=args.trial, final=final, cache_dir=cache_dir(args.cache_dir),
+                            log=log_to_stderr)
+        record_final(run_dir, result, log_to_stderr)
     print(format_final(result), flush=True)
     if out is not None:
         tmp = out.with_name(out.name + ".tmp")
