@@ -20,6 +20,25 @@ HEURISTICS = ("uniform", "global", "global-lamp")
 HEURISTIC_ROLE = "heuristic"  # a proposal's role: "heuristic:<name>"
 
 
+def heuristic_role(name: str) -> str:
+    """The role of heuristic ``name``'s proposal, and of its trial's config (``role``)."""
+    return f"{HEURISTIC_ROLE}:{name}"
+
+
+def is_heuristic_role(role) -> bool:
+    """Whether a trial config's ``role`` is a warm-start heuristic's (its trial runs to its end)."""
+    return isinstance(role, str) and role.startswith(f"{HEURISTIC_ROLE}:")
+
+
+def heuristic_roles(heuristics: Mapping[str, Policy]) -> dict[str, str]:
+    """Policy key -> the role of the (first) heuristic with that policy: how a searcher that cannot
+    carry a proposal's role (Optuna's enqueued points) gives its heuristic trials theirs."""
+    roles: dict[str, str] = {}
+    for name, policy in heuristics.items():
+        roles.setdefault(policy.key(), heuristic_role(name))
+    return roles
+
+
 def heuristic_policies(model, space: SearchSpace, calib: Sequence | None, *, macs_target: float,
                        criterion: str, floor: float = 0.1) -> dict[str, Policy]:
     """``{name: policy}`` of :data:`HEURISTICS` on the trained ``model`` (a policy equal to an
@@ -65,7 +84,7 @@ class WarmStart(Searcher):
         if self._next < len(self._heuristics):
             name, policy = self._heuristics[self._next]
             self._next += 1
-            proposal = Proposal(f"heuristic-{name}", policy, {"role": f"{HEURISTIC_ROLE}:{name}"})
+            proposal = Proposal(f"heuristic-{name}", policy, {"role": heuristic_role(name)})
             self._pending.append(proposal.proposal_id)
             return proposal
         return self.inner.ask()
@@ -127,19 +146,27 @@ def heuristic_summary(records: Sequence[Mapping], heuristics: Mapping[str, Polic
                       best: Mapping | None) -> dict:
     """summary.json's ``heuristics``: each heuristic's recorded trial (found by its policy) with its
     validation and test accuracy and MACs ratio, and the best trial's margin over the best of them.
-    Full-fidelity trials only: a two-stage search's proxy of a heuristic is not its score."""
+    Full-fidelity trials only: a two-stage search's proxy of a heuristic is not its score. A
+    heuristic's ``status`` is ``finished``, else its trial's (``failed``, ``stopped``), else
+    ``not run`` (its trial id and scores are then null)."""
     from prunetune.tracking.names import fidelity_of
 
-    by_key = {}
+    by_key, unfinished = {}, {}
     for record in records:
-        if (record.get("status") == "finished" and record.get("policy")
-                and fidelity_of(record.get("params") or {}) == "full"):
-            by_key.setdefault(Policy.from_json(record["policy"]).key(), record)
+        if not record.get("policy") or fidelity_of(record.get("params") or {}) != "full":
+            continue
+        key = Policy.from_json(record["policy"]).key()
+        if record.get("status") == "finished":
+            by_key.setdefault(key, record)
+        else:
+            unfinished[key] = record.get("status") or "failed"
     rows = {}
     for name, policy in heuristics.items():
         record = by_key.get(policy.key())
         metrics = (record or {}).get("metrics") or {}
-        rows[name] = {"trial_id": (record or {}).get("trial_id"), "val_accuracy": metrics.get("val_accuracy"),
+        status = "finished" if record else unfinished.get(policy.key(), "not run")
+        rows[name] = {"trial_id": (record or {}).get("trial_id"), "status": status,
+                      "val_accuracy": metrics.get("val_accuracy"),
                       "test_accuracy": (record or {}).get("test_accuracy"), "macs_ratio": metrics.get("macs_ratio"),
                       "policy": policy.to_json()}
     scored = [row for row in rows.values() if row["val_accuracy"] is not None]

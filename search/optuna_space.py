@@ -30,10 +30,13 @@ LEARNER_KEY = "learner"  # in a learner trial's config: the method that learns t
 
 
 def define_policy_space(trial, *, space: SearchSpace, macs_target: float, min_keep_ratio: float,
-                        constrained: bool = True, search_depth: bool = False, parameterisation=None) -> dict:
+                        constrained: bool = True, search_depth: bool = False, parameterisation=None,
+                        roles: dict[str, str] | None = None) -> dict:
     """Sample the dimensions of ``parameterisation`` (``methods.parameterisation``; None: ``keep.<group>``
     for every group), and with ``search_depth`` a boolean ``drop.<block>`` for every droppable block;
-    return the policy and record its MACs constraint.
+    return the policy and record its MACs constraint. A policy whose key ``roles`` names (the warm
+    start's heuristics, ``methods.heuristics.heuristic_roles``) carries that ``role``, as our
+    searchers' proposals do: its trial runs to its end (``search.schedulers``).
 
     The space stays the same whatever is dropped (define-by-run, but static): a dropped block's
     groups are sampled too and left out of the policy, which prunes alike without them.
@@ -46,7 +49,8 @@ def define_policy_space(trial, *, space: SearchSpace, macs_target: float, min_ke
     macs_ratio = space.macs_ratio(policy)
     if constrained:
         trial.set_constraint(CONSTRAINT_KEY, macs_ratio - macs_target)
-    return {"policy": policy.to_json(), "estimated_macs_ratio": macs_ratio}
+    role = (roles or {}).get(policy.key())
+    return {"policy": policy.to_json(), "estimated_macs_ratio": macs_ratio, **({"role": role} if role else {})}
 
 
 def make_sampler(name: str, *, seed: int, n_startup_trials: int):
@@ -88,14 +92,16 @@ def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_
 def make_optuna_search(space: SearchSpace, *, macs_target: float, objective: str, sampler: str, seed: int,
                        n_startup_trials: int, min_keep_ratio: float, tolerance: float,
                        search_depth: bool = False, points_to_evaluate: list[dict] | None = None,
-                       parameterisation=None, notes: tuple[str, ...] = ()):
+                       parameterisation=None, notes: tuple[str, ...] = (), roles: dict[str, str] | None = None):
     """Ray Tune's ``OptunaSearch`` over the keep ratios, or the dimensions of ``parameterisation``
     (and with ``search_depth`` the dropped blocks), wrapped so over-budget proposals cost no trial;
     ``points_to_evaluate`` (the warm start's heuristics, ``methods.heuristics.optuna_points``) come
-    first; ``notes`` are lines for the driver to print (``FeasibleOnly.notes``)."""
+    first, their configs with the ``role`` that ``roles`` gives their policies; ``notes`` are lines
+    for the driver to print (``FeasibleOnly.notes``)."""
     define = functools.partial(define_policy_space, space=space, macs_target=macs_target,
                                min_keep_ratio=min_keep_ratio, constrained=sampler != "cmaes",
-                               search_depth=search_depth, parameterisation=parameterisation)
+                               search_depth=search_depth, parameterisation=parameterisation,
+                               roles=dict(roles or {}))
     search = optuna_search(define, objective=objective, sampler=sampler, seed=seed,
                            n_startup_trials=n_startup_trials, points_to_evaluate=points_to_evaluate)
     return FeasibleOnly(search, limit=macs_target + tolerance, pareto=objective == "pareto", notes=notes)

@@ -140,18 +140,22 @@ def _two_stage_lines(summary: Mapping) -> list[str]:
 
 
 def _heuristic_lines(summary: Mapping) -> list[str]:
-    """The warm start's heuristics and the best trial's margin over the best of them (val and test)."""
+    """The warm start's heuristics and the best trial's margin over the best of them (val and test);
+    a heuristic with no finished trial is named with why (its trial ``failed``, ``stopped``, ``not run``)."""
     heuristics = summary.get("heuristics")
-    if not heuristics or heuristics.get("best") is None:
+    if not heuristics or not heuristics.get("policies"):
         return []
     rows = heuristics["policies"]
-    scored = ", ".join(f"{name} {row['val_accuracy']:.4f}" for name, row in rows.items()
-                       if row.get("val_accuracy") is not None)
+    scored = [f"{name} {row['val_accuracy']:.4f}" for name, row in rows.items() if row.get("val_accuracy") is not None]
+    missing = [f"{name} ({row.get('status') or 'not run'})" for name, row in rows.items()
+               if row.get("val_accuracy") is None]
     margin = heuristics.get("best_margin") or {}
-    line = f"heuristics (val): {scored}"
+    line = "heuristics (val): " + ", ".join(scored or ["none finished"])
     if margin:
         test = f", test {margin['test_accuracy']:+.4f}" if margin.get("test_accuracy") is not None else ""
         line += f"; the best trial is {margin['val_accuracy']:+.4f} val{test} against the best of them"
+    if missing:
+        line += f"; no finished trial: {', '.join(missing)}"
     return [line]
 
 

@@ -73,7 +73,7 @@ def search_parameterisation(cfg, space, base_model, calib, *, floor: float):
 def _optuna_search(cfg, spec, space, base_model, calib, path_sink, heuristics):
     """Ray Tune's OptunaSearch over one keep ratio per group, or the config's parameterisation (and,
     if asked, the droppable blocks); the heuristics it can express are enqueued first."""
-    from prunetune.methods.heuristics import inexpressible_heuristics, optuna_points
+    from prunetune.methods.heuristics import heuristic_roles, inexpressible_heuristics, optuna_points
     from prunetune.search.optuna_space import make_optuna_search
 
     options = asdict(cfg.method_options)
@@ -86,6 +86,7 @@ def _optuna_search(cfg, spec, space, base_model, calib, path_sink, heuristics):
                               n_startup_trials=options["n_startup_trials"],
                               min_keep_ratio=options["min_keep_ratio"], tolerance=cfg.macs_tolerance,
                               search_depth=options["search_depth"], parameterisation=shape, notes=notes,
+                              roles=heuristic_roles(heuristics),
                               points_to_evaluate=optuna_points(heuristics, space, parameterisation=shape,
                                                                search_depth=options["search_depth"]))
 

@@ -129,6 +129,8 @@ class TwoStage(RaySearcher):
 
     def _promote(self) -> None:
         """Stage 1 is over: queue the heuristics and the top ``promote`` proxies at full fidelity (once)."""
+        from prunetune.methods.heuristics import heuristic_role
+
         by_key = {}
         for trial_id, score in sorted(self.scores.items(), key=lambda item: item[1]["order"]):
             if score["val_accuracy"] is not None:
@@ -137,7 +139,7 @@ class TwoStage(RaySearcher):
         for name, policy in self.heuristics.items():
             trial_id = by_key.get(Policy.from_json(policy).key())
             config = dict(self.scores[trial_id]["config"]) if trial_id else {"policy": dict(policy)}
-            queue.append({**config, "role": f"heuristic:{name}", STAGE_KEY: 2, PROMOTED_KEY: trial_id})
+            queue.append({**config, "role": heuristic_role(name), STAGE_KEY: 2, PROMOTED_KEY: trial_id})
         for trial_id in self.promoted():
             queue.append({**self.scores[trial_id]["config"], STAGE_KEY: 2, PROMOTED_KEY: trial_id})
         self.queue = [{k: v for k, v in config.items() if k not in PROXY_KEYS} for config in queue]

@@ -1,5 +1,5 @@
-"""Warm starts (methods/heuristics.py): the heuristics are evaluated first by optuna and random, and
-the summary's margin over them is consistent with the trials."""
+"""Warm starts (methods/heuristics.py): the heuristics are evaluated first by optuna and random, run
+to their end under ASHA, and the summary's margin over them is consistent with the trials."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from functools import cache
 import pytest
 import torch
 
-from prunetune.methods.heuristics import HEURISTICS, heuristic_policies, heuristic_summary, optuna_points
+from prunetune.methods.heuristics import (
+    HEURISTICS,
+    heuristic_policies,
+    heuristic_role,
+    heuristic_summary,
+    optuna_points,
+)
 from prunetune.methods.registry import make_searcher
 from prunetune.pruning.dependency import build_space
 from prunetune.pruning.models import create_model
@@ -89,6 +95,49 @@ def test_optuna_proposes_the_heuristics_first():
     assert [p.key() for p in suggested] == [p.key() for p in heuristics().values()]
 
 
+def test_optunas_heuristic_trials_carry_their_role_and_the_others_none():
+    """Optuna's enqueued points cannot carry a proposal's role: the search gives their configs it."""
+    from prunetune.search.config import load_config
+    from prunetune.search.tuner import build_search_algorithm
+
+    model, space = model_and_space()
+    cfg = load_config(None, overrides={"model": "resnet20", "method": "optuna", "macs_target": TARGET,
+                                       "optuna.n_startup_trials": 2})
+    search = build_search_algorithm(cfg, space, base_model=model, calib=None, heuristics=heuristics())
+    search.set_search_properties("val_accuracy", "max", {})
+    roles = []
+    for index in range(len(HEURISTICS) + 2):
+        config = search.suggest(f"t{index}")
+        roles.append(config.get("role"))
+        search.on_trial_complete(f"t{index}", result={"val_accuracy": 0.5, "macs_ratio": TARGET})
+    assert roles == [heuristic_role(name) for name in HEURISTICS] + [None, None]
+
+
+def test_asha_never_stops_a_heuristic_and_still_ranks_its_score():
+    """Under ``scheduler: auto`` with 3 epochs (ASHA): a heuristic below the rung's cutoff continues,
+    a searched trial as low is stopped, and the heuristic's score is in the rung it was cut against."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from prunetune.search.config import load_config
+    from prunetune.search.tuner import build_scheduler
+
+    scheduler = build_scheduler(load_config(None, overrides={"model": "small_cnn", "dataset.name": "digits",
+                                                             "finetune.epochs": 3}))
+    first, heuristic, searched = (Trial("__fake", config=config, trial_id=trial_id, stub=True) for trial_id, config in (
+        ("t0", {"role": heuristic_role("uniform")}), ("t1", {"role": heuristic_role("global")}),
+        ("t2", {"role": "random"})))
+    for trial in (first, heuristic, searched):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, first, {"epoch": 1, "val_accuracy": 0.9}) == TrialScheduler.CONTINUE
+    low = {"epoch": 1, "val_accuracy": 0.3}
+    assert scheduler.on_trial_result(None, heuristic, low) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, searched, low) == TrialScheduler.STOP
+    rung = dict(scheduler._brackets[0]._rungs)[1]  # Ray's ASHA bracket: milestone -> recorded scores
+    assert rung == {"t0": 0.9, "t1": 0.3, "t2": 0.3}
+    assert scheduler.on_trial_result(None, heuristic, {"epoch": 3, "val_accuracy": 0.3}) == TrialScheduler.CONTINUE
+
+
 def test_the_summary_margin_is_the_best_over_the_best_heuristic():
     found = heuristics()
     records = []
@@ -104,6 +153,25 @@ def test_the_summary_margin_is_the_best_over_the_best_heuristic():
     assert summary["policies"]["uniform"]["val_accuracy"] == pytest.approx(0.80)
     missing = heuristic_summary([], found, best)
     assert missing["best"] is None and missing["best_margin"] is None
+
+
+def test_the_summary_names_a_heuristic_with_no_finished_trial_and_why():
+    from prunetune.search.summary import _heuristic_lines
+
+    found = heuristics()
+    uniform, global_, _ = found.values()
+    records = [{"trial_id": "a", "status": "finished", "policy": uniform.to_json(),
+                "metrics": {"val_accuracy": 0.88, "macs_ratio": 0.49}, "test_accuracy": None},
+               {"trial_id": "b", "status": "failed", "policy": global_.to_json(), "metrics": {}}]
+    summary = {"heuristics": heuristic_summary(records, found, {"trial_id": "x", "val_accuracy": 0.9})}
+    rows = summary["heuristics"]["policies"]
+    assert [rows[name]["status"] for name in HEURISTICS] == ["finished", "failed", "not run"]
+    assert rows["global"]["trial_id"] is None
+    assert _heuristic_lines(summary) == ["heuristics (val): uniform 0.8800; the best trial is +0.0200 val against "
+                                         "the best of them; no finished trial: global (failed), global-lamp (not run)"]
+    nothing = {"heuristics": heuristic_summary(records[1:], found, None)}
+    assert _heuristic_lines(nothing) == ["heuristics (val): none finished; no finished trial: uniform (not run), "
+                                         "global (failed), global-lamp (not run)"]
 
 
 @pytest.mark.slow
@@ -122,3 +190,4 @@ def test_a_search_evaluates_the_heuristics_and_reports_its_margin_over_them(optu
     assert set(rows) == set(heuristics) and all(row["val_accuracy"] is not None for row in rows.values())
     assert summary["heuristics"]["best_margin"]["val_accuracy"] >= 0  # the best is chosen among them too
     assert "heuristics (val):" in result.stdout and "warm start" in result.stderr
+
