@@ -11,6 +11,7 @@ as plain data (the thread and its queue are left out), so Ray can pickle them wi
 
 from __future__ import annotations
 
+import math
 import queue
 import sys
 import threading
@@ -65,6 +66,11 @@ def trial_record(run_uid: str, trial, status: str, *, params: dict) -> dict:
         **({"learning": result["learning"]} if result.get("learning") else {}),  # a learner's trajectory
         **({"timing": result["timing"]} if result.get("timing") else {}),  # seconds per phase (search.timing)
     }
+
+
+def ended_status(trial) -> str:
+    """``finished`` for a trial that ran to its end (its last report says so), else ``stopped`` (by ASHA)."""
+    return STATUS_FINISHED if (trial.last_result or {}).get(COMPLETE_KEY) else STATUS_STOPPED
 
 
 def reusable_results(records) -> dict:
@@ -127,9 +133,7 @@ class TrialRecorder(Callback):
         result = trial.last_result or {}
         if result.get(REUSED_KEY):  # a resumed trial that handed back its recorded result: already here
             return
-        done = bool(result.get(COMPLETE_KEY))
-        self.record(trial_record(self.run_uid, trial, STATUS_FINISHED if done else STATUS_STOPPED,
-                                 params=self.params))
+        self.record(trial_record(self.run_uid, trial, ended_status(trial), params=self.params))
 
     def record(self, record: dict) -> None:
         """Append ``record`` (with its checkpoint's digest) unless its trial is already there, then log it.
@@ -197,16 +201,20 @@ class TrialRecorder(Callback):
 class ProgressLine(Callback):
     """A concise progress display: done / running / pending, best so far, elapsed and ETA.
 
-    On a terminal one line is redrawn in place; elsewhere one line is printed per finished trial.
+    On a terminal one line is redrawn in place; elsewhere one line is printed per ended trial: its
+    score when it finished, the epoch ASHA stopped it after, or the first line of why it failed.
+    The best so far is the summary's best (``search.summary.best_trial``: finished full-fidelity
+    trials within ``macs_limit``), so a stopped trial's partial score or a proxy's never counts.
     A resumed search calls :meth:`resume` with the recorded trials: the count and the best start
     from them, and the clock and the estimate from the trials this process ends.
     """
 
-    def __init__(self, total: int, *, metric: str = "val_accuracy", stream=None):
+    def __init__(self, total: int, *, metric: str = "val_accuracy", macs_limit: float = math.inf, stream=None):
         self.total = total
         self.metric = metric
+        self.macs_limit = macs_limit  # the search's macs_target + macs_tolerance (``search.tuner.build_tuner``)
         self.started = time.monotonic()
-        self.best: float | None = None
+        self.best_record: dict | None = None  # the record of the best trial so far (``trial_record``'s)
         self.finished = 0
         self.session_finished = 0  # trials ended by this process: what the estimate divides by
         self.counted: set[str] = set()
@@ -216,49 +224,74 @@ class ProgressLine(Callback):
         return {**self.__dict__, "_stream": None}
 
     def __setstate__(self, state: dict) -> None:  # a ProgressLine pickled before these fields existed
-        self.__dict__.update({"session_finished": 0, "counted": set(), **state})
+        self.__dict__.update({"session_finished": 0, "counted": set(), "macs_limit": math.inf,
+                              "best_record": None, **state})
+
+    @property
+    def best(self) -> float | None:
+        """The best trial's validation accuracy so far, or None."""
+        return None if self.best_record is None else self.best_record["metrics"]["val_accuracy"]
 
     def resume(self, records) -> None:
         """Start again from the trials of ``trials.jsonl``: count them, take their best, restart the clock."""
         ended = [r for r in records if r.get("trial_id")]
         self.counted = {r["trial_id"] for r in ended}
         self.finished = len(self.counted)
-        values = [(r.get("metrics") or {}).get(self.metric) for r in ended if r.get("status") != "failed"]
-        values = [v for v in values if isinstance(v, int | float)]
-        self.best = max(values, default=None)
+        self.best_record = None
+        self._take_best(ended)
         self.started = time.monotonic()
         self.session_finished = 0
+
+    def _take_best(self, records) -> None:
+        """Keep the best of ``records`` and the best so far, by the summary's rule."""
+        from prunetune.search.summary import best_trial
+
+        candidates = [r for r in (self.best_record, *records) if r is not None]
+        point = best_trial(candidates, macs_limit=self.macs_limit)
+        self.best_record = next((r for r in candidates if point and r["trial_id"] == point["trial_id"]), None)
 
     @property
     def stream(self):
         return self._stream or sys.stderr
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._finish(trials, trial, "done")
+        self._finish(trials, trial, ended_status(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trials, trial, "failed")
+        self._finish(trials, trial, STATUS_FAILED)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if self.stream.isatty():
             self._draw(trials)
 
-    def _finish(self, trials, trial, what: str) -> None:
+    def _finish(self, trials, trial, status: str) -> None:
         if trial.trial_id in self.counted:  # recorded before a resume and handed back: counted already
             return
         self.counted.add(trial.trial_id)
         self.finished += 1
         self.session_finished += 1
-        value = (trial.last_result or {}).get(self.metric)
-        if what == "done" and isinstance(value, int | float):
-            self.best = value if self.best is None else max(self.best, value)
+        if status == STATUS_FINISHED:
+            self._take_best([trial_record("", trial, status, params={})])
         if self.stream.isatty():
             self._draw(trials)
             return
-        macs = (trial.last_result or {}).get("macs_ratio")
-        detail = f"{self.metric} {value:.4f}, MACs ratio {macs:.3f}" if isinstance(value, float) and macs else what
-        print(f"[{self.finished}/{self.total}] trial {trial.trial_id} {what}: {detail}; "
+        print(f"[{self.finished}/{self.total}] trial {trial.trial_id} {self._outcome(trial, status)}; "
               f"best {self._best()}; {self._elapsed()}", file=self.stream, flush=True)
+
+    def _outcome(self, trial, status: str) -> str:
+        """``done: <score>``, ``stopped early after epoch K: <score>`` or ``failed: <first line of the cause>``."""
+        if status == STATUS_FAILED:
+            from prunetune.search.failures import trial_cause
+
+            return f"failed: {trial_cause(trial)}"
+        result = trial.last_result or {}
+        value, macs = result.get(self.metric), result.get("macs_ratio")
+        score = f"{self.metric} {value:.4f}, MACs ratio {macs:.3f}" if isinstance(value, float) and macs else "no score"
+        if status == STATUS_STOPPED:
+            epoch = result.get("epoch")
+            after = f" after epoch {int(epoch)}" if isinstance(epoch, int | float) else ""
+            return f"stopped early{after}: {score}"
+        return f"done: {score}"
 
     def _draw(self, trials) -> None:
         running = sum(1 for t in trials if t.status == "RUNNING")

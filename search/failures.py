@@ -50,17 +50,21 @@ def root_cause(error: BaseException | str | None) -> str:
     return f"{name}: {first[:300]}" if first else name
 
 
+def trial_cause(trial) -> str:
+    """:func:`root_cause` of the last error Ray kept for ``trial`` (its ``error.pkl``, else its ``error.txt``)."""
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - an unreadable error file still leaves the log to point at
+        error = None
+    return root_cause(error)
+
+
 def first_failure(results, run_dir: Path) -> TrialFailure | None:
     """The first errored trial of a Ray Tune ``ResultGrid``, or None when no trial failed."""
     analysis = getattr(results, "_experiment_analysis", None)
     for trial in getattr(analysis, "trials", None) or []:
-        if trial.status != "ERROR":
-            continue
-        try:
-            error = trial.get_pickled_error() or trial.get_error()
-        except Exception:  # noqa: BLE001 - an unreadable error file still leaves the log to point at
-            error = None
-        return TrialFailure(trial.trial_id, root_cause(error), _error_log(trial, run_dir))
+        if trial.status == "ERROR":
+            return TrialFailure(trial.trial_id, trial_cause(trial), _error_log(trial, run_dir))
     return None
 
 

@@ -40,7 +40,7 @@ def best_trial(records: Sequence[Mapping], *, macs_limit: float) -> dict | None:
                 and (r.get("metrics") or {}).get("macs_ratio", 1e9) <= macs_limit + 1e-9
                 and (r.get("metrics") or {}).get("val_accuracy") is not None
                 and fidelity_of(r.get("params") or {}) == "full"]
-    return max(feasible, key=lambda p: (p["val_accuracy"], -p["macs"]), default=None)
+    return max(feasible, key=lambda p: (p["val_accuracy"], -(p["macs"] or 0)), default=None)
 
 
 def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequence[Mapping],

@@ -2,8 +2,9 @@
 
 ``run_trial`` is plain Python (no Ray): Ray Tune calls it through ``search.trainable``, tests and
 the benchmarks call it directly. It reports after BatchNorm recalibration (epoch 0) and after every
-fine-tuning epoch. The last report always carries a checkpoint (the trial's model); an earlier one
-carries one only where a retry would otherwise lose real work (``CheckpointSchedule``: at least
+fine-tuning epoch, each report with the history and timing so far (a trial stopped early is
+recorded with them). The last report always carries a checkpoint (the trial's model); an earlier
+one carries one only where a retry would otherwise lose real work (``CheckpointSchedule``: at least
 ``checkpoint_min_s`` seconds since the last checkpoint, epoch 0 only for fine-tunes of 3 epochs or
 more). It continues from such a checkpoint when one is given, so a retried trial does not start
 over. It times its phases (``search.timing``).
@@ -185,7 +186,7 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
         history = [{"epoch": 0, "val_accuracy": val_accuracy, "val_loss": val_loss,
                     "val_images": len(val.at_epoch(0, epochs))}]
         due = schedule.due(0, time.perf_counter())
-        timed_report(timer, report, {**size, **history[-1]},
+        timed_report(timer, report, {**size, **history[-1], **_so_far(history, timer)},
                      _checkpoint_writer(setup, policy, trainer, history, timer) if due else None)
     for epoch_report in trainer.remaining_epochs():
         timer.add("train", epoch_report.seconds - epoch_report.val_seconds)
@@ -195,7 +196,7 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
                         "val_images": len(val.intermediate)})
         if trainer.epochs_done < epochs:
             due = schedule.due(trainer.epochs_done, time.perf_counter())
-            timed_report(timer, report, {**size, **history[-1]},
+            timed_report(timer, report, {**size, **history[-1], **_so_far(history, timer)},
                          _checkpoint_writer(setup, policy, trainer, history, timer) if due else None)
     if epochs and val.subset_used:  # the last report's score is on the full validation split
         with timer.phase("evaluate"):
@@ -219,6 +220,12 @@ def run_trial(setup: TrialSetup, policy: Policy, *, seed: int, report: Report,
     # write is added to ``timing`` (the same dict) as it runs, before the report is sent.
     report(result, _timed_into(timing, _checkpoint_writer(setup, policy, trainer, history, timer)))
     return result
+
+
+def _so_far(history: list[dict], timer: PhaseTimer) -> dict:
+    """What an intermediate report carries of the trial so far: its ``history`` (every epoch
+    reported) and ``timing``, so a trial that ASHA stops after this report is recorded with both."""
+    return {"history": [dict(row) for row in history], "timing": timer.to_json()}
 
 
 def _size_metrics(setup: TrialSetup, policy: Policy) -> dict:

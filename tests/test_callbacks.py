@@ -42,10 +42,47 @@ def test_resume_starts_the_count_and_the_best_from_the_recorded_trials():
     assert (progress.finished, progress.best) == (6, 0.8681)
     progress.on_trial_complete(0, [], FakeTrial("t5", {"val_accuracy": 0.4931}))  # Ray hands back a recorded one
     assert progress.finished == 6 and stream.getvalue() == ""
-    progress.on_trial_complete(0, [], FakeTrial("t6", {"val_accuracy": 0.5, "macs_ratio": 0.5}))
+    progress.on_trial_complete(0, [], FakeTrial("t6", {"val_accuracy": 0.5, "macs_ratio": 0.5, COMPLETE_KEY: True}))
     line = stream.getvalue()
     assert line.startswith("[7/10] trial t6 done") and "best 0.8681" in line
     assert "~0.0 min left" in line  # three trials left at the pace of this process, not of the first
+
+
+def test_the_progress_lines_best_is_the_summarys_and_each_ending_says_how_it_ended():
+    """A stopped trial's partial score, a proxy's and one over the MACs limit never count as the best;
+    a stopped trial names its last epoch, a failed one the first line of its cause."""
+    stream = io.StringIO()
+    progress = ProgressLine(5, macs_limit=0.55, stream=stream)
+    full = {"policy": {"keep": {}}, "seed": 0}
+    ends = [FakeTrial("s", {"val_accuracy": 0.95, "macs_ratio": 0.5, "macs": 9.0, "epoch": 1}, full),
+            FakeTrial("p", {"val_accuracy": 0.9, "macs_ratio": 0.5, "macs": 9.0, COMPLETE_KEY: True},
+                      {**full, "finetune_epochs": 0}),
+            FakeTrial("o", {"val_accuracy": 0.85, "macs_ratio": 0.7, "macs": 14.0, COMPLETE_KEY: True}, full),
+            FakeTrial("f", {"val_accuracy": 0.6, "macs_ratio": 0.5, "macs": 9.0, COMPLETE_KEY: True}, full)]
+    for trial in ends:
+        progress.on_trial_complete(0, [], trial)
+    failed = SimpleNamespace(trial_id="x", last_result={}, config=full, checkpoint=None, get_error=lambda: None,
+                             get_pickled_error=lambda: ValueError("the policy is wrong\nsecond line"))
+    progress.on_trial_error(0, [], failed)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[1/5] trial s stopped early after epoch 1: val_accuracy 0.9500, MACs ratio 0.500; "
+                               "best -;")
+    assert [line.split("; best ")[1].split(";")[0] for line in lines] == ["-", "-", "-", "0.6000", "0.6000"]
+    assert lines[3].startswith("[4/5] trial f done: val_accuracy 0.6000")
+    assert lines[4].startswith("[5/5] trial x failed: ValueError: the policy is wrong; best 0.6000")
+    assert progress.best_record["trial_id"] == "f"
+
+
+def test_a_stopped_trial_is_recorded_with_the_epochs_it_reported_and_its_timing(tmp_path):
+    recorder = TrialRecorder(tmp_path, "u", tracking_uri="sqlite:///x.db", experiment="e", parent_run_id=None,
+                             params={})
+    history = [{"epoch": 0, "val_accuracy": 0.2}, {"epoch": 1, "val_accuracy": 0.3}]
+    result = {"val_accuracy": 0.3, "macs_ratio": 0.5, "epoch": 1, "history": history,
+              "timing": {"train": 1.0, "wall": 2.0, "started_at": 100.0}}
+    recorder.on_trial_complete(0, [], FakeTrial("t3", result))
+    [record] = read_trials(tmp_path / TRIALS_FILE)
+    assert record["status"] == "stopped" and record["history"] == history
+    assert record["timing"]["wall"] == 2.0 and "logging" in record["timing"]
 
 
 def test_resume_progress_reaches_the_progress_line_ray_restored(tmp_path):

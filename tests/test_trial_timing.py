@@ -75,6 +75,18 @@ def test_the_phases_are_timed_and_sum_to_no_more_than_the_trial(setup, tmp_path)
     assert [r["epoch"] for r in reports] == [0, 1, 2] and sorted(p.name for p in tmp_path.iterdir()) == ["2", "3"]
 
 
+def test_every_report_carries_the_history_and_timing_so_far(setup, tmp_path):
+    """So a trial ASHA stops after any report is recorded with the epochs it ran and its time."""
+    from prunetune.search.trial import run_trial
+
+    reports, report = keep_reports(tmp_path)
+    run_trial(setup, half(setup.space), seed=0, report=report)
+    assert [[row["epoch"] for row in r["history"]] for r in reports] == [[0], [0, 1], [0, 1, 2]]
+    assert all(r["history"][-1]["val_accuracy"] == r["val_accuracy"] for r in reports)
+    walls = [r["timing"]["wall"] for r in reports]
+    assert walls == sorted(walls) and walls[0] > 0 and "train" in reports[1]["timing"]
+
+
 def test_intermediate_epochs_score_the_val_subset_and_the_last_the_whole_split(setup, tmp_path):
     from prunetune.pruning.train import evaluate
     from prunetune.search.trial import CHECKPOINT_MODEL, run_trial
