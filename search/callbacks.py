@@ -212,7 +212,7 @@ class ProgressLine(Callback):
     def __init__(self, total: int, *, metric: str = "val_accuracy", macs_limit: float = math.inf, stream=None):
         self.total = total
         self.metric = metric
-        self.macs_limit = macs_limit  # the search's macs_target + macs_tolerance (``search.tuner.build_tuner``)
+        self.macs_limit = macs_limit  # the search's macs_target + macs_tolerance (``search.driver``)
         self.started = time.monotonic()
         self.best_record: dict | None = None  # the record of the best trial so far (``trial_record``'s)
         self.finished = 0

@@ -354,7 +354,8 @@ def _new_tuner(search: Search, log: Log):
     for note in search_notes(search_alg):
         log(note)
     return build_tuner(cfg, search.setup, name=run_dir.name, storage=cfg.ray_storage or run_dir.parent,
-                       callbacks=[recorder, ProgressLine(planned_trials(cfg, search_alg, log))],
+                       callbacks=[recorder, ProgressLine(planned_trials(cfg, search_alg, log),
+                                                             macs_limit=cfg.macs_target + cfg.macs_tolerance)],
                        search_alg=search_alg)
 
 

@@ -232,12 +232,8 @@ def run_config(cfg, *, name: str, storage: Path | str, callbacks: list):
 def build_tuner(cfg, setup: TrialSetup, *, name: str, storage: Path | str, callbacks: list, search_alg):
     from ray import tune
 
-    from prunetune.search.callbacks import ProgressLine
     from prunetune.search.two_stage import TwoStage
 
-    for callback in callbacks:  # its best so far is the summary's: within the MACs target and tolerance
-        if isinstance(callback, ProgressLine):
-            callback.macs_limit = cfg.macs_target + cfg.macs_tolerance
     samples = search_alg.total_trials if isinstance(search_alg, TwoStage) else cfg.trials
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=build_scheduler(cfg),
                                   num_samples=samples, max_concurrent_trials=cfg.concurrency,

@@ -41,9 +41,9 @@ def test_a_second_holder_is_refused_naming_the_first_and_a_killed_holder_leaves_
     run_dir = tmp_path / "runs" / "x"
     holder = hold(run_dir, "resume")
     try:
-        with pytest.raises(UserError, match=rf"{run_dir} is in use by `prunetune resume` \(PID {holder.pid}\)"):
-            with run_lock(run_dir, "run"):
-                pass
+        refused = rf"{run_dir} is in use by `prunetune resume` \(PID {holder.pid}\)"
+        with pytest.raises(UserError, match=refused), run_lock(run_dir, "run"):
+            pass
     finally:
         stop(holder)  # SIGKILL: the kernel drops the lock with the process
     with run_lock(run_dir, "run"):
