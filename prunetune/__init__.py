@@ -7,7 +7,7 @@ working directory therefore never shadows them, in the driver or in a Ray worker
 
 The Python API (``prunetune.api``, README "Python API"): :class:`Search` runs the search of
 ``prunetune run`` on your own model and returns a :class:`SearchResult`; :func:`prune` prunes a
-model to a policy; :func:`load_pruned` rebuilds a saved pruned model. Importing it loads no torch.
+model to a policy; :func:`load_pruned` rebuilds a saved pruned model as ``(model, info)``. Importing it loads no torch.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -5,7 +5,7 @@
   factory function), and any config keys; its ``run()`` runs the Ray Tune search of
   ``prunetune run`` and returns a :class:`SearchResult`.
 - :func:`prune` prunes a model to a policy (or a uniform keep ratio) with Torch-Pruning, no search.
-- :func:`load_pruned` rebuilds a saved pruned model.
+- :func:`load_pruned` rebuilds a saved pruned model: ``model, info = load_pruned(path)``.
 
 A class or function is passed to the Ray workers by reference (``module:name``, or the file of the
 script that defines it), never pickled: the workers import it. A script that defines its model and

@@ -76,11 +76,12 @@ def optuna_search(define, *, objective: str, sampler: str, seed: int, n_startup_
     ``points_to_evaluate`` (partial parameters; the rest sampled) as its first trials and learns
     from their results like any other."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from prunetune.search.optuna_resumable import ResumableOptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pareto = objective == "pareto"
-    return OptunaSearch(
+    return ResumableOptunaSearch(
         space=define,
         metric=["val_accuracy", "macs_ratio"] if pareto else "val_accuracy",
         mode=["max", "min"] if pareto else "max",

@@ -96,7 +96,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--calibration-batches", type=common.positive_int, default=DEFAULT_CALIBRATION_BATCHES,
                         metavar="N", help="training batches for BatchNorm recalibration and for criteria "
                                           f"that need activations (default: {DEFAULT_CALIBRATION_BATCHES})")
-    parser.add_argument("--out", metavar="FILE", help="save the pruned model here (load with load_pruned)")
+    parser.add_argument("--out", metavar="FILE", help="save the pruned model here (load with: model, info = prunetune.load_pruned(FILE))")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout only")
     common.add_base_model_arguments(parser)
     parser.set_defaults(handler=run)
