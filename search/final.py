@@ -88,9 +88,9 @@ def _final_of(run_dir: Path, record: dict, final, cfg, setups: _Setup, log: Log)
     if (folder / RESULT_FILE).exists():
         log(f"the final fine-tune of trial {record['trial_id']} with these settings is done; its result:")
         return json.loads((folder / RESULT_FILE).read_text())
+    setup = setups.get()  # before the plan folder: a refused preparation leaves nothing behind
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomically(folder / PLAN_FILE, plan)
-    setup = setups.get()
     setup = replace(setup, finetune=recipe, distillation=_distillation(setup, final, recipe))
     resume_from = folder / CHECKPOINT if (folder / CHECKPOINT).is_dir() else None
     log(f"final fine-tune of trial {record['trial_id']}: {final.epochs} epochs at lr {final.lr:g}"

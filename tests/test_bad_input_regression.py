@@ -218,7 +218,7 @@ CASES = [
     Case("export-own-model-file-moved-away", _export(lambda ws: ws.run, TRIAL),
          "nets/mynet.py does not exist", prepare=own_model_moved_away, absent=("out.pt", "out.pt.tmp")),
     Case("finetune-own-model-file-moved-away", lambda ws: ["finetune", str(ws.run), "--trial", TRIAL, "--epochs", "1"],
-         "nets/mynet.py does not exist", prepare=own_model_moved_away),
+         "nets/mynet.py does not exist", prepare=own_model_moved_away, absent=(f"runs/{RUN_NAME}/final",)),
     # every trial failed: no --trial ID would do; status and the traceback say why
     Case("export-every-trial-failed", lambda ws: ["export", str(ws.run), "--out", ws.path("out.pt")],
          lambda ws: f"no trial of {ws.run} finished (2 ended, 2 of them failed), so no --trial ID would do; see "
