@@ -113,3 +113,9 @@ def test_every_writer_of_a_run_in_use_is_refused_at_once_in_one_line(stopped_in_
         stop(holder)
     assert_user_error(refused, f"{run_dir} is in use by `prunetune resume` (PID {holder.pid})")
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+
+
+def test_a_run_in_a_folder_that_cannot_be_written_is_refused_in_one_line():
+    refused = r"cannot write the lock file /proc/prunetune-runs/\.x\.lock beside the run"
+    with pytest.raises(UserError, match=refused), run_lock(Path("/proc/prunetune-runs/x"), "resume"):
+        pass

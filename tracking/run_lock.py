@@ -34,7 +34,6 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold the run directory's lock for ``prunetune COMMAND``, or refuse at once (UserError) while another holds it."""
     path = lock_path(run_dir)
     made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         descriptor = _acquire(path, run_dir)
         try:
@@ -53,7 +52,12 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
 
 def _acquire(path: Path, run_dir: Path) -> int:
     while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise UserError(f"cannot write the lock file {path} beside the run ({error.strerror or error}); "
+                            f"a run directory is written to, so give one in a writable folder") from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

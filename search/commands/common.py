@@ -164,28 +164,26 @@ def model_args(args: argparse.Namespace) -> dict:
     return result
 
 
-def check_cache_dir(path: str | Path, *, writable: bool = True) -> Path:
-    """The cache folder, expanded; UserError if it exists as something other than a folder, or (with
-    ``writable``: a base model will be trained into it) if it cannot be created or written, so that
-    this is said before the training, not after it."""
+def check_cache_dir(path: str | Path) -> Path:
+    """The cache folder, expanded; UserError if it exists as something other than a folder."""
     folder = Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--cache-dir {path} is not a folder; pass a folder path (it is created if missing)")
-    if writable:
-        _check_writable(folder)
     return folder
 
 
-def _check_writable(folder: Path) -> None:
-    """UserError unless a folder can be made in ``folder``, or in its nearest existing parent when it is
-    missing; the probe is removed at once, so nothing is left behind, not even ``folder`` itself."""
-    existing = folder.absolute()
+def check_cache_writable(folder: Path) -> None:
+    """Before a base model is trained into the cache (it is not there yet): UserError unless a folder can
+    be made in ``folder``, or in its nearest existing parent when it is missing, so that this is said before
+    the training, not after it. The probe is removed at once; a read-only cache that already holds the
+    model is never probed."""
+    existing = Path(folder).expanduser().absolute()
     try:
         while not existing.exists():
             existing = existing.parent
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".prunetune-probe-"))
     except OSError as error:
-        verb = "written" if existing == folder.absolute() else "created"
+        verb = "written" if existing == Path(folder).expanduser().absolute() else "created"
         raise UserError(f"the base-model cache {folder} cannot be {verb} ({error.strerror or error}); pass a "
                         f"writable folder with --cache-dir DIR or ${CACHE_ENV}") from None
 
@@ -284,6 +282,7 @@ def pretrained_base(args: argparse.Namespace, splits: Splits, device: str) -> tu
     path = pretrain_path(args.model, key, recipe, args.seed, cache_dir, model_args(args))
     cached = path.exists()
     if not cached:
+        check_cache_writable(cache_dir)
         progress(f"base model: training {args.model} on {splits.info.name} for {recipe.epochs} epochs "
                  f"({len(splits.train)} images) on {device}; caching it as {path}")
     model, metrics = pretrain(args.model, splits, recipe, seed=args.seed, cache_dir=cache_dir,

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     requested = Policy.load(args.policy) if args.policy is not None else None
     if args.uniform is not None:
         check_keep_ratio(args.uniform, "--uniform")
-    common.check_cache_dir(args.cache_dir, writable=args.weights is None)  # given weights: nothing is cached
+    common.check_cache_dir(args.cache_dir)
     device = common.resolve_device(args.device)
 
     splits = common.load_splits(args)

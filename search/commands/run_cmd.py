@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from prunetune.search.commands.common import (
-    add_download_argument,
-    check_cache_dir,
-    declared_int,
-    positive_float,
-    positive_int,
-)
+from prunetune.search.commands.common import add_download_argument, declared_int, positive_float, positive_int
 
 NAME = "run"
 
@@ -76,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "dataset.download"):
         overrides["dataset.download"] = True
     cfg = load_config(args.config, overrides=overrides, sets=args.sets)
-    cache = cache_dir(args.cache_dir)
-    if cfg.weights is None:  # the base model is trained into the cache: say now if it cannot be written there
-        check_cache_dir(cache)
-    return start_search(cfg, cache_dir=cache)
+    return start_search(cfg, cache_dir=cache_dir(args.cache_dir))
 
 
 def cache_dir(path: str | None):
