@@ -8,7 +8,9 @@ the first search warm-started with the heuristics (uniform, global and global LA
 gives every policy the same final fine-tune as quality.py's searches (``prunetune finetune RUN --candidates K
 --heuristics``: all of them). It reports per seed the best heuristic's final test accuracy, the random policies'
 best, median and worst, how many beat the best heuristic and how many by a point, the policy that the best final
-*validation* accuracy picks, and Kendall's tau between the trials' short fine-tune and the final's validation.
+*validation* accuracy picks, and Kendall's tau between the trials' short fine-tune and the final's validation;
+then each random search read as a search: the policy it would choose with one final (its best trial by the
+trials' validation), with the final of its 3 best trials and the heuristics, and with the final of all of them.
 
 If no random policy reaches +1, a searcher can reach it only by finding a policy rarer than 1 in the draws; if some
 do, it is the searchers' ranking that is missing. Same setting and cache as quality.py (Fashion-MNIST at 28x28,
@@ -61,13 +63,13 @@ def search(args, parameterisation: str, seed: int) -> Path:
     return run_dir
 
 
-def finals_of(run_dir: Path, args) -> list[dict]:
+def finals_of(run_dir: Path, parameterisation: str, args) -> list[dict]:
     """Every final of the run (no distillation, the final's epochs), with the heuristic it is, if any."""
     from prunetune.pruning.policy import Policy
     from prunetune.tracking.rundir import read_heuristics
 
     names = {Policy.from_json(p).key(): n for n, p in reversed(read_heuristics(run_dir).items())}
-    return [{"search": run_dir.name, "trial_id": r["trial_id"], "heuristic": names.get(Policy.from_json(r["policy"]).key()),
+    return [{"search": run_dir.name, "parameterisation": parameterisation, "trial_id": r["trial_id"], "heuristic": names.get(Policy.from_json(r["policy"]).key()),
              "trial_val": r["trial_val_accuracy"], "val": r["val_accuracy"], "test": r["test_accuracy"],
              "macs_ratio": r["macs_ratio"], "policy": r["policy"]} for r in final_results(run_dir, False, args.final_epochs)]
 
@@ -81,13 +83,42 @@ def seed_row(seed: int, finals: list[dict]) -> dict:
     best_h = max(heuristics, key=lambda f: f["test"])
     gains = sorted(f["test"] - best_h["test"] for f in drawn)
     picked = max(finals, key=lambda f: f["val"])
-    return {"seed": seed, "best_heuristic": best_h["heuristic"], "best_heuristic_test": best_h["test"],
+    searched = {kind: _as_search([f for f in finals if f["parameterisation"] == kind]) for kind in SEARCHES}
+    return {"searches": {name: {rule: r["test"] - best_h["test"] for rule, r in rows.items()}
+                         for name, rows in searched.items()},
+            "seed": seed, "best_heuristic": best_h["heuristic"], "best_heuristic_test": best_h["test"],
             "heuristics": {f["heuristic"]: f["test"] for f in heuristics}, "policies": len(drawn),
             "best_gain": gains[-1], "median_gain": statistics.median(gains), "worst_gain": gains[0],
             "above": sum(g > 0 for g in gains), "above_by_1": sum(g >= 0.01 for g in gains),
             "picked_by_val": picked["heuristic"] or picked["search"], "picked_gain": picked["test"] - best_h["test"],
             "tau_trial_vs_final_val": kendalltau([f["trial_val"] for f in finals], [f["val"] for f in finals]).statistic,
             "tau_final_val_vs_test": kendalltau([f["val"] for f in finals], [f["test"] for f in finals]).statistic}
+
+
+def _as_search(finals: list[dict]) -> dict[str, dict]:
+    """What the search of these finals (its trials, the warm start's heuristics among them) would have
+    chosen: its best trial by the trials' own validation (the usual one final), the best final validation
+    of its 3 best trials and its heuristics (``final.candidates=3``, ``final.heuristics``), and of all."""
+    ranked = sorted(finals, key=lambda f: -f["trial_val"])
+    top3 = ranked[:3] + [f for f in ranked[3:] if f["heuristic"]]
+    return {"one final": ranked[0], "top 3": max(top3, key=lambda f: f["val"]),
+            "all": max(finals, key=lambda f: f["val"])}
+
+
+def search_table(rows: list[dict]) -> list[str]:
+    """Each random search as a search: its chosen policy's final test minus the seed's best heuristic."""
+    names = list(rows[0]["searches"])
+    rules = list(rows[0]["searches"][names[0]])
+    out = ["| random search | chosen by | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean ± sd | finals |",
+           "|---|---|" + "---|" * (len(rows) + 2)]
+    for name in names:
+        for rule in rules:
+            gains = [100 * r["searches"][name][rule] for r in rows]
+            spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+            finals = {"one final": "1", "top 3": "3 (+ its heuristics)", "all": "all"}[rule]
+            out.append(f"| {name} | {rule} | " + " | ".join(f"{g:+.2f}" for g in gains)
+                       + f" | {statistics.mean(gains):+.2f} ± {spread:.2f} | {finals} |")
+    return out
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -128,10 +159,9 @@ def main() -> int:
     args.storage.mkdir(parents=True, exist_ok=True)
     rows, run_dirs = [], []
     for seed in (int(s) for s in args.seeds.split(",")):
-        dirs = [search(args, parameterisation, seed) for parameterisation in SEARCHES]
-        finals = [f for d in dirs for f in finals_of(d, args)]
+        finals = [f for kind in SEARCHES for f in finals_of(search(args, kind, seed), kind, args)]
         rows.append({**seed_row(seed, finals), "finals": finals})
-        run_dirs += dirs
+        run_dirs += [run_dir_of(args, kind, seed) for kind in SEARCHES]
     keep_finals(run_dirs, args.keep / "runs")
     (args.keep / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"# headroom at MACs target {args.target:g}, {date.today()}, {platform.machine()}, {platform.node()}\n")
@@ -140,6 +170,8 @@ def main() -> int:
           f"{', '.join(SEARCHES)}; the heuristics first in the groups search), then `prunetune finetune RUN --epochs {args.final_epochs} "
           f"--candidates K --heuristics` of every policy\n")
     print("\n".join(table(rows)))
+    print("\neach random search as a search would choose (its final test minus the best heuristic's, points):\n")
+    print("\n".join(search_table(rows)))
     return 0
 
 
