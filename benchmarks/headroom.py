@@ -19,7 +19,9 @@ resnet20, ``--data-fraction`` of the training split), resumable the same way (a 
     PRUNETUNE_CACHE=/work/cache python benchmarks/headroom.py --storage /work/headroom --data-fraction 0.05
     python benchmarks/headroom.py --storage /work/headroom --data-fraction 0.05 --seeds 0   # one seed
 
-Each search's small files and every final's ``result.json`` are kept under ``--keep`` with ``rows.json``.
+``--heuristics-from QUALITY_STORAGE`` adds quality.py's uniform and global l1 finals of the same seeds (same
+setting, same base models) to the heuristics measured against, as the search-quality goal takes the best of them
+all. Each search's small files and every final's ``result.json`` are kept under ``--keep`` with ``rows.json``.
 """
 
 from __future__ import annotations
@@ -68,10 +70,29 @@ def finals_of(run_dir: Path, parameterisation: str, args) -> list[dict]:
     from prunetune.pruning.policy import Policy
     from prunetune.tracking.rundir import read_heuristics
 
-    names = {Policy.from_json(p).key(): n for n, p in reversed(read_heuristics(run_dir).items())}
+    names = {Policy.from_json(p).key(): f"{n} ({args.importance})" for n, p in reversed(read_heuristics(run_dir).items())}
     return [{"search": run_dir.name, "parameterisation": parameterisation, "trial_id": r["trial_id"], "heuristic": names.get(Policy.from_json(r["policy"]).key()),
              "trial_val": r["trial_val_accuracy"], "val": r["val_accuracy"], "test": r["test_accuracy"],
              "macs_ratio": r["macs_ratio"], "policy": r["policy"]} for r in final_results(run_dir, False, args.final_epochs)]
+
+
+def reference_heuristics(args, seed: int) -> list[dict]:
+    """The finals of quality.py's heuristics in l1 order (``uniform``, ``global``) for this seed and target, from
+    its storage (``--heuristics-from``): the search-quality goal is measured against the best of every heuristic."""
+    if args.heuristics_from is None:
+        return []
+    found = []
+    for method in ("uniform", "global"):
+        run_dir = args.heuristics_from / f"{method}-t{args.target:g}-s{seed}"
+        results = final_results(run_dir, False, args.final_epochs) if run_dir.is_dir() else []
+        if not results:
+            raise SystemExit(f"headroom.py: no {args.final_epochs}-epoch final of {run_dir}; run quality.py with "
+                             f"--methods {method} --targets {args.target:g} --seeds {seed} there first")
+        r = results[-1]
+        found.append({"search": run_dir.name, "parameterisation": None, "trial_id": r["trial_id"],
+                      "heuristic": f"{method} (l1)", "trial_val": r["trial_val_accuracy"], "val": r["val_accuracy"],
+                      "test": r["test_accuracy"], "macs_ratio": r["macs_ratio"], "policy": r["policy"]})
+    return found
 
 
 def seed_row(seed: int, finals: list[dict]) -> dict:
@@ -82,7 +103,7 @@ def seed_row(seed: int, finals: list[dict]) -> dict:
     drawn = [f for f in finals if not f["heuristic"]]
     best_h = max(heuristics, key=lambda f: f["test"])
     gains = sorted(f["test"] - best_h["test"] for f in drawn)
-    picked = max(finals, key=lambda f: f["val"])
+    picked = max(finals, key=lambda f: f["val"])  # what a user with every final in hand would keep
     searched = {kind: _as_search([f for f in finals if f["parameterisation"] == kind]) for kind in SEARCHES}
     return {"searches": {name: {rule: r["test"] - best_h["test"] for rule, r in rows.items()}
                          for name, rows in searched.items()},
@@ -154,12 +175,16 @@ def main() -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--final-epochs", type=int, default=10)
     parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-headroom"))
+    parser.add_argument("--heuristics-from", type=Path, default=None,
+                        help="quality.py's --storage for the same setting: its uniform and global l1 finals join the "
+                             "heuristics measured against")
     parser.add_argument("--keep", type=Path, default=ROOT / "benchmarks" / "results" / "headroom" / date.today().isoformat())
     args = parser.parse_args()
     args.storage.mkdir(parents=True, exist_ok=True)
     rows, run_dirs = [], []
     for seed in (int(s) for s in args.seeds.split(",")):
         finals = [f for kind in SEARCHES for f in finals_of(search(args, kind, seed), kind, args)]
+        finals += reference_heuristics(args, seed)
         rows.append({**seed_row(seed, finals), "finals": finals})
         run_dirs += [run_dir_of(args, kind, seed) for kind in SEARCHES]
     keep_finals(run_dirs, args.keep / "runs")
