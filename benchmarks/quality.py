@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEURISTIC_METHODS = ("uniform", "global", "global-lamp", "uniform-bn", "global-bn")
 SEARCH_METHODS = ("optuna-affine", "optuna-affine-bn", "optuna-affine-e3", "optuna-affine-full-e3", "optuna-stages", "optuna",
                   "arpruning", "dcm", "dcpa", "cdp-dtc", "optuna-affine-bn-top3", "optuna-affine-bn-top6", "optuna-affine-top3", "dcpa-top3",
-                  "optuna-affine-bn-p1", "optuna-affine-bn-p1-top3")
+                  "optuna-affine-bn-p1", "optuna-affine-bn-p1-top3", "random-bn", "random-bn-top3")
 # method name -> the flags that make it (global-lamp is the global baseline with LAMP normalisation)
 METHOD_FLAGS = {
     "uniform": ["--method", "uniform"],
@@ -89,6 +89,9 @@ METHOD_FLAGS = {
                             "--set", "space.parameterisation=affine", "--set", "val_subset=0.25"],
     # ARPruning with the proxy that ranks best (BENCHMARKS.md, "ARPruning: how well the proxies rank
     # policies": one fine-tuning epoch, tau 0.63 against the full fine-tune; BatchNorm alone -0.01)
+    # random keep ratios per group in BatchNorm order, after the warm start's 3 heuristics (11 trials): the
+    # headroom benchmark's search, where some random policies beat every heuristic by more than a point
+    "random-bn": ["--method", "random", "--importance", "bn_scale", "--trials", "11"],
     "arpruning": ["--method", "arpruning", "--set", "arpruning.proxy=epochs:1"],
     "dcm": ["--method", "dcm"],
     "dcpa": ["--method", "dcpa"],
@@ -105,6 +108,7 @@ FINAL_VARIANTS = {
     "optuna-affine-top3": ("optuna-affine", ["--candidates", "3", "--heuristics"]),
     "optuna-affine-bn-p1-top3": ("optuna-affine-bn-p1", ["--candidates", "3", "--heuristics"]),
     "dcpa-top3": ("dcpa", ["--candidates", "3"]),
+    "random-bn-top3": ("random-bn", ["--candidates", "3", "--heuristics"]),
 }
 
 
