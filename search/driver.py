@@ -204,7 +204,8 @@ def _resume(run_dir: Path, *, cache_dir: Path, log: Log) -> int:
     if (run_dir / SUMMARY_FILE).exists():
         if _final_left(run_dir, cfg):
             log(f"the search in {run_dir} has finished, but not its final fine-tune: continuing it")
-            return _final_from_cache(run_dir, cfg.final, cache_dir=cache_dir, log=log)
+            _run_finals(run_dir, cfg.final, cache_dir=cache_dir, log=log)
+            return 0
         log(f"the search in {run_dir} has already finished; see summary.json or `prunetune status {run_dir}`")
         return 0
     check_tracking_uri(meta["tracking_uri"])
@@ -363,17 +364,13 @@ def _final_fine_tune(search: Search, log: Log) -> None:
     """The ``final`` section's long fine-tune of the best policy, or of its best candidates
     (``search.final.run_finals``), printed after the summary; interrupted, it continues with
     ``prunetune finetune RUN_DIR`` (same settings)."""
-    from prunetune.search.final import format_final, record_final, run_finals
-
     final = search.cfg.final
     several = final.candidates > 1 or final.heuristics
     which = "the best policy" if final.candidates == 1 else f"the {final.candidates} best policies"
     log(f"final fine-tune of {which}{' and the heuristics' if final.heuristics else ''} ({final.epochs} epochs"
         f"{', the best final validation accuracy kept' if several else ''}); if interrupted, continue "
         f"with `prunetune finetune {search.run_dir}`")
-    result = run_finals(search.run_dir, final=final, cache_dir=None, log=log, setup=search.setup)
-    record_final(search.run_dir, result, log)
-    print(format_final(result), flush=True)
+    _run_finals(search.run_dir, final, cache_dir=None, log=log, setup=search.setup)
 
 
 def _final_left(run_dir: Path, cfg) -> bool:
@@ -384,14 +381,14 @@ def _final_left(run_dir: Path, cfg) -> bool:
     return cfg.final.epochs > 0 and summary.get("best") is not None and summary.get("final") is None
 
 
-def _final_from_cache(run_dir: Path, final, *, cache_dir: Path, log: Log) -> int:
-    """The final fine-tune of a finished search, as ``prunetune finetune RUN_DIR`` runs it (from its checkpoint)."""
+def _run_finals(run_dir: Path, final, *, cache_dir: Path | None, log: Log, setup=None) -> None:
+    """The final fine-tune(s) of ``final`` (``search.final.run_finals``: each continues from its checkpoint),
+    recorded in summary.json and MLflow and printed; the search's ``setup`` when at hand, else from the cache."""
     from prunetune.search.final import format_final, record_final, run_finals
 
-    result = run_finals(run_dir, final=final, cache_dir=cache_dir, log=log)
+    result = run_finals(run_dir, final=final, cache_dir=cache_dir, log=log, setup=setup)
     record_final(run_dir, result, log)
     print(format_final(result), flush=True)
-    return 0
 
 
 def _restored_tuner(search: Search, location: str):

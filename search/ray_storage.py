@@ -46,13 +46,20 @@ def check_ray_storage(uri: str | None, *, limit: float = PROBE_SECONDS) -> None:
     if uri is None:
         return
     outcome: list = []
-    probe = threading.Thread(target=lambda: outcome.append(_probe(uri)), name="ray-storage-probe", daemon=True)
+
+    def probe_into_outcome() -> None:
+        try:
+            outcome.append(_probe(uri))
+        except Exception as error:  # noqa: BLE001 - raised in the caller's thread below, not lost with this one
+            outcome.append(error)
+
+    probe = threading.Thread(target=probe_into_outcome, name="ray-storage-probe", daemon=True)
     probe.start()
     probe.join(limit)
     if not outcome:
         raise UserError(f"ray_storage {uri} could not be reached in {limit:g} s; check the network, the endpoint "
                         f"and the credentials, or leave ray_storage unset to keep checkpoints in the run directory")
-    if isinstance(outcome[0], UserError):
+    if isinstance(outcome[0], Exception):
         raise outcome[0]
 
 
