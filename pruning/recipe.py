@@ -30,6 +30,12 @@ from prunetune.pruning.schema import (
 SCHEDULES = ("cosine", "step")
 # resources.amp: the autocast dtype of forward passes (pruning/train.py); not part of a recipe's key
 AMP_MODES = ("none", "bf16")
+# The defaults that both the search config (pretrain, finetune) and the single-model commands
+# (``prunetune prune``, every command's --pretrain-epochs) use: declared here, where the CLI can
+# read them without importing the config.
+PRETRAIN_EPOCHS = 15  # the base model's training epochs
+FINETUNE_LR = 0.01  # initial learning rate of a pruned model's recovery fine-tune
+BN_RECALIBRATION_BATCHES = 20  # training batches that re-estimate BatchNorm statistics after pruning
 
 
 @dataclass(frozen=True)

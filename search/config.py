@@ -42,7 +42,13 @@ import yaml
 from prunetune.methods.parameterisation import PARAMETERISATIONS
 from prunetune.methods.registry import METHODS, method_sections
 from prunetune.pruning.errors import UserError
-from prunetune.pruning.recipe import AMP_MODES, TrainRecipe
+from prunetune.pruning.recipe import (
+    AMP_MODES,
+    BN_RECALIBRATION_BATCHES,
+    FINETUNE_LR,
+    PRETRAIN_EPOCHS,
+    TrainRecipe,
+)
 from prunetune.pruning.schema import (
     AT_LEAST_ONE,
     FRACTION,
@@ -159,7 +165,7 @@ class PretrainSection(TrainRecipe):
     """The base model's recipe: trained once per model, data, recipe and seed, then cached."""
 
     section: ClassVar[str] = "pretrain"
-    epochs: int = option(15, "training epochs", check=AT_LEAST_ONE)
+    epochs: int = option(PRETRAIN_EPOCHS, "training epochs", check=AT_LEAST_ONE)
 
 
 @dataclass(frozen=True)
@@ -168,9 +174,9 @@ class FinetuneSection(TrainRecipe):
 
     section: ClassVar[str] = "finetune"
     epochs: int = option(3, "fine-tuning epochs of each trial", check=NON_NEGATIVE)
-    lr: float = option(0.01, "initial learning rate", check=POSITIVE)
+    lr: float = option(FINETUNE_LR, "initial learning rate", check=POSITIVE)
     bn_recalibration_batches: int = option(
-        20,
+        BN_RECALIBRATION_BATCHES,
         "training batches that re-estimate BatchNorm statistics after pruning (0 = none)",
         check=NON_NEGATIVE,
     )

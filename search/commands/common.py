@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.recipe import PRETRAIN_EPOCHS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 CACHE_ENV = "PRUNETUNE_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/prunetune"
-DEFAULT_PRETRAIN_EPOCHS = 15
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -124,8 +124,8 @@ def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to train and measure (default: auto, a GPU where present)")
     parser.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
                         help=f"cache of trained base models (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
-    parser.add_argument("--pretrain-epochs", type=declared_int("pretrain.epochs"), default=DEFAULT_PRETRAIN_EPOCHS,
-                        metavar="N", help=f"epochs to train the base model (default: {DEFAULT_PRETRAIN_EPOCHS})")
+    parser.add_argument("--pretrain-epochs", type=declared_int("pretrain.epochs"), default=PRETRAIN_EPOCHS,
+                        metavar="N", help=f"epochs to train the base model (default: {PRETRAIN_EPOCHS})")
     parser.add_argument("--weights", metavar="FILE", default=None,
                         help="a state_dict of your trained model (torch.save(model.state_dict(), FILE)); "
                              "the base model is then not pretrained")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.recipe import BN_RECALIBRATION_BATCHES, FINETUNE_LR
 from prunetune.search.commands import common
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 
 NAME = "prune"
 DEFAULT_IMPORTANCE = "l1"
-DEFAULT_CALIBRATION_BATCHES = 20
-DEFAULT_FINETUNE_LR = 0.01
 
 
 @dataclass(frozen=True)
@@ -91,11 +90,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"channel importance criterion, e.g. l1, taylor, attention (default: {DEFAULT_IMPORTANCE})")
     parser.add_argument("--finetune-epochs", type=common.non_negative_int, default=0, metavar="N",
                         help="fine-tune the pruned model for N epochs (default: 0)")
-    parser.add_argument("--finetune-lr", type=common.positive_float, default=DEFAULT_FINETUNE_LR, metavar="LR",
-                        help=f"initial fine-tuning learning rate, cosine schedule (default: {DEFAULT_FINETUNE_LR})")
-    parser.add_argument("--calibration-batches", type=common.positive_int, default=DEFAULT_CALIBRATION_BATCHES,
+    parser.add_argument("--finetune-lr", type=common.positive_float, default=FINETUNE_LR, metavar="LR",
+                        help=f"initial fine-tuning learning rate, cosine schedule (default: {FINETUNE_LR})")
+    parser.add_argument("--calibration-batches", type=common.positive_int, default=BN_RECALIBRATION_BATCHES,
                         metavar="N", help="training batches for BatchNorm recalibration and for criteria "
-                                          f"that need activations (default: {DEFAULT_CALIBRATION_BATCHES})")
+                                          f"that need activations (default: {BN_RECALIBRATION_BATCHES})")
     parser.add_argument("--out", metavar="FILE", help="save the pruned model here (load with: model, info = prunetune.load_pruned(FILE))")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout only")
     common.add_base_model_arguments(parser)
