@@ -98,11 +98,12 @@ def test_a_run_stopped_in_its_final_says_to_resume_and_resume_finishes_the_final
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["resume", "finetune", "run"])
+@pytest.mark.parametrize("command", ["resume", "finetune", "run", "sync"])
 def test_every_writer_of_a_run_in_use_is_refused_at_once_in_one_line(stopped_in_final, base_model_cache, command):
     work, run_dir, _, _ = stopped_in_final
     arguments = {"resume": ["resume", str(run_dir)], "finetune": ["finetune", str(run_dir), "--epochs", "1"],
-                 "run": ["run", *QUICK, "--name", "s", "--storage", str(run_dir.parent)]}[command]
+                 "run": ["run", *QUICK, "--name", "s", "--storage", str(run_dir.parent)],
+                 "sync": ["sync", str(run_dir)]}[command]
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
     holder = hold(run_dir, "resume")
     try:
@@ -113,6 +114,18 @@ def test_every_writer_of_a_run_in_use_is_refused_at_once_in_one_line(stopped_in_
         stop(holder)
     assert_user_error(refused, f"{run_dir} is in use by `prunetune resume` (PID {holder.pid})")
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+
+
+def test_a_sync_into_another_store_is_not_held_up_by_the_runs_writer(stopped_in_final, base_model_cache, tmp_path):
+    work, run_dir, _, _ = stopped_in_final
+    other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    holder = hold(run_dir, "resume")
+    try:
+        synced = run_cli(["sync", str(run_dir), "--tracking-uri", other], cache=base_model_cache, cwd=work, timeout=120)
+    finally:
+        stop(holder)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert f"synced {run_dir}: parent run " in synced.stdout and "(created), 2 trials logged" in synced.stdout
 
 
 def test_a_run_in_a_folder_that_cannot_be_written_is_refused_in_one_line():

@@ -17,13 +17,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Sync; into the run's own store only while no ``run``, ``resume`` or ``finetune`` logs into it
+    (the run directory's lock, ``tracking.run_lock``). A sync into another store shares nothing with
+    the run's writer, so it may run beside it."""
+    import contextlib
+
+    from prunetune.tracking.run_lock import run_lock
+    from prunetune.tracking.rundir import read_meta
     from prunetune.tracking.sync import sync_run_dir
     from prunetune.tracking.uri import check_tracking_uri
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     if args.tracking_uri:
         check_tracking_uri(args.tracking_uri, folder_may_be_missing=True)  # sync may start a new store
-    report = sync_run_dir(run_dir, tracking_uri=args.tracking_uri)
+    own_store = args.tracking_uri in (None, read_meta(run_dir)["tracking_uri"])
+    with run_lock(run_dir, NAME) if own_store else contextlib.nullcontext():
+        report = sync_run_dir(run_dir, tracking_uri=args.tracking_uri)
     print(f"synced {run_dir}: parent run {report.parent_run_id}"
           f"{' (created)' if report.created_parent else ''}, {report.trials_logged} trials logged, "
           f"{report.trials_already_present} already present")
