@@ -95,9 +95,9 @@ def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir:
     path = pretrain_path(model_name, data_key, recipe, seed, cache_dir, model_args)
     cached = path.exists()
     if not cached:
-        from prunetune.search.commands.common import check_cache_writable
+        from prunetune.search.commands.common import check_before_pretraining
 
-        check_cache_writable(cache_dir)
+        check_before_pretraining(cache_dir, splits)
         log(f"base model: training {model_name} on {splits.info.name} ({len(splits.train)} images) for "
             f"{recipe.epochs} epochs on {device}; it is cached as {path}")
 

@@ -53,6 +53,7 @@ class Case:
     in_process: bool = False  # run ``cli.main`` in the test's process (a refusal before Ray: no import cost)
     search: bool = False  # a row that runs a real search: the session's base-model cache, a migrated store
     cache: str | None = None  # $PRUNETUNE_CACHE, where not the test's own folder's cache/
+    unsaid: tuple[str, ...] = field(default=())  # text that must not be in the output: work that should not start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,6 +434,11 @@ FOLDER_CASES = [
     Case("imagefolder-corrupt-image", lambda ws: [*FOLDER, "--data-root", ws.path("imgs")],
          "imgs/train/dog/broken.png cannot be read (cannot identify image file",
          prepare=lambda ws: _image_folder(ws, corrupt="train/dog/broken.png"), absent=("cache",), in_process=True),
+    # a file of val/ is read first at an evaluation, after a training epoch: it is refused before any
+    Case("imagefolder-corrupt-image-in-val", lambda ws: [*FOLDER, "--data-root", ws.path("imgs")],
+         "imgs/val/cat/broken.png cannot be read (cannot identify image file",
+         prepare=lambda ws: _image_folder(ws, corrupt="val/cat/broken.png"), absent=("cache",), in_process=True,
+         unsaid=("pretrain epoch",)),
 ]
 CASES += FOLDER_CASES
 
@@ -468,6 +474,8 @@ def test_bad_input(case: Case, template: Path, tmp_path: Path, capsys, monkeypat
         assert output.count(says) == 1, output[-3000:]
     for name in case.absent:
         assert not (tmp_path / name).exists(), name
+    for text in case.unsaid:
+        assert text not in result.stdout + result.stderr, result.stderr[-3000:]
 
 
 def _main_in_process(argv: list[str], *, cache: Path, cwd: Path, capsys, monkeypatch):

@@ -172,6 +172,15 @@ def check_cache_dir(path: str | Path) -> Path:
     return folder
 
 
+def check_before_pretraining(cache_dir: Path, splits: Splits) -> None:
+    """What would fail after the base model's training, found before it: a cache that cannot take the
+    model, an image file that cannot be read."""
+    from prunetune.pruning.data import check_image_files
+
+    check_cache_writable(cache_dir)
+    check_image_files(splits)
+
+
 def check_cache_writable(folder: Path) -> None:
     """Before a base model is trained into the cache (it is not there yet): UserError unless a folder can
     be made in ``folder``, or in its nearest existing parent when it is missing, so that this is said before
@@ -282,7 +291,7 @@ def pretrained_base(args: argparse.Namespace, splits: Splits, device: str) -> tu
     path = pretrain_path(args.model, key, recipe, args.seed, cache_dir, model_args(args))
     cached = path.exists()
     if not cached:
-        check_cache_writable(cache_dir)
+        check_before_pretraining(cache_dir, splits)
         progress(f"base model: training {args.model} on {splits.info.name} for {recipe.epochs} epochs "
                  f"({len(splits.train)} images) on {device}; caching it as {path}")
     model, metrics = pretrain(args.model, splits, recipe, seed=args.seed, cache_dir=cache_dir,
