@@ -12,8 +12,8 @@ fine-tune of its 3 best trials by validation (and of its heuristics' trials, for
 with the best final validation accuracy kept (``final.candidates``), at the cost of one final each. The goal it measures against: at target 0.25 the best search at least 1 point above the
 best heuristic, at 0.5 no search below it.
 
-Setting: Fashion-MNIST at 28x28, resnet20, one base model per seed (cached), ``--data-fraction``
-of the training split (default 0.02: about 1,100 images; validation and test splits whole). The
+Setting: Fashion-MNIST at 28x28, resnet20 (``--model``, ``--dataset``, ``--image-size`` change it), one
+base model per seed (cached), ``--data-fraction`` of the training split (default 0.02: about 1,100 images; validation and test splits whole). The
 no-distillation final is the search's own end-of-run fine-tune (``final.epochs``); the distilled
 one is ``prunetune finetune --distill`` on the same run. The loop goes target by target (0.25
 first: there the goal asks for a win), seed by seed, so an interrupted run has whole targets. It is
@@ -23,6 +23,12 @@ so after an interruption run the same command again:
     PRUNETUNE_CACHE=/work/cache python benchmarks/quality.py --storage /work/quality
     python benchmarks/quality.py --targets 0.25 --seeds 0 --methods global,optuna   # a slice
     python benchmarks/quality.py --storage /work/quality --table-only   # what is there, running nothing
+    # on a GPU machine that holds CIFAR-10's files: resnet56 at 32x32 on all of it, 4 trials per GPU
+    python benchmarks/quality.py --storage /tmp/q56 --model resnet56 --dataset cifar10 --set dataset.root=DIR \
+        --data-fraction 1 --concurrency 4 --set resources.gpus_per_trial=0.25 \
+        --methods uniform,global,uniform-bn,global-bn,random-bn,random-bn-top3
+
+A search found in ``--storage`` with another setting (model, data, epochs) is refused, not reused.
 
 Every search's small files (``prunetune.json``, ``config.yaml``, ``space.json``, ``trials.jsonl``,
 ``summary.json``) and final results are kept under ``--keep``, with ``rows.json``; the method
@@ -42,6 +48,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import yaml
 from compare_table import compare_json, keep, markdown, search_failed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,9 +120,33 @@ FINAL_VARIANTS = {
 
 
 def shared_flags(args) -> list[str]:
-    return ["--model", "resnet20", "--dataset", "fashion-mnist", "--data-fraction", str(args.data_fraction),
+    size = ["--image-size", str(args.image_size)] if args.image_size else []
+    return ["--model", args.model, "--dataset", args.dataset, *size, "--data-fraction", str(args.data_fraction),
             "--pretrain-epochs", str(args.pretrain_epochs), "--finetune-epochs", str(args.finetune_epochs),
-            "--concurrency", "2", "--scheduler", "none", "--set", f"final.epochs={args.final_epochs}"]
+            "--concurrency", str(args.concurrency), "--scheduler", "none", "--set", f"final.epochs={args.final_epochs}",
+            *(flag for item in args.set for flag in ("--set", item))]
+
+
+def setting(args) -> dict:
+    """What a kept search must share with this invocation to be reused: its config.yaml's values."""
+    return {"model": args.model, "dataset.name": args.dataset, "dataset.image_size": args.image_size,
+            "dataset.data_fraction": args.data_fraction, "pretrain.epochs": args.pretrain_epochs,
+            "finetune.epochs": args.finetune_epochs}
+
+
+def check_reusable(run_dir: Path, args) -> None:
+    """Refuse a search in ``--storage`` made with another setting: its results would be reported as this one's."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    differ = []
+    for key, wanted in setting(args).items():
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != wanted:
+            differ.append(f"{key} {value!r} (here {wanted!r})")
+    if differ:
+        raise SystemExit(f"quality.py: {run_dir} was searched with another setting: {', '.join(differ)}; "
+                         f"give another --storage for this one")
 
 
 def trials_flags(method: str, args) -> list[str]:
@@ -146,6 +177,8 @@ def search(method: str, target: float, seed: int, args) -> dict:
     name = run_name(method, target, seed)
     run_dir = args.storage / name
     method = FINAL_VARIANTS.get(method, (method,))[0]
+    if (run_dir / "config.yaml").exists():
+        check_reusable(run_dir, args)
     if not (run_dir / "summary.json").exists():
         done, wall = cli(["run", *shared_flags(args), *trials_flags(method, args), *METHOD_FLAGS[method],
                           "--macs-target", str(target), "--seed", str(seed), "--name", name,
@@ -267,19 +300,31 @@ def table(rows: list[dict], methods: list[str], targets: list[float], distill: b
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(HEURISTIC_METHODS + SEARCH_METHODS))
-    parser.add_argument("--targets", default="0.25,0.5")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--data-fraction", type=float, default=0.02)
-    parser.add_argument("--pretrain-epochs", type=int, default=15)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--learner-trials", type=int, default=4)
-    parser.add_argument("--final-epochs", type=int, default=10)
+    parser.add_argument("--methods", default=",".join(HEURISTIC_METHODS + SEARCH_METHODS),
+                        help="comma-separated methods (the table's rows; default: all but the -top variants)")
+    parser.add_argument("--targets", default="0.25,0.5", help="comma-separated MACs targets (default: 0.25,0.5)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one base model each (default: 0,1,2)")
+    parser.add_argument("--model", default="resnet20", help="model of every search (default: resnet20)")
+    parser.add_argument("--dataset", default="fashion-mnist", help="dataset of every search (default: fashion-mnist)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize images to N x N (default: the dataset's own, 28 for Fashion-MNIST)")
+    parser.add_argument("--data-fraction", type=float, default=0.02,
+                        help="fraction of the training split (default: 0.02; validation and test stay whole)")
+    parser.add_argument("--pretrain-epochs", type=int, default=15, help="base model's epochs (default: 15)")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="each trial's fine-tuning epochs (default: 1)")
+    parser.add_argument("--trials", type=int, default=10, help="trials of a searcher's search (default: 10)")
+    parser.add_argument("--learner-trials", type=int, default=4,
+                        help=f"trials of a learner's search, {', '.join(LEARNERS)} (default: 4)")
+    parser.add_argument("--final-epochs", type=int, default=10, help="epochs of every final fine-tune (default: 10)")
+    parser.add_argument("--concurrency", type=int, default=2, help="trials at once in each search (default: 2)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every search, e.g. resources.gpus_per_trial=0.5 (repeatable)")
     parser.add_argument("--distill", choices=("both", "on", "off"), default="both",
                         help="which final fine-tunes to run: with distillation, without, or both")
-    parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-quality"))
-    parser.add_argument("--keep", type=Path, default=ROOT / "benchmarks" / "results" / "quality" / date.today().isoformat())
+    parser.add_argument("--storage", type=Path, default=Path("/tmp/prunetune-quality"),
+                        help="where the searches run; a search already there with this setting is reused")
+    parser.add_argument("--keep", type=Path, default=ROOT / "benchmarks" / "results" / "quality" / date.today().isoformat(),
+                        help="where the small files of every search and rows.json are kept (default: today's folder)")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: the tables from the searches and finals already in --storage")
     args = parser.parse_args()
