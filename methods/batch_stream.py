@@ -1,6 +1,6 @@
 """An endless, seeded stream of training batches with a position, so learning resumes mid-epoch.
 
-Epoch e of the stream is the seeded loader's epoch e (``pruning.data.make_loader``: its order
+Epoch e of the stream is the seeded loader's epoch e (``pruning.loader.make_loader``: its order
 and augmentation follow ``(seed, e)``), so ``seek(n)`` followed by ``next()`` gives exactly the
 batch an uninterrupted stream gives as its n-th.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from prunetune.pruning.data import make_loader
+from prunetune.pruning.loader import make_loader
 
 
 class BatchStream:

@@ -1,11 +1,12 @@
-"""Datasets by name, split into train / validation / test, and fast batch loaders.
+"""Datasets by name, split into train / validation / test.
 
 ``load_dataset(name, ...)`` returns :class:`Splits`: the validation split is carved from the
 training data with the run's seed, so a search scores policies on validation data and the test
-split is touched only by final reports. Small datasets live in memory as :class:`TensorImages` and
-``make_loader`` batches them by slicing tensors (shuffle, crop, flip and normalise a whole batch at
-once), which is several times faster on CPU than a per-sample ``DataLoader``. ``imagefolder`` data
-is decoded from disk per sample, through a ``DataLoader``.
+split is touched only by final reports. Small datasets live in memory as :class:`TensorImages`,
+which ``pruning.loader.make_loader`` batches by slicing tensors (shuffle, crop, flip and normalise a
+whole batch at once), several times faster on CPU than a per-sample ``DataLoader``.
+``imagefolder`` data (``pruning.image_folder``) is decoded from disk per sample, through a
+``DataLoader``.
 
 On a GPU, :meth:`Splits.on_device` moves such in-memory splits to the device once (where they fit
 beside the model), and the same batching then runs there: index tensors, crop, flip and
@@ -22,7 +23,7 @@ import gzip
 import math
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,102 +201,6 @@ class TensorImages(Dataset):
         """The per-channel mean and std as 1xCx1x1 tensors on ``device``."""
         return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
                 torch.tensor(self.std, device=device).view(1, -1, 1, 1))
-
-
-class FolderImages(Dataset):
-    """Some of the images of a torchvision ``ImageFolder``, decoded from disk when read.
-
-    The same files serve training (random resized crop and flip) and evaluation (resize and centre
-    crop); ``with_augment`` picks which, so the loader's ``augment`` argument decides for folders
-    as it does for tensors.
-
-    It keeps the folder's ``(path, label)`` samples, not torchvision objects, and pickles without
-    its transform, which is rebuilt through ``import_torchvision`` when unpickled: a Ray worker
-    that unpickles it has not imported torchvision yet, and a plain ``import torchvision`` fails
-    there on CPU torch (``pruning.torchvision_compat``).
-    """
-
-    def __init__(self, folder, indices: Sequence[int], *, info: DatasetInfo, augment: str = "none"):
-        self.samples = [(str(path), int(label)) for path, label in getattr(folder, "samples", folder)]
-        self.indices = [int(i) for i in indices]
-        self.info = info
-        self.augment = augment
-        self.transform = _folder_transform(info, augment)
-
-    def __getstate__(self) -> dict:
-        return {key: value for key, value in self.__dict__.items() if key != "transform"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.transform = _folder_transform(self.info, self.augment)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
-
-        path, label = self.samples[self.indices[index]]
-        try:
-            with Image.open(path) as image:  # as torchvision's default loader: decoded as RGB
-                return self.transform(image.convert("RGB")), label
-        except OSError as error:  # PIL.UnidentifiedImageError, a truncated file, one that vanished
-            raise _unreadable(path, error) from None
-
-    def check_files(self) -> None:
-        """Refuse (UserError, as a read would) the first file of this subset that is not an image:
-        PIL reads its header only, about 0.1 ms a file, so a file that cannot be read is named before
-        an hour of training rather than at the first evaluation. A file damaged past its header is
-        still found only when it is decoded."""
-        from PIL import Image
-
-        for position in self.indices:
-            path = self.samples[position][0]
-            try:
-                with Image.open(path):
-                    pass
-            except OSError as error:
-                raise _unreadable(path, error) from None
-
-    def subset(self, indices: Tensor) -> FolderImages:
-        """The images at positions ``indices`` of this subset."""
-        return FolderImages(
-            self.samples, [self.indices[int(i)] for i in indices], info=self.info, augment=self.augment
-        )
-
-    def with_augment(self, augment: str) -> FolderImages:
-        """The same images, read with the training (``augment != "none"``) or evaluation transform."""
-        return FolderImages(self.samples, self.indices, info=self.info, augment=augment)
-
-
-def _unreadable(path: str, error: OSError) -> UserError:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return UserError(f"image file {path} cannot be read ({reason}); replace it or remove it from the dataset folder")
-
-
-def check_image_files(splits: Splits) -> None:
-    """Every split's files open as images (:meth:`FolderImages.check_files`); in-memory splits pass."""
-    for part in (splits.train, splits.val, splits.test):
-        if isinstance(part, FolderImages):
-            part.check_files()
-
-
-def _folder_transform(info: DatasetInfo, augment: str):
-    """torchvision transforms for a folder: random resized crop (and flip) to train, centre crop to eval."""
-    from prunetune.pruning.torchvision_compat import import_torchvision
-
-    T = import_torchvision().transforms
-    size = info.image_size
-    if augment == "none":
-        steps = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
-    else:
-        steps = [T.RandomResizedCrop(size)] + ([T.RandomHorizontalFlip()] if augment == "crop_flip" else [])
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(info.mean, info.std)])
-
-
-# ----------------------------------------------------------------------------------------------
-# The registry and the splits
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -536,56 +441,6 @@ def _build_cifar(name: str) -> _Builder:
     return build
 
 
-def _build_imagefolder(request: _Request) -> tuple[DatasetInfo, Dataset, Dataset]:
-    """An ImageNet-style folder: ``root/train/CLASS/*`` and ``root/val/CLASS/*`` (val serves as test)."""
-    from prunetune.pruning.torchvision_compat import import_torchvision
-
-    if request.root is None:
-        raise UserError(
-            "imagefolder needs its images: pass --data-root DIR holding train/ and val/ class folders"
-        )
-    root = Path(request.root).expanduser().resolve()  # absolute: Ray's workers run in other folders
-    for part in ("train", "val"):
-        if not (root / part).is_dir():
-            raise UserError(
-                f"{root / part} is not a folder; --data-root must hold train/ and val/ class folders"
-            )
-    classes = {part: _class_folders(root / part) for part in ("train", "val")}
-    if classes["train"] != classes["val"]:
-        only = [f"only in {part}/: {', '.join(sorted(set(classes[part]) - set(classes[other])))}"
-                for part, other in (("train", "val"), ("val", "train")) if set(classes[part]) - set(classes[other])]
-        raise UserError(
-            f"{root}/train and {root}/val have different class folders ({'; '.join(only)}); give both the same classes"
-        )
-    ImageFolder = import_torchvision().datasets.ImageFolder
-    train, val = (_image_folder(ImageFolder, root / part) for part in ("train", "val"))
-    info = DatasetInfo(
-        "imagefolder", len(train.classes), 3, request.image_size or 224,
-        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "crop_flip",
-    )  # fmt: skip
-    return (
-        info,
-        FolderImages(train, range(len(train)), info=info),
-        FolderImages(val, range(len(val)), info=info),
-    )
-
-
-def _class_folders(folder: Path) -> list[str]:
-    """The class names of an image folder, as torchvision's ``ImageFolder`` finds them: its sub-folders."""
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-
-
-def _image_folder(image_folder: type, folder: Path):
-    """torchvision's ``ImageFolder`` of ``folder``; a folder it refuses (no class folder, a class folder
-    without images) is a UserError saying so."""
-    try:
-        return image_folder(str(folder))
-    except FileNotFoundError as error:
-        reason = " ".join(str(error).split()).rstrip(".")
-        raise UserError(f"{folder}: {reason}; --data-root must hold train/ and val/ with one folder of images "
-                        f"per class, none of them empty") from None
-
-
 def _resize(images: Tensor, size: int) -> Tensor:
     """Square ``images`` resized to ``size`` pixels by bilinear interpolation, keeping their dtype."""
     if images.shape[-2:] == (size, size):
@@ -609,6 +464,12 @@ def _with_info(data: TensorImages, info: DatasetInfo) -> TensorImages:
     return TensorImages(data.images, data.labels, mean=info.mean, std=info.std)
 
 
+def _build_imagefolder(request: _Request) -> tuple[DatasetInfo, Dataset, Dataset]:
+    from prunetune.pruning.image_folder import build_imagefolder  # it imports this module
+
+    return build_imagefolder(request)
+
+
 _BUILDERS: dict[str, _Builder] = {
     "digits": _build_digits,
     "fashion-mnist": _build_fashion_mnist,
@@ -617,225 +478,3 @@ _BUILDERS: dict[str, _Builder] = {
     "imagefolder": _build_imagefolder,
     "synthetic": _build_synthetic,
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Loaders
-# ----------------------------------------------------------------------------------------------
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    augment: str = "none",
-    drop_last: bool = False,
-    num_workers: int = 0,
-) -> Iterable[tuple[Tensor, Tensor]]:
-    """Batches ``(x, y)`` of ``dataset``: x float32 normalised NCHW, y int64.
-
-    Each iteration is one epoch; with ``shuffle`` epoch ``e`` has the order (and augmentation)
-    drawn for ``(seed, e)``, so a run repeats exactly. ``augment`` is one of ``AUGMENTS``:
-    in-memory data is cropped (zero padding of 4 pixels, 2 for images of 16 pixels or fewer) and
-    flipped per sample, on whole batches. ``num_workers`` applies to folder data only.
-    """
-    if augment not in AUGMENTS:
-        raise UserError(f"unknown augment {augment!r}; choose one of: {', '.join(AUGMENTS)}")
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    if isinstance(dataset, TensorImages):
-        return TensorBatches(
-            dataset, batch_size, shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last
-        )
-    if isinstance(dataset, FolderImages):
-        dataset = dataset.with_augment(augment)
-    elif augment != "none":
-        raise ValueError(
-            f"augment={augment!r} needs TensorImages or FolderImages, got {type(dataset).__name__}"
-        )
-    return SampleBatches(
-        dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, num_workers=num_workers
-    )
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The torch generator for one epoch of a seeded loader, independent across (seed, epoch) pairs."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-
-
-class _Epochs:
-    """Counts epochs: each ``iter()`` is the next one; ``set_epoch`` jumps, e.g. on resume."""
-
-    def __init__(self, size: int, batch_size: int, *, seed: int, drop_last: bool):
-        self.size, self.batch_size, self.seed, self.drop_last = size, batch_size, seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration epoch ``epoch``."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.size, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
-
-    def _next_generator(self) -> torch.Generator:
-        generator = _epoch_generator(self.seed, self.epoch)
-        self.epoch += 1
-        return generator
-
-
-class TensorBatches(_Epochs):
-    """Batches of :class:`TensorImages` made by slicing: shuffle, crop, flip and normalise per batch.
-
-    One code path for every device: the epoch's random draws (the order, then per batch the crop
-    offsets and the flips, in that order) come from the epoch's CPU generator, are moved to the
-    images' device once per epoch, and the batches are indexed, cropped, flipped and normalised
-    where the images are. CPU data thus gives exactly the batches it always has, and device data
-    the same batches without a host transfer per batch.
-    """
-
-    def __init__(
-        self,
-        dataset: TensorImages,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int,
-        augment: str,
-        drop_last: bool,
-    ):
-        super().__init__(len(dataset), batch_size, seed=seed, drop_last=drop_last)
-        self.dataset, self.shuffle, self.augment = dataset, shuffle, augment
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        generator = self._next_generator()
-        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
-        return self._batches(order, generator)
-
-    def _batch_sizes(self) -> list[int]:
-        return [min(self.batch_size, self.size - number * self.batch_size) for number in range(len(self))]
-
-    def _draws(self, generator: torch.Generator) -> dict[str, Tensor]:
-        """The epoch's augmentation draws for every batch, drawn batch by batch as the batches use them."""
-        if self.augment == "none" or self.size == 0:
-            return {}
-        pad = crop_padding(*self.dataset.images.shape[-2:])
-        tops, lefts, flips = [], [], []
-        for count in self._batch_sizes():
-            top, left = crop_offsets(count, pad, generator)
-            tops.append(top)
-            lefts.append(left)
-            if self.augment == "crop_flip":
-                flips.append(flip_draws(count, generator))
-        draws = {"top": torch.cat(tops), "left": torch.cat(lefts)}
-        if flips:
-            draws["flip"] = torch.cat(flips)
-        return draws
-
-    def _batches(self, order: Tensor, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        data = self.dataset
-        device = data.images.device
-        draws = {key: value.to(device) for key, value in self._draws(generator).items()}
-        order = order.to(device)
-        mean, std = data.stats(device)
-        pad = crop_padding(*data.images.shape[-2:])
-        for number in range(len(self)):
-            window = slice(number * self.batch_size, (number + 1) * self.batch_size)
-            indices = order[window]
-            images = data.to_unit_float(data.images[indices])
-            if "top" in draws:
-                images = crop_at(images, draws["top"][window], draws["left"][window], pad)
-            if "flip" in draws:
-                images = flip_where(images, draws["flip"][window])
-            yield (images - mean) / std, data.labels[indices]
-
-
-def crop_padding(height: int, width: int) -> int:
-    """The zero padding a random crop shifts within: 4 pixels, 2 for images of 16 pixels or fewer."""
-    return 2 if max(height, width) <= 16 else 4
-
-
-def crop_offsets(count: int, pad: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``count`` random (top, left) offsets in 0..2*pad, each shaped (count, 1, 1), on the generator's device."""
-    top = torch.randint(0, 2 * pad + 1, (count, 1, 1), generator=generator)
-    left = torch.randint(0, 2 * pad + 1, (count, 1, 1), generator=generator)
-    return top, left
-
-
-def flip_draws(count: int, generator: torch.Generator) -> Tensor:
-    """``count`` coin tosses: which images to mirror."""
-    return torch.rand(count, generator=generator) < 0.5
-
-
-def crop_at(images: Tensor, top: Tensor, left: Tensor, pad: int) -> Tensor:
-    """Each image's window at its own (top, left) offset in the image zero-padded by ``pad``.
-
-    One ``gather`` over the flattened padded batch crops every image at its own offset.
-    """
-    count, channels, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad)).reshape(count, channels, -1)
-    rows = top + torch.arange(height, device=images.device).view(1, -1, 1)
-    cols = left + torch.arange(width, device=images.device).view(1, 1, -1)
-    flat_index = (rows * (width + 2 * pad) + cols).reshape(count, 1, -1).expand(-1, channels, -1)
-    return padded.gather(2, flat_index).reshape(count, channels, height, width)
-
-
-def flip_where(images: Tensor, flip: Tensor) -> Tensor:
-    """The images mirrored left to right where ``flip`` (one boolean per image) is true."""
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
-
-
-def random_crop(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Each image shifted at random within zero padding of 4 pixels (2 for images of 16 pixels or fewer)."""
-    pad = crop_padding(*images.shape[-2:])
-    top, left = crop_offsets(len(images), pad, generator)
-    return crop_at(images, top.to(images.device), left.to(images.device), pad)
-
-
-def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Each image mirrored left to right with probability one half."""
-    return flip_where(images, flip_draws(len(images), generator).to(images.device))
-
-
-class SampleBatches(_Epochs):
-    """Batches of any dataset through a ``DataLoader``, seeded per epoch (order, workers, transforms)."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int,
-        drop_last: bool,
-        num_workers: int,
-    ):
-        super().__init__(len(dataset), batch_size, seed=seed, drop_last=drop_last)
-        self.dataset, self.shuffle, self.num_workers = dataset, shuffle, num_workers
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        generator = self._next_generator()
-        return self._batches(generator)
-
-    def _batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        from torch.utils.data import DataLoader
-
-        loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
-            num_workers=self.num_workers, generator=generator,
-        )  # fmt: skip
-        # Transforms run in this process draw from torch's global RNG: give them this epoch's own
-        # stream while a batch is made, and the caller its untouched global state in between.
-        transform_rng = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        batches = iter(loader)
-        while True:
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(transform_rng.get_state())
-                batch = next(batches, None)
-                transform_rng.set_state(torch.get_rng_state())
-            if batch is None:
-                return
-            images, labels = batch
-            yield images.float(), labels.to(torch.int64)

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from prunetune.pruning.data import Splits, make_loader
+from prunetune.pruning.data import Splits
 from prunetune.pruning.distill import Distillation
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.loader import make_loader
 from prunetune.pruning.models import create_model
 from prunetune.pruning.recipe import AMP_MODES, SCHEDULES, TrainRecipe  # noqa: F401 - re-exported: the recipe trains here
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunetune.pruning.data import Splits, make_loader
+from prunetune.pruning.data import Splits
+from prunetune.pruning.loader import make_loader
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
 from prunetune.pruning.train import TrainRecipe

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from prunetune.pruning.augment import random_crop, random_flip
 from prunetune.pruning.data import (
     AUGMENTS,
     TensorImages,
     dataset_names,
     load_dataset,
-    make_loader,
-    random_crop,
-    random_flip,
 )
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.loader import make_loader
 
 
 def _row_hashes(dataset: TensorImages) -> set[str]:

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunetune.pruning.data import Splits, TensorImages, fits_on_device, load_dataset, make_loader
+from prunetune.pruning.data import Splits, TensorImages, fits_on_device, load_dataset
 from prunetune.pruning.errors import UserError
+from prunetune.pruning.loader import make_loader
 from prunetune.pruning.models import create_model
 from prunetune.pruning.train import Trainer, TrainRecipe, autocast, evaluate, recalibrate_bn
 

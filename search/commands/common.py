@@ -175,7 +175,7 @@ def check_cache_dir(path: str | Path) -> Path:
 def check_before_pretraining(cache_dir: Path, splits: Splits) -> None:
     """What would fail after the base model's training, found before it: a cache that cannot take the
     model, an image file that cannot be read."""
-    from prunetune.pruning.data import check_image_files
+    from prunetune.pruning.image_folder import check_image_files
 
     check_cache_writable(cache_dir)
     check_image_files(splits)

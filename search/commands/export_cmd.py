@@ -241,7 +241,7 @@ def check_onnx(run_dir: Path, path: Path, model) -> tuple[float, float]:
     logits from the PyTorch model's on the test split."""
     import torch
 
-    from prunetune.pruning.data import make_loader
+    from prunetune.pruning.loader import make_loader
     from prunetune.pruning.onnx_export import onnx_outputs, onnx_session
 
     session = onnx_session(path)

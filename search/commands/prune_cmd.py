@@ -150,7 +150,7 @@ def _prune_and_recover(base_model: nn.Module, splits: Splits, space: SearchSpace
     """Prune to ``policy``, recalibrate BatchNorm, then fine-tune for --finetune-epochs."""
     from itertools import islice
 
-    from prunetune.pruning.data import make_loader
+    from prunetune.pruning.loader import make_loader
     from prunetune.pruning.surgery import prune
     from prunetune.pruning.train import TrainRecipe, evaluate, recalibrate_bn, train
 
