@@ -4,7 +4,8 @@ Cheng, Wang, Ma, Wei, Alsaadi, Liu. *Complex & Intelligent Systems* 9 (2023) 561
 the paper: NAS-based; an attention mechanism supplies layer information to the policy;
 Gumbel-softmax makes sampling differentiable; two training stages; a block with a shortcut lets it
 prune width and depth. The rest is our design after TAS (Dong and Yang, NeurIPS 2019), as
-METHODS.md (DCP-A) specifies it:
+METHODS.md (DCP-A) specifies it; choices, sampling and cost are in ``methods.dcpa_relaxation``, the
+attention in ``methods.dcpa_attention``, the learner that joins them here:
 
 - Choices (``width_choices``, ``depth_stages``): group l keeps ``w_lk = ceil(rho_k C_l)`` channels
   (to its rounding unit), rho from the options; a residual stage (``space.stages``) runs its first
@@ -38,10 +39,8 @@ METHODS.md (DCP-A) specifies it:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,19 @@ from torch import nn
 from prunetune.methods.batch_stream import BatchStream
 from prunetune.methods.channel_mask import ChannelMasks, masked_modules
 from prunetune.methods.dcm import rounded_policy, split_held_out
+from prunetune.methods.dcpa_attention import LayerAttention, group_descriptor, stage_descriptor
 from prunetune.methods.dcpa_options import DcpaOptions
+from prunetune.methods.dcpa_relaxation import (
+    block_gates,
+    cosine_temperature,
+    depth_stages,
+    gumbel_softmax,
+    macs_loss,
+    mixed_masks,
+    prefix_masks,
+    uniform_choice,
+    width_choices,
+)
 from prunetune.methods.learner import (
     LearnData,
     Learned,
@@ -62,177 +73,6 @@ from prunetune.methods.macs_term import MacsTerm
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
-
-QUANTILES = 4  # channel statistics of a group summarised to this many quantiles
-DESCRIPTOR_SIZE = QUANTILES + 6
-
-
-# --- choices ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DepthStage:
-    """The depth choices of one residual stage: run its first ``min_depth + choice`` ``blocks`` (in
-    order); the blocks past that depth are skipped through their shortcut (METHODS.md, DCP-A: Choices)."""
-
-    name: str
-    blocks: tuple[str, ...]
-    min_depth: int
-
-    @property
-    def choices(self) -> int:
-        return len(self.blocks) - self.min_depth + 1
-
-    @property
-    def gated(self) -> tuple[str, ...]:
-        """The blocks some choice drops."""
-        return self.blocks[self.min_depth:]
-
-    def depths(self) -> list[int]:
-        return [self.min_depth + c for c in range(self.choices)]
-
-    def dropped(self, choice: int) -> tuple[str, ...]:
-        return self.blocks[self.min_depth + choice:]
-
-
-def depth_stages(space: SearchSpace) -> tuple[DepthStage, ...]:
-    """Depth choices 1..n_blocks per stage of ``space.stages`` (more where a block that cannot be
-    dropped comes later in it); stages with one choice only are left out."""
-    result = []
-    for stage in space.stages:
-        droppable = [space.block(name).droppable for name in stage.blocks]
-        min_depth = max([1] + [i + 1 for i, can in enumerate(droppable) if not can])
-        if min_depth < len(stage.blocks):
-            result.append(DepthStage(stage.name, stage.blocks, min_depth))
-    return tuple(result)
-
-
-def width_choices(space: SearchSpace, rhos: Sequence[float]) -> torch.Tensor:
-    """``w_lk = ceil(rho_k C_l)`` to the group's rounding unit and limits: (groups, choices), long."""
-    return torch.tensor([[g.kept_channels(rho) for rho in rhos] for g in space.groups], dtype=torch.long)
-
-
-# --- sampling ----------------------------------------------------------------------------------------
-
-
-def cosine_temperature(step: int, total: int, tau_max: float, tau_min: float) -> float:
-    """tau annealed by cosine from ``tau_max`` at step 0 to ``tau_min`` at step ``total - 1``
-    (METHODS.md, DCP-A: Two stages)."""
-    progress = min(step, total - 1) / max(total - 1, 1)
-    return tau_min + 0.5 * (tau_max - tau_min) * (1 + math.cos(math.pi * progress))
-
-
-def gumbel_softmax(alpha: torch.Tensor, tau: float, generator: torch.Generator, *, hard: bool) -> torch.Tensor:
-    """``g = softmax((log_softmax(alpha) + Gumbel) / tau)`` over the last dimension (METHODS.md,
-    DCP-A: Sampling); ``hard``: the one-hot argmax forward, g's gradient backward (straight-through)."""
-    uniform = torch.rand(alpha.shape, generator=generator, dtype=torch.float32).to(alpha.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
-    soft = F.softmax((F.log_softmax(alpha, dim=-1) + gumbel) / tau, dim=-1)
-    if not hard:
-        return soft
-    one_hot = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
-    return one_hot - soft.detach() + soft
-
-
-def uniform_choice(counts: Sequence[int], size: int, generator: torch.Generator) -> torch.Tensor:
-    """One-hot rows (len(counts), size): each row a choice drawn uniformly among its first counts[i]."""
-    rows = torch.zeros(len(counts), size)
-    for i, count in enumerate(counts):
-        rows[i, int(torch.randint(count, (1,), generator=generator))] = 1.0
-    return rows
-
-
-def prefix_masks(ranks: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """m_k (choices, C): m_k keeps the w_k best-ranked channels (1-based ``ranks``, 1 the best)."""
-    return (ranks.unsqueeze(0) <= widths.to(ranks.dtype).unsqueeze(1)).to(torch.float32)
-
-
-def mixed_masks(g: torch.Tensor, prefixes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The mask of each group ``sum_k g_lk m_lk`` (METHODS.md, DCP-A: Sampling)."""
-    return [g[i] @ prefix for i, prefix in enumerate(prefixes)]
-
-
-def block_gates(depth_g: torch.Tensor, stages: Sequence[DepthStage], droppable: Sequence[str]) -> torch.Tensor:
-    """The gate of every droppable block (``droppable`` order, MacsTerm's): the (sampled or expected)
-    weight of its stage's depth choices that run it, ``sum_{c : min_depth + c > position} g_c``; 1 for
-    blocks no choice drops."""
-    gates = {}
-    for s, stage in enumerate(stages):
-        for name in stage.gated:
-            position = stage.blocks.index(name)
-            gates[name] = depth_g[s, position - stage.min_depth + 1:stage.choices].sum()
-    one = depth_g.new_ones(())
-    return torch.stack([gates.get(name, one) for name in droppable]) if droppable else depth_g.new_zeros(0)
-
-
-# --- cost ----------------------------------------------------------------------------------------------
-
-
-def macs_loss(expected_ratio: torch.Tensor, target: float, tolerance: float) -> torch.Tensor:
-    """``log E[MACs]`` above t, ``-log E[MACs]`` below ``t - tolerance``, else 0 (METHODS.md, DCP-A:
-    Cost; on the ratio to the base MACs, which shifts the log by a constant)."""
-    value = float(expected_ratio.detach())
-    if value > target:
-        return torch.log(expected_ratio)
-    if value < target - tolerance:
-        return -torch.log(expected_ratio)
-    return expected_ratio * 0.0
-
-
-# --- attention -------------------------------------------------------------------------------------------
-
-
-class LayerAttention(nn.Module):
-    """Descriptors of the layers (groups, then stages) -> one self-attention layer -> logits.
-
-    ``forward(descriptors)`` returns (width alpha (groups, K), depth alpha (stages, D)): a linear
-    head on each token's attended embedding plus free logits, invalid depth choices at -inf
-    (METHODS.md, DCP-A: Attention).
-    """
-
-    def __init__(self, groups: int, width_count: int, depth_counts: Sequence[int], dim: int, heads: int):
-        super().__init__()
-        self.groups = groups
-        self.embed = nn.Linear(DESCRIPTOR_SIZE, dim)
-        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm = nn.LayerNorm(dim)
-        self.width_head = nn.Linear(dim, width_count, bias=False)  # a shared bias would move every layer alike
-        depth_size = max(depth_counts, default=1)
-        self.depth_head = nn.Linear(dim, depth_size, bias=False)
-        for head in (self.width_head, self.depth_head):  # start near the free logits' distribution
-            nn.init.normal_(head.weight, std=0.01)
-        self.width_logits = nn.Parameter(torch.zeros(groups, width_count))
-        self.depth_logits = nn.Parameter(torch.zeros(len(depth_counts), depth_size))
-        valid = torch.zeros(len(depth_counts), depth_size, dtype=torch.bool)
-        for s, count in enumerate(depth_counts):
-            valid[s, :count] = True
-        self.register_buffer("depth_valid", valid)
-
-    def forward(self, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.embed(descriptors).unsqueeze(0)
-        attended, _ = self.attention(tokens, tokens, tokens, need_weights=False)
-        hidden = self.norm(tokens + attended).squeeze(0)
-        width = self.width_head(hidden[:self.groups]) + self.width_logits
-        depth = self.depth_head(hidden[self.groups:]) + self.depth_logits
-        return width, depth.masked_fill(~self.depth_valid, float("-inf"))
-
-
-def group_descriptor(output: torch.Tensor, macs_share: float, position: float, channels: int) -> torch.Tensor:
-    """A group's descriptor from its BN output on the batch: the quantiles of its channels' mean
-    |output| (over a common scale), their spread, the log of that scale, its MACs share, position, log-width."""
-    magnitude = output.detach().abs().float().transpose(0, 1).flatten(1)  # channels x (batch, pixels)
-    mean, spread = magnitude.mean(dim=1), magnitude.std(dim=1) if magnitude.shape[1] > 1 else magnitude.mean(1) * 0
-    scale = mean.mean().clamp_min(1e-8)
-    quantiles = torch.quantile(mean / scale, torch.linspace(0, 1, QUANTILES, device=mean.device)).cpu()
-    extra = torch.tensor([float((spread.mean() / scale).clamp(max=10)), float(torch.log(scale)), macs_share,
-                          position, math.log2(channels) / 8, 0.0])
-    return torch.cat([quantiles, extra])
-
-
-def stage_descriptor(macs_share: float, position: float, blocks: int) -> torch.Tensor:
-    """A stage's descriptor: its droppable blocks' MACs share, its position, its size; flag 1."""
-    return torch.tensor([0.0] * (QUANTILES + 2) + [macs_share, position, math.log2(blocks + 1) / 8, 1.0])
-
 
 # --- the learner -----------------------------------------------------------------------------------------
 

@@ -11,17 +11,15 @@ import random
 import pytest
 import torch
 
-from prunetune.methods.dcpa import (
-    DcpaLearner,
-    DcpaRun,
+from prunetune.methods.dcpa import DcpaLearner, DcpaRun, fit_to_target
+from prunetune.methods.dcpa_options import DcpaOptions
+from prunetune.methods.dcpa_relaxation import (
     block_gates,
     cosine_temperature,
     depth_stages,
-    fit_to_target,
     gumbel_softmax,
     width_choices,
 )
-from prunetune.methods.dcpa_options import DcpaOptions
 from prunetune.methods.learner import LearnData
 from prunetune.methods.macs_term import MacsTerm
 from prunetune.methods.registry import make_learner
