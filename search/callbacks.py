@@ -127,7 +127,10 @@ class TrialRecorder(Callback):
                 self._created[trial.trial_id] = time.time()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.record(trial_record(self.run_uid, trial, STATUS_FAILED, params=self.params))
+        from prunetune.search.failures import trial_cause
+
+        self.record({**trial_record(self.run_uid, trial, STATUS_FAILED, params=self.params),
+                     "error": trial_cause(trial)})  # Type: first line; the traceback is the trial's error.txt
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}

@@ -51,12 +51,29 @@ def root_cause(error: BaseException | str | None) -> str:
 
 
 def trial_cause(trial) -> str:
-    """:func:`root_cause` of the last error Ray kept for ``trial`` (its ``error.pkl``, else its ``error.txt``)."""
+    """:func:`root_cause` of the last error Ray kept for ``trial`` (its ``error.pkl``, else its ``error.txt``).
+
+    Ray writes both into the driver's staging folder of the trial and reads them back from the
+    trial's storage, where they arrive only with the next sync: read at once (the progress line of a
+    trial that just failed), the storage has nothing yet, so the staging copy is read first."""
     try:
-        error = trial.get_pickled_error() or trial.get_error()
+        error = _staged_error(trial) or trial.get_pickled_error() or trial.get_error()
     except Exception:  # noqa: BLE001 - an unreadable error file still leaves the log to point at
         error = None
     return root_cause(error)
+
+
+def _staged_error(trial) -> BaseException | str | None:
+    """The trial's error from the driver's staging folder: the pickled exception, else the text."""
+    import cloudpickle
+
+    pickled, text = getattr(trial, "pickled_error_file", None), getattr(trial, "error_file", None)
+    if pickled and Path(pickled).is_file():
+        with open(pickled, "rb") as file:
+            return cloudpickle.load(file)
+    if text and Path(text).is_file():
+        return Path(text).read_text()
+    return None
 
 
 def first_failure(results, run_dir: Path) -> TrialFailure | None:
