@@ -492,5 +492,6 @@ def finish_search(search: Search, results, *, wall_s: float, log: Log) -> int:
     final = cfg.final.epochs > 0 and summary["best"] is not None
     if final:
         _final_fine_tune(search, log)
-    print(f"\n{next_steps(summary, run_dir, meta['tracking_uri'], final=final)}", flush=True)
+    print(f"\n{next_steps(summary, run_dir, meta['tracking_uri'], final=final, experiment_id=search.tracker.experiment_id)}",
+          flush=True)
     return 0

@@ -124,7 +124,7 @@ def cut_deeper_hint(cfg) -> str:
     if key is not None:
         return f"let {cfg.method} cut deeper (lower --set {spec.section}.{key}, now {getattr(options, key):g})"
     if spec.kind == "learner":
-        return f"let {cfg.method} cut deeper (its {spec.section}.* hyperparameters: README, 'Configuration')"
+        return f"let {cfg.method} cut deeper (its {spec.section}.* hyperparameters: README, 'Config reference')"
     return "widen the space (--set space.min_channels=1, --set space.search_depth=true)"
 
 
@@ -138,12 +138,20 @@ def no_best_message(records: Sequence[Mapping], cfg) -> str:
             f"raise --macs-target, or {cut_deeper_hint(cfg)}")
 
 
-def next_steps(summary: Mapping, run_dir: Path, tracking_uri: str, *, final: bool) -> str:
+def next_steps(summary: Mapping, run_dir: Path, tracking_uri: str, *, final: bool,
+               experiment_id: str | None = None) -> str:
     """The closing ``next:`` line of a search: the MLflow view, ``prunetune status`` and an export
     that works: ``--trial final`` after a final fine-tune, ``--trial best`` where a trial met the
     MACs target; where none did (objective pareto exits 0), ``--trial ID`` of the front's trial
-    with the fewest MACs (the closest to the target), as ``--trial best`` would be refused."""
-    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else f"open {tracking_uri}"
+    with the fewest MACs (the closest to the target), as ``--trial best`` would be refused. A
+    tracking server's link is to the experiment's trials view in model-training mode
+    (``tracking.experiment_view``), where its ``experiment_id`` is known."""
+    from prunetune.tracking.experiment_view import trials_url
+
+    if tracking_uri.startswith("sqlite"):
+        ui = f"mlflow ui --backend-store-uri {tracking_uri}"
+    else:
+        ui = f"open {trials_url(tracking_uri, experiment_id) if experiment_id else tracking_uri}"
     steps = [ui, f"prunetune status {run_dir}"]
     if final or summary.get("best") is not None:
         steps.append(f"prunetune export {run_dir} --trial {'final' if final else 'best'} --out pruned.pt")

@@ -49,6 +49,8 @@ def test_the_closing_line_suggests_an_export_that_works():
         "prunetune export /runs/r --trial best --out pruned.pt")
     assert next_steps({"best": {"trial_id": "a"}, "pareto": front}, run, "http://h:5000", final=True).endswith(
         "--trial final --out pruned.pt") and "open http://h:5000" in next_steps({}, run, "http://h:5000", final=False)
+    assert ("open http://h:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=trials   |"
+            in next_steps({}, run, "http://h:5000", final=False, experiment_id="7"))
     unmet = next_steps({"best": None, "pareto": front}, run, "sqlite:///x.db", final=False)
     assert "--trial b --out pruned.pt (the front's fewest MACs, ratio 0.600; none met the target)" in unmet
     assert next_steps({"best": None, "pareto": []}, run, "sqlite:///x.db", final=False).endswith(
