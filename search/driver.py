@@ -345,7 +345,7 @@ def _new_tuner(search: Search, log: Log):
                              experiment=meta["experiment"], parent_run_id=meta["parent_run_id"],
                              params={"method": cfg.method, "importance": resolved_importance(cfg), "seed": cfg.seed})
     path_sink = SearchPathLogger(tracking_uri=meta["tracking_uri"], experiment=meta["experiment"],
-                                 parent_run_id=meta["parent_run_id"])
+                                 parent_run_id=meta["parent_run_id"], run_dir=str(run_dir))
     heuristics = search_heuristics(cfg, search.base.space, search.base.model, search.calib)
     if heuristics:
         write_heuristics(run_dir, {name: policy.to_json() for name, policy in heuristics.items()})

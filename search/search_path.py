@@ -3,14 +3,16 @@
 A searcher that moves step by step (ARPruning: the incumbent and the step d per round) lists its
 rows in ``Searcher.search_path()``. The adapter hands each new row, once, to a ``SearchPathLogger``
 on the driver, which logs its numbers as ``search.<name>`` metrics at step ``round`` of the
-parent run, so the path can be plotted (``mlflow ui``: the parent run's metrics). Tracking
-failures only warn: the path also stays in the searcher's state in the run directory.
+parent run, so the path can be plotted (``mlflow ui``: the parent run's metrics). Each row is
+first appended to ``search_path.jsonl`` in the run directory, so a tracking failure only warns and
+``prunetune sync`` logs the path again, into the run's store or another (``tracking.sync``).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 METRIC_PREFIX = "search."
 
@@ -25,10 +27,12 @@ class SearchPathLogger:
     """Logs path rows to the parent run through ``tracking.tracker.Tracker``; plain data, so Ray can
     pickle it with the search algorithm and a resumed search logs to the same parent run."""
 
-    def __init__(self, *, tracking_uri: str, experiment: str, parent_run_id: str | None) -> None:
+    def __init__(self, *, tracking_uri: str, experiment: str, parent_run_id: str | None,
+                 run_dir: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
+        self.run_dir = run_dir
         self._tracker = None
         self._failed = False
 
@@ -36,6 +40,10 @@ class SearchPathLogger:
         return {**self.__dict__, "_tracker": None, "_failed": False}
 
     def __call__(self, row: Mapping) -> None:
+        if self.run_dir is not None:
+            from prunetune.tracking.rundir import append_search_path
+
+            append_search_path(Path(self.run_dir), dict(row))
         if self.parent_run_id is None or self._failed:
             return
         try:
@@ -47,5 +55,5 @@ class SearchPathLogger:
         except Exception as exc:  # noqa: BLE001 - the search goes on; its state keeps the path
             self._failed = True
             print(f"prunetune: warning: could not log the search path to MLflow at {self.tracking_uri} "
-                  f"({type(exc).__name__}); the searcher state in the run directory keeps it",
+                  f"({type(exc).__name__}); the run directory keeps it, for `prunetune sync`",
                   file=sys.stderr)

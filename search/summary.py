@@ -64,8 +64,9 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
     return {
         "name": name, "method": method, "macs_target": macs_target,
         "baseline": {k: baseline.get(k) for k in ("val_accuracy", "test_accuracy", "macs", "params",
-                                                   "latency_ms", "latency_iqr_ms", "latency_repeats",
-                                                   "latency_load_avg", "latency_cpus")},
+                                                   "latency_ms", "latency_median_ms", "latency_iqr_ms",
+                                                   "latency_repeats", "latency_load_avg", "latency_threads",
+                                                   "latency_cpus")},  # all of the base model's metrics: sync logs them
         "best": None if best is None else {k: best[k] for k in (
             "trial_id", "val_accuracy", "test_accuracy", "macs", "params", "macs_ratio", "params_ratio",
             "latency_ms", "policy")},

@@ -272,6 +272,27 @@ def test_sync_run_dir_builds_the_view_once_then_only_adds_new_trials(tmp_path: P
     assert len(children_of(tracker, report.parent_run_id)) == 4
 
 
+def test_sync_logs_a_searchers_path_from_the_run_directory_once(tmp_path: Path, tracking_store) -> None:
+    """ARPruning's per-round path reached MLflow only from the live driver: a sync into another store
+    (or after an outage) lacked it. It is read from ``search_path.jsonl``, each round logged once."""
+    from prunetune.search.search_path import SearchPathLogger
+
+    store = default_tracking_uri(tracking_store(tmp_path / "store"))
+    run_dir = tmp_path / "run"
+    records = [trial_record(i) for i in range(2)]
+    write_run_dir(run_dir, store, records, summary=summary_of(records))
+    sink = SearchPathLogger(tracking_uri=store, experiment="prunetune-sync", parent_run_id=None, run_dir=str(run_dir))
+    for round_, score in ((0, 0.61), (1, 0.64), (1, 0.65)):  # a resume hands round 1 over again
+        sink({"round": round_, "incumbent_score": score, "moved": round_ > 0})
+
+    parent = sync_run_dir(run_dir).parent_run_id
+    tracker = Tracker(store, "prunetune-sync")
+    history = tracker.client.get_metric_history(parent, "search.incumbent_score")
+    assert [(m.step, m.value) for m in history] == [(0, 0.61), (1, 0.65)]
+    sync_run_dir(run_dir)
+    assert len(tracker.client.get_metric_history(parent, "search.incumbent_score")) == 2
+
+
 def test_sync_refuses_a_folder_that_is_not_a_run_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="prunetune.json"):
         sync_run_dir(tmp_path)

@@ -40,6 +40,7 @@ SPACE_FILE = "space.json"
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 HEURISTICS_FILE = "heuristics.json"  # the warm start's policies by name (methods.heuristics)
+SEARCH_PATH_FILE = "search_path.jsonl"  # a step-wise searcher's rows, one per round (search.search_path)
 DRIVER_FILE = "driver.json"
 PARETO_PNG = "pareto.png"
 META_FORMAT = 1
@@ -61,6 +62,7 @@ class RunDirContents:
     space: dict[str, Any] | None
     trials: tuple[dict[str, Any], ...]
     summary: dict[str, Any] | None
+    search_path: tuple[dict[str, Any], ...] = ()
 
 
 def read_run_dir(run_dir: Path) -> RunDirContents:
@@ -73,6 +75,7 @@ def read_run_dir(run_dir: Path) -> RunDirContents:
         space=_read_json(run_dir / SPACE_FILE),
         trials=tuple(read_trials(run_dir / TRIALS_FILE)),
         summary=_read_json(run_dir / SUMMARY_FILE),
+        search_path=tuple(read_search_path(run_dir)),
     )
 
 
@@ -268,6 +271,29 @@ def append_trial(run_dir: Path, record: dict) -> bool:
         file.flush()
         os.fsync(file.fileno())
     return True
+
+
+def append_search_path(run_dir: Path, row: dict) -> None:
+    """Append a searcher's path row (``round`` and its numbers) to ``search_path.jsonl``."""
+    with open(Path(run_dir) / SEARCH_PATH_FILE, "a", encoding="utf-8") as file:
+        file.write(json.dumps(row) + "\n")
+
+
+def read_search_path(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``search_path.jsonl``, one per round (the last one per round where a resume
+    wrote a round twice); a torn last line is skipped."""
+    path = Path(run_dir) / SEARCH_PATH_FILE
+    if not path.is_file():
+        return []
+    rows = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows[row["round"]] = row
+    return [rows[key] for key in sorted(rows)]
 
 
 def update_trials(run_dir: Path, changes: dict[str, dict]) -> None:

@@ -53,6 +53,7 @@ def sync_run_dir(run_dir: Path, *, tracking_uri: str | None = None) -> SyncRepor
     if contents.space is not None:
         tracker.log_space(parent_id, contents.space, (contents.summary or {}).get("baseline") or {})
     logged, present = _sync_trials(tracker, parent_id, contents.trials)
+    _sync_search_path(tracker, parent_id, contents.search_path)
     if contents.summary is not None:
         _sync_summary(tracker, parent_id, run_dir, contents)
     else:
@@ -63,6 +64,23 @@ def sync_run_dir(run_dir: Path, *, tracking_uri: str | None = None) -> SyncRepor
     return SyncReport(
         parent_id, created_parent=existing_id is None, trials_logged=logged, trials_already_present=present
     )
+
+
+def _sync_search_path(tracker: Tracker, parent_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Log each round of a step-wise searcher's path (``search.<name>`` at step ``round``) that the
+    parent run lacks; a round already there is left alone."""
+    from prunetune.search.search_path import path_metrics
+    from prunetune.tracking.names import mlflow_key
+
+    rows = list(rows)
+    if not rows:
+        return
+    keys = {key for row in rows for key in path_metrics(row)}
+    logged = {key: {m.step for m in tracker.client.get_metric_history(parent_id, mlflow_key(key))} for key in keys}
+    for row in rows:
+        missing = {key: value for key, value in path_metrics(row).items() if row["round"] not in logged[key]}
+        if missing:
+            tracker.log_parent_step(parent_id, missing, step=int(row["round"]))
 
 
 def _sync_trials(tracker: Tracker, parent_id: str, trials: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
