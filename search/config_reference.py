@@ -30,14 +30,38 @@ def _default(value) -> str:
 
 
 def reference_table() -> str:
-    """The markdown table of every config key: key, type, default, allowed values, meaning."""
+    """The markdown table of every config key: key, type, default, allowed values, meaning; then
+    the keys whose value in the embedded default search differs from that default."""
     from prunetune.search.config import describe_config
 
+    rows = describe_config()
     lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-    for row in describe_config():
+    for row in rows:
         lines.append(f"| `{row.key}` | {_cell(row.type)} | {_default(row.default)} | {row.rule} | "
                      f"{_cell(row.doc)} |")
+    embedded = embedded_differences(rows)
+    lines += ["", "A bare `prunetune run` (no config file) runs the embedded default, "
+              "[`search/configs/default.yaml`](search/configs/default.yaml), whose values differ from "
+              "the defaults above in: " + ", ".join(f"`{key}` {_default(value)}" for key, value in embedded) + "."]
     return "\n".join(lines)
+
+
+def embedded_differences(rows) -> list[tuple[str, object]]:
+    """``(key, value)`` of each key the embedded default config sets to something other than its default."""
+    from prunetune.search.config import config_to_dict, load_config
+
+    flat = _flatten(config_to_dict(load_config(None, names=False)))
+    return [(row.key, flat[row.key]) for row in rows if row.key in flat and flat[row.key] != row.default]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def with_reference(readme: str) -> str:

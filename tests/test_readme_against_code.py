@@ -83,3 +83,16 @@ def test_the_readme_lists_of_criteria_name_every_registered_one():
     for where, listed in (("Concepts", concepts), ("prune's --importance row", prune_row)):
         missing = sorted(name for name in CRITERIA if f"`{name}`" not in listed)
         assert not missing, f"README's {where} leaves out the criteria {missing}"
+
+
+def test_help_texts_that_list_names_or_defaults_match_the_code():
+    """What a --help says by hand (it may not import torch or MLflow to ask) is what the code has."""
+    from prunetune.pruning.data import dataset_names
+    from prunetune.tracking.compare import DEFAULT_BUDGETS
+
+    commands = _commands()
+    dataset = next(a for a in commands["space"]._actions if "--dataset" in a.option_strings)
+    missing = [name for name in dataset_names() if name not in dataset.help]
+    assert not missing, f"space's --dataset help leaves out {missing}"
+    budgets = next(a for a in commands["compare"]._actions if "--macs-budgets" in a.option_strings)
+    assert budgets.default == ",".join(f"{b:g}" for b in DEFAULT_BUDGETS) and f"(default: {budgets.default})" in budgets.help

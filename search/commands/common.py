@@ -101,7 +101,8 @@ def add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="model_sets", action="append", default=[], metavar="model_args.KEY=VALUE",
                         help="an argument of your model's factory (repeatable)")
     parser.add_argument("--dataset", required=True, metavar="NAME",
-                        help="dataset name (e.g. digits, fashion-mnist, cifar10)")
+                        help="dataset name (digits, fashion-mnist, cifar10, cifar100, synthetic; imagefolder with "
+                             "--data-root), or your own: package.module:factory, path/to/file.py:factory")
     parser.add_argument("--data-root", metavar="DIR", help="folder holding the dataset's files")
     parser.add_argument("--image-size", type=declared_int("dataset.image_size"), metavar="N",
                         help="resize images to N x N pixels (default: the dataset's own size)")

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="the MLflow store of --experiment (default: $MLFLOW_TRACKING_URI, else "
                              "sqlite:///runs/mlflow.db)")
     parser.add_argument("--macs-budgets", default="0.25,0.5,0.75", metavar="B1,B2,...",
-                        help="MACs ratios (of the base model) to report the best trial within")
+                        help="MACs ratios (of the base model) to report the best trial within (default: 0.25,0.5,0.75)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write the figures and compare.html here, and log them to the parent runs")
     parser.add_argument("--json", action="store_true", help="print the table as one JSON object")

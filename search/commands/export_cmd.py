@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(NAME, help="export a trial's pruned, fine-tuned model")
     parser.add_argument("run_dir", help="the run directory of the search")
     parser.add_argument("--trial", default="best",
-                        help="'best' (within the MACs target), 'final' (the final fine-tune) or a trial id")
+                        help="'best' (within the MACs target; the default), 'final' (the final fine-tune) or a trial id")
     parser.add_argument("--out", required=True, help="file to write")
     parser.add_argument("--format", choices=FORMATS, default="state", help="state (default), torchscript or onnx (needs the onnx extra to check)")
     parser.add_argument("--check", action="store_true", help="re-evaluate the test accuracy of the export")

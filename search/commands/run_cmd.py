@@ -21,7 +21,7 @@ FLAGS = {
     "--dataset": ("dataset.name", str, "dataset name"),
     "--data-root": ("dataset.root", str, "folder holding the dataset's files"),
     "--image-size": ("dataset.image_size", declared_int("dataset.image_size"), "image side in pixels"),
-    "--method": ("method", str, "pruning method (see `prunetune run --help`'s list below)"),
+    "--method": ("method", str, "pruning method (the list above)"),
     "--importance": ("importance", str, "channel importance criterion"),
     "--macs-target": ("macs_target", positive_float, "kept fraction of the base model's MACs, in (0, 1]"),
     "--objective": ("objective", str, "constrained or pareto"),
@@ -49,7 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         NAME, help="search pruning policies (the main job)",
         description="Run a pruning-policy search on Ray Tune, logged to MLflow. With no CONFIG, the "
-                    f"embedded default runs: digits, small_cnn, Optuna TPE, 16 trials. Methods: {methods}.")
+                    f"embedded default runs: digits, small_cnn, Optuna TPE, 16 trials. Each flag sets the config "
+                    f"key in [brackets]; a key no flag sets keeps the config's value (README, 'Config reference': "
+                    f"the defaults, and where the embedded default differs). Methods: {methods}.")
     parser.add_argument("config", nargs="?", help="a YAML config (default: the embedded default)")
     for flag, (key, kind, text) in FLAGS.items():
         parser.add_argument(flag, dest=key, type=kind, default=None, help=f"{text} [{key}]")
