@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from prunetune.search.commands.common import human_count
 from prunetune.tracking.names import fidelity_of
 from prunetune.tracking.pareto import pareto_front
 from prunetune.tracking.rundir import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
@@ -100,13 +101,13 @@ def format_summary(summary: Mapping) -> str:
              *_failure_lines(summary),
              *([f"warning: {summary['latency_warning']}"] if summary.get("latency_warning") else []),
              f"base model: val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
-             f"{_human(base['macs'])} MACs, {_human(base['params'])} params", "",
+             f"{human_count(base['macs'])} MACs, {human_count(base['params'])} params", "",
              "Pareto front (validation accuracy against MACs)" + _proxies_apart(summary) + ":",
              f"  {'trial':<14}{'val acc':>9}{'test acc':>10}{'MACs':>10}{'MACs ratio':>12}{'params':>10}"]
     for p in summary["pareto"]:
         test = "-" if p.get("test_accuracy") is None else f"{p['test_accuracy']:.4f}"
-        lines.append(f"  {p['trial_id']:<14}{p['val_accuracy']:>9.4f}{test:>10}{_human(p['macs']):>10}"
-                     f"{p['macs_ratio']:>12.3f}{_human(p['params']):>10}")
+        lines.append(f"  {p['trial_id']:<14}{p['val_accuracy']:>9.4f}{test:>10}{human_count(p['macs']):>10}"
+                     f"{p['macs_ratio']:>12.3f}{human_count(p['params']):>10}")
     best = summary.get("best")
     lines.append("")
     if best is None:
@@ -171,10 +172,3 @@ def _accuracy(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _human(value) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.2f}{unit}"
-    return str(int(value))

@@ -55,7 +55,7 @@ def score_reportable(run_dir: Path, records: Sequence[Mapping], setup, *, macs_l
                                                                      device=setup.device)[0]}
     if scores:
         update_trials(run_dir, scores)
-        log(f"scored {len(scores)} reportable trials (the Pareto front and the best) on the test split "
+        log(f"scored {len(scores)} reportable trial{'' if len(scores) == 1 else 's'} (the Pareto front and the best) on the test split "
             f"({len(setup.splits.test)} images)")
     return len(scores)
 

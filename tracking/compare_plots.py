@@ -32,7 +32,7 @@ def plot_fronts(searches: Sequence[Search], budgets: Sequence[float], out_png: P
         full = [t for t in search.trials if t.usable and t.fidelity == FULL]
         proxy = [t for t in search.trials if t.usable and t.fidelity == PROXY]
         axes.scatter([t.macs_ratio for t in full], [t.val_accuracy for t in full], s=16, color=colour,
-                     alpha=0.6, label=f"{search.name} ({search.method}): {len(full)} full trials")
+                     alpha=0.6, label=f"{search.name} ({search.method}): {len(full)} full trial{'' if len(full) == 1 else 's'}")
         if proxy:
             axes.scatter([t.macs_ratio for t in proxy], [t.val_accuracy for t in proxy], s=24, marker="^",
                          facecolors="none", edgecolors=colour, alpha=0.8,

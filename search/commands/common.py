@@ -324,9 +324,12 @@ def epoch_printer(stage: str, epochs: int):
     return report
 
 
-def human_count(count: float) -> str:
-    """A count in short units: 40812544 -> '40.8M', 1234 -> '1.2K', 999 -> '999'."""
+def human_count(count: float | None) -> str:
+    """A count (MACs, parameters) in short units, the same in every output: 40812544 -> '40.81M',
+    1234 -> '1.23K', 999 -> '999', None -> '-'."""
+    if count is None:
+        return "-"
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(count) >= scale:
-            return f"{count / scale:.1f}{unit}"
+            return f"{count / scale:.2f}{unit}"
     return f"{count:g}"
