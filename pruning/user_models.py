@@ -55,6 +55,14 @@ def _is_file(where: str) -> bool:
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
+def _check_python_file(ref: str, where: str) -> None:
+    """Refuse a file reference whose file is no ``.py`` file: Python imports nothing else (and
+    ``importlib`` would give no loader for it)."""
+    if not where.endswith(".py"):
+        raise UserError(f"'{ref}' names the file {where}, which is not a Python file (.py); name the .py file "
+                        f"that defines it: path/to/file.py:factory")
+
+
 def short_name(ref: str) -> str:
     """A short label of a model or dataset: a registry name itself, a reference's factory name."""
     return ref.rpartition(":")[2].rpartition(".")[2] or ref if is_reference(ref) else ref
@@ -66,6 +74,7 @@ def canonical_reference(ref: str) -> str:
         return ref
     where, attr = _split(ref)
     if _is_file(where):
+        _check_python_file(ref, where)
         return f"{Path(where).expanduser().resolve()}:{attr}"
     return ref
 
@@ -89,9 +98,14 @@ def _load_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except Exception as error:
         del sys.modules[name]
-        raise UserError(f"cannot import model file {path} ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}); fix the file") from None
+        raise UserError(f"cannot import model file {path} ({described(error)}); fix the file") from None
     return module
+
+
+def described(error: BaseException) -> str:
+    """``"ValueError: its message's first line"``: an exception of the user's code, fit for one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _import(where: str) -> Any:
@@ -108,6 +122,8 @@ def _import(where: str) -> Any:
 def resolve_factory(ref: str) -> Callable[..., nn.Module]:
     """The class or function that ``ref`` (``module:name`` or ``file.py:name``) names."""
     where, attr = _split(ref)
+    if _is_file(where):
+        _check_python_file(ref, where)
     module = _load_file(Path(where).expanduser()) if _is_file(where) else _import(where)
     target = module
     for part in attr.split("."):
@@ -141,15 +157,36 @@ def build_reference(ref: str, num_classes: int, in_channels: int, model_args: Ma
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if name not in args and _accepts(factory, name):
             args[name] = value
-    try:
-        model = factory(**args)
-    except TypeError as error:
-        raise UserError(f"model factory '{ref}' refused its arguments {sorted(args)} ({error}); set or "
-                        f"remove them with --set model_args.KEY=VALUE") from None
+    model = _call_factory(ref, factory, args)
     if not isinstance(model, nn.Module):
         raise UserError(f"model factory '{ref}' returned a {type(model).__name__}, not a torch.nn.Module; "
                         f"return the model from it")
     return model
+
+
+def _call_factory(ref: str, factory: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """``factory(**args)``, where the user's code failing is a UserError naming ``ref``: arguments its
+    signature does not take, or whatever its body raises (type and first line; a UserError as it is)."""
+    try:
+        inspect.signature(factory).bind(**args)
+        signed = True
+    except TypeError as error:
+        raise _refused_arguments(ref, args, error) from None
+    except ValueError:  # no signature to read (a builtin): its TypeError may be about the arguments
+        signed = False
+    try:
+        return factory(**args)
+    except UserError:
+        raise
+    except Exception as error:
+        if isinstance(error, TypeError) and not signed:
+            raise _refused_arguments(ref, args, error) from None
+        raise UserError(f"model factory '{ref}' raised {described(error)}; fix the model's constructor") from None
+
+
+def _refused_arguments(ref: str, args: Mapping[str, Any], error: TypeError) -> UserError:
+    return UserError(f"model factory '{ref}' refused its arguments {sorted(args)} ({error}); set or "
+                     f"remove them with --set model_args.KEY=VALUE")
 
 
 def reference_key(ref: str, model_args: Mapping[str, Any] | None) -> str:
