@@ -16,6 +16,9 @@ A file is imported once per process under a private module name. Where its recor
 exist (a Ray worker on another machine), the module is imported by the file's stem instead: the
 driver ships the file to a cluster's workers as a Ray ``py_modules`` entry (:func:`code_to_ship`),
 which makes it importable by that name.
+
+``load_weights`` gives such a model (or a registry's) the user's trained weights (``--weights``):
+a state_dict file, or a training checkpoint holding one (``STATE_DICT_KEYS``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -227,36 +231,119 @@ def _installed(origin: str) -> bool:
     return any(part in ("site-packages", "dist-packages") for part in Path(origin).parts)
 
 
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")  # a training checkpoint's, tried in order
+DATA_PARALLEL_PREFIX = "module."  # nn.DataParallel's and DistributedDataParallel's, on every key
+
+
 def load_weights(model: nn.Module, path: str | Path, *, model_name: str) -> nn.Module:
-    """Load the user's trained ``state_dict`` file into ``model``, with ``weights_only=True``.
+    """Load the user's trained ``state_dict`` file into ``model``, read with ``weights_only=True``.
 
-    A file holding a pickled module (``torch.save(model)``) is refused, as is one whose keys or
-    shapes do not fit: the message names the first mismatched key.
+    The file is ``torch.save(model.state_dict(), PATH)``, or a training checkpoint: a dict holding
+    the state_dict under ``'state_dict'``, ``'model_state_dict'``, ``'model'`` or ``'net'`` (the
+    first of these, in that order, whose value maps names to tensors). A state_dict saved from an
+    ``nn.DataParallel`` or ``DistributedDataParallel`` wrapper (``module.`` before every key) is
+    loaded without that prefix. Refused in one line: a file ``torch.load`` cannot read, a pickled
+    module (``torch.save(model)``), and a state_dict whose keys or shapes do not fit (the message
+    names the first mismatched key).
     """
-    import pickle
-
-    import torch
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; give the file saved with "
                         f"torch.save(model.state_dict(), PATH)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"weights file {path} holds a pickled object, not a state_dict; save the weights "
-                        f"alone with torch.save(model.state_dict(), PATH)") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise UserError(f"cannot read weights file {path} ({type(error).__name__}); give a file saved with "
-                        f"torch.save(model.state_dict(), PATH)") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a training checkpoint that holds one
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"weights file {path} holds a {type(state).__name__}, not a state_dict of tensors; "
-                        f"save it with torch.save(model.state_dict(), PATH)")
     expected = model.state_dict()
+    state = _without_data_parallel_prefix(_state_dict_in(_read_checkpoint(path), path), expected)
+    _check_fits(state, expected, path, model_name)
+    model.load_state_dict(state)
+    return model
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """What ``torch.load(path, weights_only=True)`` reads; UserError for a file it cannot read."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # its warnings about a file's pickle protocol are no line for the user
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused:
+            raise UserError(f"weights file {path} holds a pickled object, not a state_dict (weights_only=True "
+                            f"refuses {refused.group(1)}); save the weights alone with "
+                            f"torch.save(model.state_dict(), PATH)") from None
+        reason = _unpickler_reason(error)
+    except OSError as error:
+        raise UserError(f"cannot read weights file {path} ({described(error)}); give a readable file saved "
+                        f"with torch.save(model.state_dict(), PATH)") from None
+    except Exception as error:  # text (KeyError), a cut file (EOFError), a damaged zip (RuntimeError), ...
+        reason = _load_failure(path, error)
+    raise UserError(f"{path} is not a torch checkpoint ({reason}); pass a file written by "
+                    f"torch.save(model.state_dict(), {path})")
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, in a few words."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    if not head:
+        return "the file is empty"
+    failure = described(error).split(". ")[0][:120]
+    return f"a damaged zip archive: {failure}" if head == b"PK\x03\x04" else f"torch.load: {failure}"
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch's weights-only unpickler that says what it met (its first lines say only
+    that it failed)."""
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+    return f"UnpicklingError: {detail.group(1).strip()[:120]}" if detail else described(error)[:120]
+
+
+def _is_tensor_mapping(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in value.items())
+
+
+def _state_dict_in(loaded: Any, path: Path) -> dict:
+    """The state_dict of what the file held: itself, or a checkpoint's under ``STATE_DICT_KEYS``."""
+    if _is_tensor_mapping(loaded):
+        return dict(loaded)
+    if isinstance(loaded, Mapping):
+        for key in STATE_DICT_KEYS:
+            value = loaded.get(key)
+            if _is_tensor_mapping(value) and value:
+                return dict(value)
+        keys = ", ".join(repr(k) for k in list(loaded)[:8])
+        held = f"a dict of {keys}{', ...' if len(loaded) > 8 else ''}"
+    else:
+        held = f"a {type(loaded).__name__}"
+    wrapped = ", ".join(f"'{k}'" for k in STATE_DICT_KEYS[:-1]) + f" or '{STATE_DICT_KEYS[-1]}'"
+    raise UserError(f"weights file {path} holds {held}, not a state_dict of tensors; save it with "
+                    f"torch.save(model.state_dict(), PATH), or a checkpoint dict holding it under {wrapped}")
+
+
+def _without_data_parallel_prefix(state: dict, expected: Mapping) -> dict:
+    """``state`` with ``module.`` cut from every key, where a DataParallel wrapper put it on all of them."""
+    prefix = DATA_PARALLEL_PREFIX
+    if state and all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in expected):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _check_fits(state: Mapping, expected: Mapping, path: Path, model_name: str) -> None:
+    """UserError naming the first key of ``expected`` that ``state`` lacks or shapes otherwise, or the
+    first key of ``state`` that the model has not."""
     for key, tensor in expected.items():
         if key not in state:
+            prefix = _shared_prefix(state)
+            if prefix and prefix + key in state:
+                raise UserError(f"weights {path} do not fit {model_name}: key '{key}' is missing from the file, "
+                                f"whose keys all start with '{prefix}' ('{prefix}{key}'); save the state_dict of "
+                                f"the model itself, without that prefix")
             raise UserError(f"weights {path} do not fit {model_name}: key '{key}' (shape {tuple(tensor.shape)}) "
                             f"is missing from the file; save the state_dict of this architecture")
         if tuple(state[key].shape) != tuple(tensor.shape):
@@ -267,8 +354,20 @@ def load_weights(model: nn.Module, path: str | Path, *, model_name: str) -> nn.M
     if extra:
         raise UserError(f"weights {path} do not fit {model_name}: the file has key '{extra[0]}', which the "
                         f"model has not; save the state_dict of this architecture")
-    model.load_state_dict(state)
-    return model
+
+
+def _shared_prefix(state: Mapping) -> str | None:
+    """``"model."`` where every key of ``state`` starts with that one first component, else None."""
+    firsts = {str(k).partition(".")[0] + "." for k in state if "." in str(k)}
+    return firsts.pop() if len(firsts) == 1 and all("." in str(k) for k in state) else None
+
+
+def check_weights_alone(weights: str | None, pretrain_epochs: int | None, flag: str = "--pretrain-epochs") -> None:
+    """Refuse pretraining epochs the user asked for beside ``weights``: with weights the base model is
+    not pretrained, so the epochs would be dropped silently. ``pretrain_epochs`` is None where not asked."""
+    if weights is not None and pretrain_epochs is not None:
+        raise UserError(f"{flag} {pretrain_epochs} has no effect with --weights {weights}: the base model is then "
+                        f"your weights, not pretrained; drop {flag}, or drop --weights to pretrain it")
 
 
 def reference_of(obj: Any, what: str = "model") -> str:
