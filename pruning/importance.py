@@ -49,7 +49,13 @@ class TorchPruningCriterion:
 
     def __call__(self, model: nn.Module, groups: Mapping, calib: Sequence[Batch] | None = None) -> Scores:
         importance = self._importance()
-        return {name: _finite(importance(group)) for name, group in groups.items()}
+        scores = {}
+        for name, group in groups.items():
+            score = importance(group)
+            if score is None:  # Torch-Pruning's answer for a group without the layers it reads (bn_scale's BatchNorms)
+                raise _no_batchnorm(type(model).__name__, name)
+            scores[name] = _finite(score)
+        return scores
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,28 @@ def _observed_layers(model: nn.Module, group) -> list[nn.Module]:
                                            tp.prune_depthwise_conv_out_channels)]
     norms = [m for m in out_modules if isinstance(m, nn.BatchNorm2d)]
     return list(dict.fromkeys(norms or [m for m in out_modules if isinstance(m, nn.Conv2d)]))
+
+
+def check_criterion_fits(name: str, model: nn.Module, space, *, model_name: str) -> None:
+    """Refuse, before any trial, criterion ``name`` where it cannot score every group of ``space``
+    (``model``'s search space): ``bn_scale`` ranks a group's channels by the scales |gamma| of its
+    affine BatchNorms (Network Slimming, Liu et al., ICCV 2017), so a group without one has no score.
+    The other criteria score any group."""
+    if name != "bn_scale":
+        return
+    modules = dict(model.named_modules())
+    for group in space.groups:
+        if not any(_is_affine_batchnorm(modules.get(member)) for member in group.members):
+            raise _no_batchnorm(model_name, group.name)
+
+
+def _is_affine_batchnorm(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine
+
+
+def _no_batchnorm(model_name: str, layer: str) -> UserError:
+    return UserError(f"importance bn_scale needs a BatchNorm after each prunable layer; {model_name}'s {layer} "
+                     f"has none; choose --importance l1 (or --set importance=l1)")
 
 
 def _require_calibration(calib: Sequence[Batch] | None, name: str) -> Sequence[Batch]:
