@@ -130,6 +130,14 @@ def corrupt_copy(ws: Workspace, trial: str) -> None:
     model_file(copy, trial).write_bytes(b"\0garbage" * 40)
 
 
+def _as_proxy(ws: Workspace, trial: str) -> None:
+    """The trial recorded as a proxy (a searcher's short score), as ARPruning's neighbours are."""
+    path = ws.run / "trials.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "fidelity": "proxy"} if r["trial_id"] == trial else r) + "\n"
+                            for r in records))
+
+
 def other_model(ws: Workspace) -> None:
     """The old-format trial's checkpoint replaced by the other trial's model (another policy)."""
     shutil.copyfile(model_file(ws.run, TRIAL), model_file(ws.run, OLD_TRIAL))
@@ -203,6 +211,8 @@ CASES = [
     # a run folder can be moved or copied (issue 17, item 6)
     Case("export-moved-run", lambda ws: ["export", str(moved(ws)), "--trial", TRIAL, "--out", ws.path("out.pt")],
          f"exported trial {TRIAL}", exit=0),
+    Case("export-of-a-proxy-trial-warns", lambda ws: ["export", str(ws.run), "--trial", TRIAL, "--out", ws.path("out.pt")],
+         f"warning: trial {TRIAL} is a proxy trial", exit=0, prepare=lambda ws: _as_proxy(ws, TRIAL)),
     Case("export-moved-run-old-absolute-record",
          lambda ws: ["export", str(moved(ws)), "--trial", OLD_TRIAL, "--out", ws.path("out.pt")],
          f"exported trial {OLD_TRIAL}", exit=0),

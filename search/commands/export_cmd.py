@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from prunetune.search.trial import CHECKPOINT_MODEL
 
     run_dir = Path(args.run_dir).expanduser().resolve()
-    from prunetune.search.commands.common import check_output_file
+    from prunetune.search.commands.common import check_output_file, progress
 
     out = check_output_file(args.out)
     record = find_trial(run_dir, args.trial)
@@ -124,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported trial {record['trial_id']} ({args.format}) to {out}: MACs ratio "
           f"{record['metrics']['macs_ratio']:.3f}, val accuracy {record['metrics']['val_accuracy']:.4f}, "
           f"test accuracy {_accuracy(record['test_accuracy'], 4)}")
+    if record.get("fidelity") == "proxy":
+        progress(f"prunetune: warning: trial {record['trial_id']} is a proxy trial (a searcher's or a "
+                 f"two-stage search's short score, not fine-tuned as a full trial); fine-tune it first: "
+                 f"`prunetune finetune {run_dir} --trial {record['trial_id']} --epochs N`")
     if args.check and args.format == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         print('not checked: onnxruntime is not installed, so the ONNX export was not run (pip install "prunetune[onnx]")')
     elif args.check and args.format == "onnx":
