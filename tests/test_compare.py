@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
 
 import pytest
@@ -95,6 +96,21 @@ def test_the_printed_table_names_the_searches_and_says_what_its_cells_are(search
     for column in ("search", "method", "trials", "wall", "MACs <= 0.25", "MACs <= 0.5", "own target", "front"):
         assert column in header
     assert "proxy" in out and "arpruning" in out and "MACs ratio (of the base model)" in out
+
+
+def test_a_search_given_twice_is_one_row_and_searches_of_two_settings_are_told_apart(searches, capsys, tmp_path):
+    _, runs = searches
+    table = compare_json([str(runs / "rnd"), str(runs / "rnd") + "/", str(runs / "arp")], capsys)
+    assert [row["name"] for row in table["searches"]] == ["rnd", "arp"]
+    assert main(["compare", str(runs / "rnd"), str(runs / "arp")]) == 0
+    assert "different models or data" not in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(runs / "rnd", other)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("model: small_cnn", "model: tiny_resnet", 1))
+    assert main(["compare", str(runs / "rnd"), str(other)]) == 0
+    assert ("prunetune: warning: these searches prune different models or data (small_cnn on digits; tiny_resnet "
+            "on digits)") in capsys.readouterr().err
 
 
 def test_out_writes_valid_pngs_and_an_html_page_logged_to_the_parent_runs(searches, capsys, tmp_path):

@@ -44,11 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_searches(run_dirs: list[str], experiments: list[str], tracking_uri: str | None) -> list:
-    """The searches named, run directories first; a search read twice (its run directory and its
-    MLflow parent run) is kept once, as read from its run directory."""
+    """The searches named, run directories first; a search read twice (a run directory given twice, or
+    its run directory and its MLflow parent run) is kept once, as read from its run directory."""
     from prunetune.tracking.compare import search_from_run_dir
 
-    searches = [search_from_run_dir(Path(path)) for path in run_dirs]
+    unique = dict.fromkeys(Path(path).expanduser().resolve() for path in run_dirs)  # one row per search
+    searches = [search_from_run_dir(path) for path in unique]
     if experiments or not run_dirs:
         from prunetune.tracking.compare_mlflow import searches_from_mlflow
         from prunetune.tracking.uri import default_tracking_uri
@@ -106,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
     if not searches:
         raise UserError("nothing to compare; pass run directories or --experiment NAME")
     table = compare_rows(searches, budgets)
+    settings = sorted({(s.model, s.dataset) for s in searches})
+    if len(settings) > 1:  # accuracies of different models or data are not one ranking
+        print(f"prunetune: warning: these searches prune different models or data "
+              f"({'; '.join(f'{model} on {dataset}' for model, dataset in settings)}): compare their rows "
+              f"within one setting", file=sys.stderr)
     if args.out:
         out_dir = Path(args.out).expanduser()
         if out_dir.exists() and not out_dir.is_dir():
