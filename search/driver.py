@@ -85,13 +85,14 @@ def check_target(cfg, space) -> None:
 def load_inputs(cfg):
     """The dataset's splits, the model's space (target checked against it) and the driver's device."""
     from prunetune.pruning.data import load_dataset
+    from prunetune.search.config import resolved_importance
     from prunetune.search.prepare import model_space, resolve_device
 
     d = cfg.dataset
     splits = load_dataset(d.name, root=d.root, seed=cfg.seed, val_fraction=d.val_fraction,
                           data_fraction=d.data_fraction, image_size=d.image_size, download=d.download)
     space = model_space(cfg.model, splits.info, round_to=cfg.space.round_to, min_channels=cfg.space.min_channels,
-                        model_args=cfg.model_args, weights=cfg.weights)
+                        model_args=cfg.model_args, weights=cfg.weights, importance=resolved_importance(cfg))
     check_target(cfg, space)
     return splits, space, resolve_device(cfg.resources.device, gpus=cfg.resources.gpus_per_trial)
 

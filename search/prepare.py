@@ -60,10 +60,12 @@ class BaseModel:
 
 
 def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int = 1, model_args=None,
-                weights: str | None = None):
+                weights: str | None = None, importance: str | None = None):
     """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size;
-    ``weights`` (the user's state_dict file) are checked against that model here, before Ray starts."""
+    ``weights`` (the user's state_dict file) are checked against that model here, before Ray starts,
+    and so is the ``importance`` criterion (bn_scale needs BatchNorm: ``check_criterion_fits``)."""
     from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.importance import check_criterion_fits
     from prunetune.pruning.models import create_model
     from prunetune.pruning.user_models import load_weights
 
@@ -72,7 +74,10 @@ def model_space(model_name: str, info, *, round_to: int = 1, min_channels: int =
     if weights is not None:
         load_weights(model, weights, model_name=model_name)
     shape = (info.in_channels, info.image_size, info.image_size)
-    return build_space(model, model_name, shape, round_to=round_to, min_channels=min_channels)
+    space = build_space(model, model_name, shape, round_to=round_to, min_channels=min_channels)
+    if importance is not None:
+        check_criterion_fits(importance, model, space, model_name=model_name)
+    return space
 
 
 def prepare_base_model(model_name: str, splits, recipe, *, seed: int, cache_dir: Path, data_key: str,

@@ -262,8 +262,6 @@ class _Reached(Exception):
     """The command got past its checks to where the base model is made."""
 
 
-@pytest.mark.xfail(strict=True, reason="needs check_criterion_fits called before the base model "
-                                       "(search/prepare.py model_space, search/driver.py load_inputs)")
 def test_run_refuses_bn_scale_on_a_model_without_batchnorm_before_the_base_model(nets, capsys, monkeypatch):
     import prunetune.search.driver as driver
 
@@ -273,8 +271,6 @@ def test_run_refuses_bn_scale_on_a_model_without_batchnorm_before_the_base_model
     assert_user_error(result, "importance bn_scale needs a BatchNorm after each prunable layer; ")
 
 
-@pytest.mark.xfail(strict=True, reason="needs check_criterion_fits called before pretraining "
-                                       "(search/commands/common.py build_model_space, prune_cmd.run)")
 def test_prune_refuses_bn_scale_before_pretraining(nets, capsys, monkeypatch):
     from prunetune.search.commands import common
 
@@ -284,7 +280,6 @@ def test_prune_refuses_bn_scale_before_pretraining(nets, capsys, monkeypatch):
     assert_user_error(result, "importance bn_scale needs a BatchNorm after each prunable layer; ")
 
 
-@pytest.mark.xfail(strict=True, reason="needs check_weights_alone called in search/commands/run_cmd.py run")
 def test_run_refuses_pretrain_epochs_beside_weights(tmp_path, capsys, monkeypatch):
     import prunetune.search.driver as driver
 
@@ -295,8 +290,6 @@ def test_run_refuses_pretrain_epochs_beside_weights(tmp_path, capsys, monkeypatc
     assert_user_error(result, "--pretrain-epochs 2 has no effect with --weights ")
 
 
-@pytest.mark.xfail(strict=True, reason="needs --pretrain-epochs' default None and check_weights_alone called in "
-                                       "search/commands/common.py pretrained_base")
 def test_prune_refuses_pretrain_epochs_beside_weights(tmp_path, capsys, monkeypatch):
     import prunetune.search.prepare as prepare
 

@@ -125,7 +125,7 @@ def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to train and measure (default: auto, a GPU where present)")
     parser.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
                         help=f"cache of trained base models (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
-    parser.add_argument("--pretrain-epochs", type=declared_int("pretrain.epochs"), default=PRETRAIN_EPOCHS,
+    parser.add_argument("--pretrain-epochs", type=declared_int("pretrain.epochs"), default=None,  # None: not given
                         metavar="N", help=f"epochs to train the base model (default: {PRETRAIN_EPOCHS})")
     parser.add_argument("--weights", metavar="FILE", default=None,
                         help="a state_dict of your trained model (torch.save(model.state_dict(), FILE)); "
@@ -241,14 +241,20 @@ def input_shape(info: DatasetInfo) -> tuple[int, int, int]:
     return (info.in_channels, info.image_size, info.image_size)
 
 
-def build_model_space(model_name: str, info: DatasetInfo, model_args: dict | None = None) -> SearchSpace:
-    """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size."""
+def build_model_space(model_name: str, info: DatasetInfo, model_args: dict | None = None, *,
+                      importance: str | None = None) -> SearchSpace:
+    """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size;
+    the ``importance`` criterion is checked against the model here, before any training."""
     from prunetune.pruning.dependency import build_space
+    from prunetune.pruning.importance import check_criterion_fits
     from prunetune.pruning.models import create_model
 
     model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels,
                          model_args=model_args)
-    return build_space(model, model_name, input_shape(info))
+    space = build_space(model, model_name, input_shape(info))
+    if importance is not None:
+        check_criterion_fits(importance, model, space, model_name=model_name)
+    return space
 
 
 def default_val_fraction() -> float:
@@ -270,14 +276,16 @@ def pretrain_recipe(args: argparse.Namespace) -> TrainRecipe:
     """The base model's recipe: --pretrain-epochs of SGD with the default cosine schedule."""
     from prunetune.pruning.train import TrainRecipe
 
-    return TrainRecipe(epochs=args.pretrain_epochs)
+    return TrainRecipe(epochs=PRETRAIN_EPOCHS if args.pretrain_epochs is None else args.pretrain_epochs)
 
 
 def pretrained_base(args: argparse.Namespace, splits: Splits, device: str) -> tuple[nn.Module, dict]:
     """The trained base model and its {val_accuracy, test_accuracy, val_loss}: from the cache, or
     trained now (progress on stderr) and cached. A corrupt cache file is a UserError naming it."""
     from prunetune.pruning.train import pretrain, pretrain_path
+    from prunetune.pruning.user_models import check_weights_alone
 
+    check_weights_alone(getattr(args, "weights", None), args.pretrain_epochs)
     if getattr(args, "weights", None):
         from prunetune.search.prepare import given_weights_model
 

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
 
     splits = common.load_splits(args)
-    space = common.build_model_space(args.model, splits.info, common.model_args(args))
+    space = common.build_model_space(args.model, splits.info, common.model_args(args), importance=args.importance)
     policy = _policy_for(space, requested, args.uniform)
     base_model, base_metrics = common.pretrained_base(args, splits, device)
     base, base_latency = _measure(base_model, space, base_metrics["val_accuracy"], base_metrics["test_accuracy"],

@@ -65,13 +65,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prunetune.search.config import load_config
+    from prunetune.search.config import load_config, parse_set
     from prunetune.search.driver import start_search
 
     overrides = {key: getattr(args, key) for key, *_ in FLAGS.values() if getattr(args, key) is not None}
     if getattr(args, "dataset.download"):
         overrides["dataset.download"] = True
     cfg = load_config(args.config, overrides=overrides, sets=args.sets)
+    from prunetune.pruning.user_models import check_weights_alone
+
+    asked = [parse_set(item)[1] for item in args.sets if parse_set(item)[0] == "pretrain.epochs"]
+    check_weights_alone(cfg.weights, overrides.get("pretrain.epochs", asked[-1] if asked else None))
     return start_search(cfg, cache_dir=cache_dir(args.cache_dir))
 
 
