@@ -30,7 +30,17 @@ def make_client(tracking_uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for our messages
     if uri_scheme(tracking_uri) == "sqlite":
         sqlite_file(tracking_uri).parent.mkdir(parents=True, exist_ok=True)
+    quiet_store_creation()
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def quiet_store_creation() -> None:
+    """Keep MLflow's INFO lines about creating and migrating a new sqlite store's tables ("Creating
+    initial MLflow database tables...") off stderr: a first search in an empty folder printed them
+    among its own lines. Its warnings and errors still show."""
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def artifact_location(tracking_uri: str) -> str | None:

@@ -143,6 +143,9 @@ def _check_api(uri: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from prunetune.tracking.client import quiet_store_creation
+
+    quiet_store_creation()
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except (MlflowException, OSError, ImportError) as error:
