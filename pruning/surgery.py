@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from prunetune.pruning.dependency import space_group_names, tp_group, trace_graph, trace_groups
+from prunetune.pruning.dependency import TracedGroup, space_group_names, tp_group, trace_graph, trace_groups
 from prunetune.pruning.errors import UserError
 from prunetune.pruning.policy import Policy
 from prunetune.pruning.space import SearchSpace
@@ -54,13 +54,30 @@ def prune(model: nn.Module, space: SearchSpace, policy: Policy, importance="l1",
     to_cut = {name: g for name, g in traced.items() if name in planned and planned[name] < g.channels}
     if to_cut:
         tp_groups = {name: tp_group(graph, g.root) for name, g in to_cut.items()}
-        scores = criterion(pruned, tp_groups, calib)
-        for name, group in to_cut.items():
-            order = torch.argsort(scores[name], descending=True, stable=True)
-            drop = sorted(order[planned[name]:].tolist())
-            tp_group(graph, group.root, drop).prune()
+        cut_groups(graph, to_cut, planned, criterion(pruned, tp_groups, calib))
     check_pruned(pruned, space, policy)
     return pruned
+
+
+def cut_groups(graph, groups: Mapping[str, TracedGroup], keep: Mapping[str, int],
+               scores: Mapping[str, torch.Tensor]) -> None:
+    """Cut every group of ``graph``'s model in place down to ``keep[name]`` channels, the best-scoring."""
+    for name, group in groups.items():
+        tp_group(graph, group.root, drop_indices(scores[name], keep[name], group.channel_groups)).prune()
+
+
+def drop_indices(scores: torch.Tensor, keep: int, channel_groups: int = 1) -> list[int]:
+    """The channels to cut so that the ``keep`` best-scoring stay.
+
+    Channels split into ``channel_groups`` equal slices (a grouped convolution's, a GroupNorm's) lose the
+    same positions in every slice: a position scores the mean of its channels' scores.
+    """
+    if keep % channel_groups:
+        raise PruningCheckError(f"{keep} channels do not split into {channel_groups} equal groups")
+    width = len(scores) // channel_groups
+    order = torch.argsort(scores.reshape(channel_groups, width).mean(0), descending=True, stable=True)
+    dropped = order[keep // channel_groups:]
+    return sorted((dropped + width * torch.arange(channel_groups)[:, None]).flatten().tolist())
 
 
 def realized_channels(model: nn.Module, space: SearchSpace, policy: Policy) -> dict[str, int]:
