@@ -112,7 +112,8 @@ def timing_table(records: Sequence[Mapping]) -> str:
         return "no ended trial recorded a timing (none ended yet, or a prunetune older than the timing ran them)"
     columns = [*PHASES, "other", "wall", "overhead"]
     lines = ["seconds per phase (sched = created to started, learn = a learner's, logging = the driver's "
-             "record); overhead = all but learn, train and eval; R = resumed from a checkpoint",
+             "record); wall = the trial's own process; overhead = sched + wall + logging less learn, train and eval "
+             "(so it may exceed wall); R = resumed from a checkpoint",
              f"{'trial':<12}" + "".join(f"{HEADERS.get(c, c):>9}" for c in columns)]
 
     def cells(timing: Mapping) -> str:
