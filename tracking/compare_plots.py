@@ -91,8 +91,10 @@ def plot_best_policies(searches: Sequence[Search], out_png: Path) -> Path:
     axes.grid(alpha=0.3, axis="y")
     if bests:
         axes.legend(loc="lower left", fontsize="x-small")
-        figure.text(0.5, 0.0, "; ".join(notes), ha="center", va="bottom", fontsize="x-small", wrap=True)
-        figure.get_layout_engine().set(h_pad=0.15)
+        import textwrap
+
+        # under the axis label, as part of it, so the layout makes room for it (a figure text overlapped it)
+        axes.set_xlabel("layer group\n" + "\n".join(textwrap.wrap("; ".join(notes), 110)), fontsize="small")
     else:
         axes.text(0.5, 0.5, "no search has a best trial within its target", ha="center", va="center",
                   transform=axes.transAxes)
