@@ -186,7 +186,7 @@ def test_bad_weights_are_one_line(tmp_path):
     for weights, fragment in (("narrow.pt", "key 'features.0.weight' has shape (4, 1, 3, 3) in the file, "
                                             "(8, 1, 3, 3) in the model"),
                               ("module.pt", "holds a pickled object, not a state_dict")):
-        result = run_cli(["run", "--model", ref, "--weights", str(tmp_path / weights), *QUICK[2:],
+        result = run_cli(["run", "--model", ref, "--weights", str(tmp_path / weights), *SEARCH,
                           "--storage", str(tmp_path / "runs")], cache=tmp_path / "cache", cwd=tmp_path)
         assert_user_error(result, fragment)
         assert not (tmp_path / "runs").exists()
