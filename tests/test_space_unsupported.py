@@ -208,3 +208,16 @@ def test_torchvision_regnet_and_resnext_prune():
         pruned = prune(model, space, policy, "l1")
         assert run(pruned, shape).shape == (2, 10)
         assert space.estimate_macs(policy) == count_macs(pruned, shape)
+
+
+def test_the_global_heuristic_ranks_a_space_that_left_groups_out():
+    """The concat's branches are traced but left out of the space: the global threshold still ranks
+    the space's own groups (it had refused the model as not matching its space)."""
+    from prunetune.methods.global_threshold import global_threshold_policy
+    from prunetune.pruning.importance import get_criterion
+
+    model = ConcatFlattenNet().eval()
+    space = build_space(model, "catflat", (1, 16, 16))
+    policy = global_threshold_policy(model, space, get_criterion("l1"), None, macs_target=0.6)
+    assert set(policy.keep_ratios) == {g.name for g in space.groups}
+    assert prune(model, space, policy, importance="l1")(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
