@@ -221,3 +221,12 @@ def test_the_global_heuristic_ranks_a_space_that_left_groups_out():
     policy = global_threshold_policy(model, space, get_criterion("l1"), None, macs_target=0.6)
     assert set(policy.keep_ratios) == {g.name for g in space.groups}
     assert prune(model, space, policy, importance="l1")(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_prunetune_space_says_why_a_traced_layer_was_left_whole():
+    from prunetune.search.commands.space_cmd import format_space
+
+    space, why = explain_space(ConcatFlattenNet().eval(), "catflat", (1, 16, 16))
+    text = format_space(space, "digits", why)
+    left = next(line for line in text.splitlines() if line.startswith("left whole"))
+    assert "b1.0 (Torch-Pruning cuts it wrongly: a pruned copy fails (RuntimeError: mat1 and mat2" in left

@@ -32,17 +32,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Build the space and print it as a table, or as JSON with --json."""
     args.model = common.check_model_name(args.model)
+    from prunetune.pruning.dependency import explain_space
+    from prunetune.pruning.models import create_model
+
     info = common.load_splits(args).info
-    space = common.build_model_space(args.model, info, common.model_args(args))
+    model = create_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                         model_args=common.model_args(args))
+    space, why = explain_space(model, args.model, common.input_shape(info))
     if args.json:
         print(json.dumps(space.to_json(), indent=1))
     else:
-        print(format_space(space, info.name))
+        print(format_space(space, info.name, why))
     return 0
 
 
-def format_space(space, dataset_name: str) -> str:
-    """The space as a text table: groups, droppable blocks, base MACs and parameters."""
+def format_space(space, dataset_name: str, why: dict[str, str] | None = None) -> str:
+    """The space as a text table: groups, droppable blocks, base MACs and parameters; ``why``: the
+    layers the space left out although Torch-Pruning traced them, and why (``explain_space``)."""
     shape = "x".join(str(size) for size in space.input_shape)
     width = max([len("group")] + [len(g.name) for g in space.groups])
     lines = [f"search space of {space.model_name} on {dataset_name} ({shape} input), id {space.space_id}",
@@ -54,7 +60,7 @@ def format_space(space, dataset_name: str) -> str:
               f"{len(space.groups)} groups, {sum(g.channels for g in space.groups)} channels; "
               "a group's MACs share counts every layer its channels enter or leave",
               *format_stages(space),
-              format_whole(space),
+              format_whole(space, why or {}),
               "droppable blocks: " + (", ".join(space.droppable_blocks) or "none"),
               format_dimensions(space),
               f"base MACs:   {common.human_count(space.base_macs)} ({space.base_macs:,})",
@@ -71,10 +77,12 @@ def format_dimensions(space) -> str:
     return f"policy dimensions (space.parameterisation): {counts}{depth}"
 
 
-def format_whole(space) -> str:
+def format_whole(space, why: dict[str, str]) -> str:
     """The convolutions and linear layers left whole: no group holds their output channels (the
-    classifier, whose outputs are the classes, and any layer Torch-Pruning cannot prune)."""
-    whole = [layer.name for layer in space.layers if layer.out_group is None]
+    classifier, whose outputs are the classes, and any layer Torch-Pruning cannot prune), each with
+    the reason where the space's dry run left it out."""
+    whole = [layer.name + (f" ({why[layer.name]})" if layer.name in why else "")
+             for layer in space.layers if layer.out_group is None]
     return "left whole (output channels not pruned): " + (", ".join(whole) or "none")
 
 
