@@ -436,7 +436,9 @@ def _block_kind(name: str, module: nn.Module) -> tuple[str, str | None, bool] | 
         if shortcut is None or isinstance(shortcut, nn.Identity):
             return IDENTITY, None, True
         return PROJECTION, f"{name}.{attr}", True
-    if (ours or tv) and kind.__name__ == "InvertedResidual":
+    # MobileNetV2's (ours, torchvision's); ShuffleNetV2's class of that name has no use_res_connect and no
+    # shortcut to skip through, so it is no block here
+    if (ours or tv) and kind.__name__ == "InvertedResidual" and hasattr(module, "use_res_connect"):
         return (IDENTITY if module.use_res_connect else NO_SHORTCUT), None, False
     return None
 

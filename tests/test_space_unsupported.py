@@ -230,3 +230,12 @@ def test_prunetune_space_says_why_a_traced_layer_was_left_whole():
     text = format_space(space, "digits", why)
     left = next(line for line in text.splitlines() if line.startswith("left whole"))
     assert "b1.0 (Torch-Pruning cuts it wrongly: a pruned copy fails (RuntimeError: mat1 and mat2" in left
+
+
+def test_shufflenets_inverted_residual_is_no_residual_block():
+    """torchvision's ShuffleNetV2 names its unit InvertedResidual too, without MobileNetV2's
+    use_res_connect: it was read as one and raised AttributeError."""
+    from prunetune.pruning.models import create_model, residual_blocks
+
+    assert residual_blocks(create_model("torchvision:shufflenet_v2_x0_5", num_classes=10, in_channels=3)) == []
+    assert len(residual_blocks(create_model("torchvision:mobilenet_v2", num_classes=10, in_channels=3))) == 17
