@@ -77,8 +77,28 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
         "fidelity": fidelity,
         "first_failure": dict(first_failure) if first_failure else None,
         "latency_warning": _latency_warning(baseline, records, best),
+        "repeated_policies": repeated_policies(records),
         "wall_s": round(wall_s, 1),
     }
+
+
+def repeated_policies(records: Sequence[Mapping]) -> list[dict]:
+    """``{trial_id, same_as}`` of each finished trial whose policy (``Policy.key``: every keep ratio to
+    1e-6, the dropped blocks) an earlier finished trial already had: learners' trials, each with its
+    own hyperparameters, may converge to one policy, and each is fine-tuned all the same."""
+    from prunetune.pruning.policy import Policy
+
+    first: dict[str, str] = {}
+    repeated = []
+    for record in records:
+        if record["status"] != STATUS_FINISHED or not record.get("policy"):
+            continue
+        key = Policy.from_json(record["policy"]).key()
+        if key in first:
+            repeated.append({"trial_id": record["trial_id"], "same_as": first[key]})
+        else:
+            first[key] = record["trial_id"]
+    return repeated
 
 
 def _latency_warning(baseline: Mapping, records: Sequence[Mapping], best: Mapping | None) -> str | None:
@@ -100,6 +120,7 @@ def format_summary(summary: Mapping) -> str:
              f"{summary['trials']['failed']} failed in {summary['wall_s'] / 60:.1f} min",
              *_failure_lines(summary),
              *([f"warning: {summary['latency_warning']}"] if summary.get("latency_warning") else []),
+             *_repeat_lines(summary),
              f"base model: val {base['val_accuracy']:.4f}, test {base['test_accuracy']:.4f}, "
              f"{human_count(base['macs'])} MACs, {human_count(base['params'])} params", "",
              "Pareto front (validation accuracy against MACs)" + _proxies_apart(summary) + ":",
@@ -118,6 +139,16 @@ def format_summary(summary: Mapping) -> str:
     lines.extend(_heuristic_lines(summary))
     lines.extend(_two_stage_lines(summary))
     return "\n".join(lines)
+
+
+def _repeat_lines(summary: Mapping) -> list[str]:
+    """One line naming the trials that repeated an earlier trial's policy, if any did."""
+    repeats = summary.get("repeated_policies") or []
+    if not repeats:
+        return []
+    pairs = ", ".join(f"{r['trial_id']} = {r['same_as']}" for r in repeats[:6]) + (", ..." if len(repeats) > 6 else "")
+    return [f"note: {len(repeats)} trial{'s' * (len(repeats) != 1)} repeated an earlier trial's policy ({pairs}): "
+            f"their fine-tunes measured one policy again"]
 
 
 def _proxies_apart(summary: Mapping) -> str:

@@ -51,3 +51,15 @@ def test_proxy_trials_are_counted_apart_and_never_on_the_front():
     summary = summary_of([full, proxy])
     assert [p["trial_id"] for p in summary["pareto"]] == ["full"]
     assert summary["fidelity"] == {"full": 1, "proxy": 1} and summary["best"]["trial_id"] == "full"
+
+
+def test_trials_that_repeat_an_earlier_policy_are_named():
+    """Two learners' trials (their own hyperparameters) converged to one policy and both were fine-tuned:
+    the summary says so instead of showing them as two results."""
+    policy = {"keep_ratios": {"conv1": 0.5, "conv2": 0.75}, "dropped_blocks": []}
+    trials = [{**record(t), "policy": p} for t, p in (("a", policy), ("b", {**policy, "keep_ratios": {"conv1": 0.5,
+              "conv2": 0.5}}), ("c", dict(policy)))]
+    summary = summary_of(trials)
+    assert summary["repeated_policies"] == [{"trial_id": "c", "same_as": "a"}]
+    assert "note: 1 trial repeated an earlier trial's policy (c = a)" in format_summary(summary)
+    assert summary_of(trials[:2])["repeated_policies"] == [] and "repeated" not in format_summary(summary_of(trials[:2]))
