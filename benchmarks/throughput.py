@@ -12,7 +12,14 @@ to the last one's end (trials.jsonl ``timing``), which leaves out what more tria
 Two trial lengths, each at concurrency 1 and 2, ratios side by side in one run:
 
 - ``short``: small_cnn on digits, about 3 s a trial;
-- ``long``: resnet20 on a fraction of Fashion-MNIST, about 60 s a trial.
+- ``long``: resnet20 on a fraction of Fashion-MNIST, about 60 s a trial;
+
+and, where a GPU is lent, ``gpu``: resnet56 at 32x32 (noise in CIFAR-10's shape,
+``benchmarks/noise_data.py``) at 1, 2 and 4 trials per GPU, each trial given ``1 / concurrency``
+of it, with the GPU's utilisation sampled (``nvidia-smi``, every half second) during the search and
+during the limit:
+
+    python benchmarks/throughput.py --lengths gpu   # 3 searches of 8 trials of 2 epochs on half the training split, and their limits
 
 Sized for about 20 minutes on 2 cores once the base models are cached (``PRUNETUNE_CACHE``; a first
 run pretrains them, resnet20 for a few minutes, before anything is timed). Writes
@@ -53,13 +60,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LENGTHS = {
-    "short": {"about": "3 s", "trials": 12,
+    "short": {"about": "about 3 s", "trials": 12,
               "args": ["--model", "small_cnn", "--dataset", "digits", "--pretrain-epochs", "10",
                        "--finetune-epochs", "5"]},
-    "long": {"about": "60 s", "trials": 4,
+    "long": {"about": "about 60 s", "trials": 4,
              "args": ["--model", "resnet20", "--dataset", "fashion-mnist", "--data-fraction", "0.05",
                       "--pretrain-epochs", "10", "--finetune-epochs", "2"]},
+    # where a GPU is lent: resnet56 at 32x32 on noise in CIFAR-10's shape (benchmarks/noise_data.py), a
+    # fraction of the GPU per trial (1 / concurrency), the data on the device, bf16
+    "gpu": {"about": "resnet56 at 32x32, not yet timed", "trials": 8, "gpu": True,
+            "args": ["--model", "resnet56", "--dataset", "benchmarks/noise_data.py:noise_cifar", "--data-fraction",
+                     "0.5", "--pretrain-epochs", "1", "--finetune-epochs", "2", "--cpus-per-trial", "2",
+                     "--set", "resources.device=cuda", "--set", "resources.amp=bf16"]},
 }
+GPU_CONCURRENCY = (1, 2, 4)  # trials per GPU of the gpu length
 COMMON = ["--method", "random", "--scheduler", "none", "--seed", "0", "--set", "final.epochs=0",
           "--set", "warm_start=false"]
 
@@ -153,12 +167,15 @@ def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache:
     spec = LENGTHS[length]
     name = f"{length}-c{concurrency}"
     load = [round(x, 1) for x in os.getloadavg()]  # the machine's load as the search starts
-    args = [*spec["args"], *COMMON, *set_flags(overrides), "--trials", str(trials),
+    share = ["--gpus-per-trial", f"{1 / concurrency:g}"] if spec.get("gpu") else []
+    args = [*spec["args"], *share, *COMMON, *set_flags(overrides), "--trials", str(trials),
             "--concurrency", str(concurrency)]
-    wall = prunetune_run(args, name=name, storage=storage, cache=cache)
+    with GpuUtilisation() as search_gpu:
+        wall = prunetune_run(args, name=name, storage=storage, cache=cache)
     records = read_records(storage / name)
     search = in_search_seconds(records)
-    limit = plain_loop(storage / name, cache=cache, processes=concurrency)
+    with GpuUtilisation() as limit_gpu:
+        limit = plain_loop(storage / name, cache=cache, processes=concurrency)
     from prunetune.search.timing import PHASES, overhead_seconds
 
     timings = [r["timing"] for r in records]
@@ -180,8 +197,44 @@ def measure(length: str, concurrency: int, *, trials: int, storage: Path, cache:
         "mean_phase_s": {k: round(v, 4) for k, v in mean.items()},
         "mean_overhead_s": round(sum(overhead_seconds(t) for t in timings) / len(timings), 3),
         "checkpoints_per_trial": round(checkpoints_per_trial(storage / name), 2),
+        "gpu_utilisation_pct": {"prunetune": search_gpu.mean(), "limit": limit_gpu.mean()},  # None: no nvidia-smi
         **steady_state(timings, concurrency=concurrency, in_search_s=search),
     }
+
+
+class GpuUtilisation:
+    """The GPU's mean utilisation (%, all GPUs) while the block runs, sampled from ``nvidia-smi`` every
+    half second in a thread; ``mean()`` is None where there is no nvidia-smi (a CPU machine)."""
+
+    def __init__(self, period_s: float = 0.5):
+        import shutil
+        import threading
+
+        self.period_s, self.samples = period_s, []
+        self.command = shutil.which("nvidia-smi")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> GpuUtilisation:
+        if self.command:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.command:
+            self._thread.join(timeout=10)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.period_s):
+            done = subprocess.run([self.command, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=10)
+            values = [float(v) for v in done.stdout.split() if v.replace(".", "", 1).isdigit()]
+            if values:
+                self.samples.append(sum(values) / len(values))
+
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
 def steady_state(timings: list[dict], *, concurrency: int, in_search_s: float) -> dict:
@@ -216,15 +269,18 @@ def markdown(rows: list[dict], *, command: str, started: datetime, wall: float) 
              "plain processes running `run_trial`, one per worker. Ratio = time / limit's time (1.00x = the "
              "limit; the goal is within 1.1x).", "",
              "| length | concurrency | trials | mean trial s (prunetune / limit) | trials/h prunetune | "
-             "in-search | limit | ratio whole | ratio in-search | overhead s/trial | checkpoints/trial |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "in-search | limit | ratio whole | ratio in-search | overhead s/trial | checkpoints/trial | "
+             "GPU utilisation % (prunetune / limit) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tph = r["trials_per_hour"]
-        lines.append(f"| {r['length']} (about {LENGTHS[r['length']]['about']}) | {r['concurrency']} | {r['trials']} | "
+        gpu = r.get("gpu_utilisation_pct") or {}
+        utilisation = "-" if gpu.get("prunetune") is None else f"{gpu['prunetune']:.0f} / {gpu.get('limit') or 0:.0f}"
+        lines.append(f"| {r['length']} ({LENGTHS[r['length']]['about']}) | {r['concurrency']} | {r['trials']} | "
                      f"{r['mean_trial_s']['prunetune']:.2f} / {r['mean_trial_s']['limit']:.2f} | "
                      f"{tph['prunetune']:.0f} | {tph['prunetune_in_search']:.0f} | {tph['limit']:.0f} | "
                      f"**{r['ratio_limit_over_prunetune']:.2f}x** | **{r['ratio_in_search']:.2f}x** | "
-                     f"{r['mean_overhead_s']:.2f} | {r.get('checkpoints_per_trial', float('nan')):.2f} |")
+                     f"{r['mean_overhead_s']:.2f} | {r.get('checkpoints_per_trial', float('nan')):.2f} | {utilisation} |")
     lines += ["", "Mean seconds per phase of prunetune's trials (`prunetune status --timing`):", "",
               "| length | concurrency | " + " | ".join(rows[0]["mean_phase_s"]) + " |",
               "|---|---|" + "---|" * len(rows[0]["mean_phase_s"])]
@@ -246,7 +302,8 @@ def markdown(rows: list[dict], *, command: str, started: datetime, wall: float) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", nargs="+", choices=sorted(LENGTHS), default=["short", "long"])
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=None,
+                        help="trials at once (default: 1 2; for the gpu length 1 2 4 trials per GPU)")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: 12 short, 4 long)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("PRUNETUNE_CACHE", "/work/cache")))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput")
@@ -264,10 +321,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="prunetune-throughput-") as tmp:
         storage = Path(tmp)
         for length in args.lengths:
-            prunetune_run([*LENGTHS[length]["args"], *COMMON, *set_flags(args.overrides), "--trials", "1",
+            whole_gpu = ["--gpus-per-trial", "1"] if LENGTHS[length].get("gpu") else []
+            prunetune_run([*LENGTHS[length]["args"], *whole_gpu, *COMMON, *set_flags(args.overrides), "--trials", "1",
                            "--concurrency", "1", "--finetune-epochs", "0"], name=f"{length}-warm", storage=storage,
                           cache=args.cache)  # the base model trained and cached before anything is timed
-            for concurrency in args.concurrency:
+            default = list(GPU_CONCURRENCY) if LENGTHS[length].get("gpu") else [1, 2]
+            for concurrency in args.concurrency or default:
                 trials = args.trials or LENGTHS[length]["trials"]
                 rows.append(measure(length, concurrency, trials=trials, storage=storage, cache=args.cache,
                                     overrides=tuple(args.overrides)))
