@@ -19,7 +19,7 @@ and, where a GPU is lent, ``gpu``: resnet56 at 32x32 (noise in CIFAR-10's shape,
 of it, with the GPU's utilisation sampled (``nvidia-smi``, every half second) during the search and
 during the limit:
 
-    python benchmarks/throughput.py --lengths gpu   # 3 searches of 8 trials of 2 epochs on half the training split, and their limits
+    python benchmarks/throughput.py --lengths gpu   # 3 searches of 4 trials of 2 epochs on half the training split, and their limits
 
 Sized for about 20 minutes on 2 cores once the base models are cached (``PRUNETUNE_CACHE``; a first
 run pretrains them, resnet20 for a few minutes, before anything is timed). Writes
@@ -68,7 +68,7 @@ LENGTHS = {
                       "--pretrain-epochs", "10", "--finetune-epochs", "2"]},
     # where a GPU is lent: resnet56 at 32x32 on noise in CIFAR-10's shape (benchmarks/noise_data.py), a
     # fraction of the GPU per trial (1 / concurrency), the data on the device, bf16
-    "gpu": {"about": "resnet56 at 32x32, not yet timed", "trials": 8, "gpu": True,
+    "gpu": {"about": "resnet56 at 32x32, not yet timed", "trials": 4, "gpu": True,
             "args": ["--model", "resnet56", "--dataset", "benchmarks/noise_data.py:noise_cifar", "--data-fraction",
                      "0.5", "--pretrain-epochs", "1", "--finetune-epochs", "2", "--cpus-per-trial", "2",
                      "--set", "resources.device=cuda", "--set", "resources.amp=bf16"]},
