@@ -254,8 +254,12 @@ def _forward_error(model: nn.Module, input_shape, classes: int | None = None) ->
         return described(error)
     finally:
         model.train(was_training)
-    if classes is not None and tuple(out.shape) != (2, classes):
-        return f"its output has shape {tuple(out.shape)}, not (2, {classes})"
+    if classes is not None:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        if shape is None:  # a (logits, features) tuple, a dict: the shape check does not apply
+            return None
+        if shape != (2, classes):
+            return f"its output has shape {shape}, not (2, {classes})"
     return None
 
 
@@ -268,6 +272,13 @@ def _prunable_groups(model, model_name, input_shape, round_to, min_channels):
     """
     work = _copy(model, model_name)
     graph, traced = _trace(work, model, model_name, input_shape)
+    from prunetune.pruning.models import classifier_layer
+
+    unpruned = _forward_error(work, input_shape, classifier_layer(work).out_features)
+    if unpruned is not None:  # the model itself, before any cut: no group is to blame
+        shape = "x".join(str(size) for size in input_shape)
+        raise UserError(f"model {model_name} fails on a {shape} input before any pruning ({unpruned}); "
+                        f"build it for the dataset's image size and class count")
     excluded = [(tg, tg.why_not) for tg in traced if tg.why_not]
     candidates = [tg for tg in traced if not tg.why_not]
     if _one_step_failure(work, graph, candidates, input_shape, round_to, min_channels) is None:

@@ -74,6 +74,7 @@ def drop_indices(scores: torch.Tensor, keep: int, channel_groups: int = 1) -> li
     """
     if keep % channel_groups:
         raise PruningCheckError(f"{keep} channels do not split into {channel_groups} equal groups")
+    scores = scores.detach().float().cpu()  # a user's criterion may score on the GPU
     width = len(scores) // channel_groups
     order = torch.argsort(scores.reshape(channel_groups, width).mean(0), descending=True, stable=True)
     dropped = order[keep // channel_groups:]

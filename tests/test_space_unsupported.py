@@ -239,3 +239,41 @@ def test_shufflenets_inverted_residual_is_no_residual_block():
 
     assert residual_blocks(create_model("torchvision:shufflenet_v2_x0_5", num_classes=10, in_channels=3)) == []
     assert len(residual_blocks(create_model("torchvision:mobilenet_v2", num_classes=10, in_channels=3))) == 17
+
+
+class TupleOutputNet(nn.Module):
+    """Returns (logits, features), as some research models do."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.body = block(1, 8)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        features = self.body(x).mean((2, 3))
+        return self.fc(features), features
+
+
+class ThreeDimensionalOutputNet(nn.Module):
+    """Logits of shape (N, classes, 1): not what a classifier's output is checked to be."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.body = block(1, 8)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3))).unsqueeze(-1)
+
+
+def test_a_model_with_a_tuple_output_still_gets_its_space():
+    space = build_space(TupleOutputNet().eval(), "tuple", (1, 16, 16))
+    assert [g.name for g in space.groups] == ["body.0"]
+
+
+def test_a_model_whose_own_output_is_wrong_is_refused_before_any_group_is_blamed():
+    """Each group had been left out in turn, blamed on Torch-Pruning, for what the unpruned model does."""
+    with pytest.raises(UserError, match=r"model odd fails on a 1x16x16 input before any pruning \(its output "
+                                        r"has shape \(2, 10, 1\), not \(2, 10\)\)"):
+        build_space(ThreeDimensionalOutputNet().eval(), "odd", (1, 16, 16))
+
