@@ -9,6 +9,7 @@ none within the MACs target: it did not do its job (``no_best_message``); everyt
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,10 @@ def root_cause(error: BaseException | str | None) -> str:
             break
     if error is None:
         return "unknown error (no exception was recorded)"
-    if isinstance(error, str):
+    if isinstance(error, str):  # an error.txt: its traceback ends with the exception's `Type: message` line
+        raised = [line.strip() for line in error.splitlines() if re.match(r"^\s*[A-Za-z_][\w.]*(Error|Exception): ", line)]
+        if raised:
+            return raised[-1][:300]
         text, name = error, "Error"
     else:
         text, name = str(error), type(error).__name__
@@ -56,24 +60,31 @@ def trial_cause(trial) -> str:
     Ray writes both into the driver's staging folder of the trial and reads them back from the
     trial's storage, where they arrive only with the next sync: read at once (the progress line of a
     trial that just failed), the storage has nothing yet, so the staging copy is read first."""
-    try:
-        error = _staged_error(trial) or trial.get_pickled_error() or trial.get_error()
-    except Exception:  # noqa: BLE001 - an unreadable error file still leaves the log to point at
-        error = None
-    return root_cause(error)
+    for source in (_staged_pickle, _staged_text, lambda t: t.get_pickled_error(), lambda t: t.get_error()):
+        try:
+            error = source(trial)
+        except Exception:  # noqa: BLE001 - an unreadable error file: the next source, or the log to point at
+            continue
+        if error:
+            return root_cause(error)
+    return root_cause(None)
 
 
-def _staged_error(trial) -> BaseException | str | None:
-    """The trial's error from the driver's staging folder: the pickled exception, else the text."""
-    import cloudpickle
+def _staged_pickle(trial) -> BaseException | None:
+    """The exception Ray pickled (with its own cloudpickle) into the driver's staging folder."""
+    import ray.cloudpickle as cloudpickle
 
-    pickled, text = getattr(trial, "pickled_error_file", None), getattr(trial, "error_file", None)
-    if pickled and Path(pickled).is_file():
-        with open(pickled, "rb") as file:
+    path = getattr(trial, "pickled_error_file", None)
+    if path and Path(path).is_file():
+        with open(path, "rb") as file:
             return cloudpickle.load(file)
-    if text and Path(text).is_file():
-        return Path(text).read_text()
     return None
+
+
+def _staged_text(trial) -> str | None:
+    """The error text Ray wrote into the driver's staging folder."""
+    path = getattr(trial, "error_file", None)
+    return Path(path).read_text() if path and Path(path).is_file() else None
 
 
 def first_failure(results, run_dir: Path) -> TrialFailure | None:
@@ -147,11 +158,13 @@ def next_steps(summary: Mapping, run_dir: Path, tracking_uri: str, *, final: boo
     tracking server's link is to the experiment's trials view in model-training mode
     (``tracking.experiment_view``), where its ``experiment_id`` is known."""
     from prunetune.tracking.experiment_view import trials_url
+    from prunetune.tracking.uri import HTTP_SCHEMES, uri_scheme
 
-    if tracking_uri.startswith("sqlite"):
-        ui = f"mlflow ui --backend-store-uri {tracking_uri}"
-    else:
+    if uri_scheme(tracking_uri) in HTTP_SCHEMES:
         ui = f"open {trials_url(tracking_uri, experiment_id) if experiment_id else tracking_uri}"
+    else:  # sqlite, postgresql, mysql: a store mlflow ui serves; a password stays out of the terminal
+        shown = re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", tracking_uri)
+        ui = f"mlflow ui --backend-store-uri {shown}"
     steps = [ui, f"prunetune status {run_dir}"]
     if final or summary.get("best") is not None:
         steps.append(f"prunetune export {run_dir} --trial {'final' if final else 'best'} --out pruned.pt")

@@ -83,15 +83,17 @@ def build_summary(*, name: str, method: str, baseline: Mapping, records: Sequenc
 
 
 def repeated_policies(records: Sequence[Mapping]) -> list[dict]:
-    """``{trial_id, same_as}`` of each finished trial whose policy (``Policy.key``: every keep ratio to
-    1e-6, the dropped blocks) an earlier finished trial already had: learners' trials, each with its
+    """``{trial_id, same_as}`` of each finished full trial whose policy (``Policy.key``: every keep ratio
+    to 1e-6, the dropped blocks) an earlier finished full trial already had (a proxy's policy trained
+    again at full fidelity, a two-stage search's promotion, is no repeat): learners' trials, each with its
     own hyperparameters, may converge to one policy, and each is fine-tuned all the same."""
     from prunetune.pruning.policy import Policy
 
     first: dict[str, str] = {}
     repeated = []
     for record in records:
-        if record["status"] != STATUS_FINISHED or not record.get("policy"):
+        if record["status"] != STATUS_FINISHED or not record.get("policy") \
+                or fidelity_of(record.get("params") or {}) != "full":  # a proxy promoted to full is by design
             continue
         key = Policy.from_json(record["policy"]).key()
         if key in first:

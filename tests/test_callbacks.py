@@ -155,3 +155,14 @@ def test_a_method_of_one_policy_plans_one_trial_and_says_so_once():
         planned = planned_trials(cfg, SimpleNamespace(policy_searcher=searcher), messages.append)
         assert planned == (1 if method == "uniform" else 3)
     assert messages == ["note: uniform proposes 1 policy, so 1 trial will run, not the 3 of --trials"]
+
+
+def test_a_failed_trials_cause_is_read_from_the_next_source_when_one_is_unreadable(tmp_path):
+    """A staged error.pkl that does not unpickle still leaves the staged error.txt to name the cause."""
+    from prunetune.search.failures import trial_cause
+
+    (tmp_path / "error.pkl").write_bytes(b"not a pickle")
+    (tmp_path / "error.txt").write_text("Failure # 1\nValueError: the staged text\n")
+    trial = SimpleNamespace(pickled_error_file=str(tmp_path / "error.pkl"), error_file=str(tmp_path / "error.txt"),
+                            get_pickled_error=lambda: None, get_error=lambda: None)
+    assert trial_cause(trial) == "ValueError: the staged text"

@@ -51,6 +51,8 @@ def test_the_closing_line_suggests_an_export_that_works():
         "--trial final --out pruned.pt") and "open http://h:5000" in next_steps({}, run, "http://h:5000", final=False)
     assert ("open http://h:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=trials   |"
             in next_steps({}, run, "http://h:5000", final=False, experiment_id="7"))
+    postgres = next_steps({}, run, "postgresql://me:secret@db:5432/mlflow", final=False, experiment_id="7")
+    assert postgres.startswith("next: mlflow ui --backend-store-uri postgresql://me:***@db:5432/mlflow   |")
     unmet = next_steps({"best": None, "pareto": front}, run, "sqlite:///x.db", final=False)
     assert "--trial b --out pruned.pt (the front's fewest MACs, ratio 0.600; none met the target)" in unmet
     assert next_steps({"best": None, "pareto": []}, run, "sqlite:///x.db", final=False).endswith(

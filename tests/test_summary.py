@@ -63,3 +63,11 @@ def test_trials_that_repeat_an_earlier_policy_are_named():
     assert summary["repeated_policies"] == [{"trial_id": "c", "same_as": "a"}]
     assert "note: 1 trial repeated an earlier trial's policy (c = a)" in format_summary(summary)
     assert summary_of(trials[:2])["repeated_policies"] == [] and "repeated" not in format_summary(summary_of(trials[:2]))
+
+
+def test_a_proxy_policy_trained_again_at_full_fidelity_is_no_repeat():
+    """A two-stage search promotes its best proxies: the full trial of a proxy's policy is by design."""
+    policy = {"keep_ratios": {"conv1": 0.5}, "dropped_blocks": []}
+    proxy = {**record("p"), "policy": policy, "params": {"finetune_epochs": 0}}
+    full = {**record("f"), "policy": dict(policy)}
+    assert summary_of([proxy, full])["repeated_policies"] == []
