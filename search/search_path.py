@@ -27,6 +27,8 @@ class SearchPathLogger:
     """Logs path rows to the parent run through ``tracking.tracker.Tracker``; plain data, so Ray can
     pickle it with the search algorithm and a resumed search logs to the same parent run."""
 
+    run_dir: str | None = None  # a logger pickled before rows were kept in the run directory has none
+
     def __init__(self, *, tracking_uri: str, experiment: str, parent_run_id: str | None,
                  run_dir: str | None = None) -> None:
         self.tracking_uri = tracking_uri
@@ -43,7 +45,11 @@ class SearchPathLogger:
         if self.run_dir is not None:
             from prunetune.tracking.rundir import append_search_path
 
-            append_search_path(Path(self.run_dir), dict(row))
+            try:
+                append_search_path(Path(self.run_dir), dict(row))
+            except OSError as exc:  # the search goes on: its searcher state keeps the path too
+                print(f"prunetune: warning: could not keep the search path in {self.run_dir} ({exc.strerror or exc}); "
+                      f"MLflow still gets it", file=sys.stderr)
         if self.parent_run_id is None or self._failed:
             return
         try:

@@ -98,12 +98,14 @@ def test_a_run_stopped_in_its_final_says_to_resume_and_resume_finishes_the_final
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["resume", "finetune", "run", "sync"])
+@pytest.mark.parametrize("command", ["resume", "finetune", "run", "sync", "sync-own-store-spelled-relative"])
 def test_every_writer_of_a_run_in_use_is_refused_at_once_in_one_line(stopped_in_final, base_model_cache, command):
     work, run_dir, _, _ = stopped_in_final
     arguments = {"resume": ["resume", str(run_dir)], "finetune": ["finetune", str(run_dir), "--epochs", "1"],
                  "run": ["run", *QUICK, "--name", "s", "--storage", str(run_dir.parent)],
-                 "sync": ["sync", str(run_dir)]}[command]
+                 "sync": ["sync", str(run_dir)],
+                 "sync-own-store-spelled-relative": ["sync", str(run_dir), "--tracking-uri", "sqlite:///runs/mlflow.db"],
+                 }[command]
     before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
     holder = hold(run_dir, "resume")
     try:

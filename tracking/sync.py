@@ -17,7 +17,7 @@ from typing import Any
 from prunetune.tracking.rundir import PARETO_PNG, RunDirContents, read_run_dir, write_parent_run_id
 from prunetune.tracking.tags import TAG_LOGGED
 from prunetune.tracking.tracker import Tracker
-from prunetune.tracking.uri import check_tracking_uri, make_sqlite_folder
+from prunetune.tracking.uri import check_tracking_uri, make_sqlite_folder, same_store
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def sync_run_dir(run_dir: Path, *, tracking_uri: str | None = None) -> SyncRepor
     else:
         tracker.set_status(parent_id, prior_status)
 
-    if uri == meta["tracking_uri"] and meta.get("parent_run_id") != parent_id:
+    if same_store(uri, meta["tracking_uri"]) and meta.get("parent_run_id") != parent_id:
         write_parent_run_id(run_dir, parent_id)
     return SyncReport(
         parent_id, created_parent=existing_id is None, trials_logged=logged, trials_already_present=present

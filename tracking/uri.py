@@ -26,6 +26,14 @@ def default_tracking_uri(storage_dir: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(storage_dir).expanduser().resolve() / 'mlflow.db'}"
 
 
+def same_store(first: str, second: str) -> bool:
+    """Whether two tracking URIs name one store: one sqlite file however its path is spelled
+    (relative or absolute, ``sqlite:///`` or ``sqlite:////``), else the same URI."""
+    if uri_scheme(first) == uri_scheme(second) == "sqlite":
+        return sqlite_file(first) == sqlite_file(second)
+    return first.rstrip("/") == second.rstrip("/")
+
+
 def sqlite_file(uri: str) -> Path:
     """The absolute database file of an sqlite URI, as SQLAlchemy reads it.
 

@@ -25,12 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from prunetune.tracking.run_lock import run_lock
     from prunetune.tracking.rundir import read_meta
     from prunetune.tracking.sync import sync_run_dir
-    from prunetune.tracking.uri import check_tracking_uri
+    from prunetune.tracking.uri import check_tracking_uri, same_store
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     if args.tracking_uri:
         check_tracking_uri(args.tracking_uri, folder_may_be_missing=True)  # sync may start a new store
-    own_store = args.tracking_uri in (None, read_meta(run_dir)["tracking_uri"])
+    own_store = args.tracking_uri is None or same_store(args.tracking_uri, read_meta(run_dir)["tracking_uri"])
     with run_lock(run_dir, NAME) if own_store else contextlib.nullcontext():
         report = sync_run_dir(run_dir, tracking_uri=args.tracking_uri)
     print(f"synced {run_dir}: parent run {report.parent_run_id}"
