@@ -7,13 +7,16 @@ address is exactly 127.0.0.1: there they listen on loopback only. But ``ray star
 single-node mode, which refuses worker nodes). ``keep_loopback_addresses`` turns that rewrite off
 in this process, so a local multi-node cluster is reachable from this machine only. It is used by
 ``cluster.ray_start`` (each local node) and by a driver joining a cluster whose nodes are on
-loopback (``search.ray_session.start_ray``, after ``nodes_on_loopback``); ordinary clusters never
-call it.
+loopback (``search.ray_session.start_ray``, after ``nodes_on_loopback``); ``loopback_addresses``
+does the same for one block only, around the local Ray a plain ``prunetune run`` starts. Ordinary
+clusters never call either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+from collections.abc import Iterator
 
 LOOPBACK = "127.0.0.1"
 
@@ -52,6 +55,21 @@ def nodes_on_loopback(address: str, *, timeout_s: float = 10.0) -> bool:
     except Exception:  # noqa: BLE001 - any failure here means: not known to be a loopback cluster
         return False
     return any(is_loopback(info.node_manager_address) for info in nodes.values())
+
+
+@contextlib.contextmanager
+def loopback_addresses() -> Iterator[None]:
+    """Ray keeps loopback addresses as given within the block only, then rewrites them again: a local
+    Ray started on 127.0.0.1 (``search.ray_session.start_ray``) leaves a later ``ray.init(address=...)``
+    in the same process (a notebook that joins an ordinary cluster next) as Ray would have it."""
+    from ray._private import services
+
+    original = services.resolve_ip_for_localhost
+    keep_loopback_addresses()
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = original
 
 
 def keep_loopback_addresses() -> None:

@@ -70,13 +70,13 @@ def start_ray(*, address: str | None, temp_dir: str | None, num_cpus: int | None
                             f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH name the cluster's token "
                             f"(`prunetune cluster status` prints them)") from None
     else:  # Ray's note that token auth is on by default for this local Ray is not the user's concern
-        from prunetune.cluster.loopback import LOOPBACK, keep_loopback_addresses
+        from prunetune.cluster.loopback import LOOPBACK, loopback_addresses
 
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # This machine's Ray only: its GCS, raylet and workers listen on loopback, where given the
         # machine's outward address (Ray's default) they would listen on every interface.
-        keep_loopback_addresses()
-        ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, _node_ip_address=LOOPBACK, **kwargs)
+        with loopback_addresses():
+            ray.init(num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir, _node_ip_address=LOOPBACK, **kwargs)
     quiet_tune_logs()
 
 
