@@ -145,7 +145,7 @@ def _measured_base(model, metrics, model_name, splits, space, device, log, laten
     measured = measure(model, shape, batch_size=64, device=device, repeats=10, threads=latency_threads)
     metrics = {"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"],
                "macs": measured.macs, "params": measured.params, **measured.latency.to_json()}
-    from prunetune.search.commands.common import human_count
+    from prunetune.search.summary import human_count
 
     log(f"base model{' (cached)' if cached else ''}: val accuracy {metrics['val_accuracy']:.4f}, "
         f"test accuracy {metrics['test_accuracy']:.4f}, {human_count(measured.macs)} MACs, "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from prunetune.search.commands.common import human_count
 from prunetune.tracking.names import fidelity_of
 from prunetune.tracking.pareto import pareto_front
 from prunetune.tracking.rundir import STATUS_FAILED, STATUS_FINISHED, STATUS_STOPPED
@@ -199,6 +198,17 @@ def _failure_lines(summary: Mapping) -> list[str]:
     if not failure:
         return []
     return [f"first failure: trial {failure['trial_id']} with {failure['cause']}; traceback in {failure['log']}"]
+
+
+def human_count(count: float | None) -> str:
+    """A count (MACs, parameters) in short units, the same in every output: 40812544 -> '40.81M',
+    1234 -> '1.23K', 999 -> '999', None -> '-'."""
+    if count is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return f"{count:g}"
 
 
 def _accuracy(value) -> str:

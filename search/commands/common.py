@@ -330,14 +330,3 @@ def epoch_printer(stage: str, epochs: int):
                  f"({epoch.seconds:.1f} s)")
 
     return report
-
-
-def human_count(count: float | None) -> str:
-    """A count (MACs, parameters) in short units, the same in every output: 40812544 -> '40.81M',
-    1234 -> '1.23K', 999 -> '999', None -> '-'."""
-    if count is None:
-        return "-"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(count) >= scale:
-            return f"{count / scale:.2f}{unit}"
-    return f"{count:g}"

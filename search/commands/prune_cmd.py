@@ -223,8 +223,10 @@ def format_result(result: PruneResult, args: argparse.Namespace) -> str:
     """The comparison as a small text table."""
     base, pruned = result.base, result.pruned
 
+    from prunetune.search.summary import human_count
+
     def count(value: int) -> str:
-        return f"{common.human_count(value)} ({value:,})"
+        return f"{human_count(value)} ({value:,})"
 
     rows = [("val accuracy", f"{base.val_accuracy:.4f}", f"{pruned.val_accuracy:.4f}", ""),
             ("test accuracy", f"{base.test_accuracy:.4f}", f"{pruned.test_accuracy:.4f}", ""),

@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 def format_space(space, dataset_name: str, why: dict[str, str] | None = None) -> str:
     """The space as a text table: groups, droppable blocks, base MACs and parameters; ``why``: the
     layers the space left out although Torch-Pruning traced them, and why (``explain_space``)."""
+    from prunetune.search.summary import human_count
+
     shape = "x".join(str(size) for size in space.input_shape)
     width = max([len("group")] + [len(g.name) for g in space.groups])
     lines = [f"search space of {space.model_name} on {dataset_name} ({shape} input), id {space.space_id}",
@@ -63,8 +65,8 @@ def format_space(space, dataset_name: str, why: dict[str, str] | None = None) ->
               format_whole(space, why or {}),
               "droppable blocks: " + (", ".join(space.droppable_blocks) or "none"),
               format_dimensions(space),
-              f"base MACs:   {common.human_count(space.base_macs)} ({space.base_macs:,})",
-              f"base params: {common.human_count(space.base_params)} ({space.base_params:,})"]
+              f"base MACs:   {human_count(space.base_macs)} ({space.base_macs:,})",
+              f"base params: {human_count(space.base_params)} ({space.base_params:,})"]
     return "\n".join(lines)
 
 
