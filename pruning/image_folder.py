@@ -55,7 +55,7 @@ class FolderImages(Dataset):
         try:
             with Image.open(path) as image:  # as torchvision's default loader: decoded as RGB
                 return self.transform(image.convert("RGB")), label
-        except OSError as error:  # PIL.UnidentifiedImageError, a truncated file, one that vanished
+        except (OSError, Image.DecompressionBombError) as error:  # unidentified, truncated, vanished, a bomb
             raise _unreadable(path, error) from None
 
     def check_files(self) -> None:
@@ -70,7 +70,7 @@ class FolderImages(Dataset):
             try:
                 with Image.open(path):
                     pass
-            except OSError as error:
+            except (OSError, Image.DecompressionBombError) as error:  # the bomb check is no OSError
                 raise _unreadable(path, error) from None
 
     def subset(self, indices: Tensor) -> FolderImages:
@@ -84,16 +84,19 @@ class FolderImages(Dataset):
         return FolderImages(self.samples, self.indices, info=self.info, augment=augment)
 
 
-def _unreadable(path: str, error: OSError) -> UserError:
+def _unreadable(path: str, error: Exception) -> UserError:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return UserError(f"image file {path} cannot be read ({reason}); replace it or remove it from the dataset folder")
 
 
-def check_image_files(splits: Splits) -> None:
-    """Every split's files open as images (:meth:`FolderImages.check_files`); in-memory splits pass."""
-    for part in (splits.train, splits.val, splits.test):
-        if isinstance(part, FolderImages):
-            part.check_files()
+def check_image_files(splits: Splits, log=None) -> None:
+    """Every split's files open as images (:meth:`FolderImages.check_files`); in-memory splits pass.
+    ``log`` (a callable) gets one line first where there are files to read."""
+    parts = [part for part in (splits.train, splits.val, splits.test) if isinstance(part, FolderImages)]
+    if parts and log is not None:
+        log(f"checking that the {sum(len(part) for part in parts):,} image files open, before any training")
+    for part in parts:
+        part.check_files()
 
 
 def _folder_transform(info: DatasetInfo, augment: str):

@@ -179,7 +179,7 @@ def check_before_pretraining(cache_dir: Path, splits: Splits) -> None:
     from prunetune.pruning.image_folder import check_image_files
 
     check_cache_writable(cache_dir)
-    check_image_files(splits)
+    check_image_files(splits, log=progress)
 
 
 def check_cache_writable(folder: Path) -> None:
