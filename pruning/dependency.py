@@ -270,10 +270,10 @@ def _prunable_groups(model, model_name, input_shape, round_to, min_channels):
     first channels kept) and run once. Only where that fails is each group tried again, one at a
     time on a fresh copy with the groups accepted before it, and left out if it breaks the model.
     """
-    work = _copy(model, model_name)
-    graph, traced = _trace(work, model, model_name, input_shape)
     from prunetune.pruning.models import classifier_layer
 
+    work = _copy(model, model_name)
+    graph, traced = _trace(work, model, model_name, input_shape)
     unpruned = _forward_error(work, input_shape, classifier_layer(work).out_features)
     if unpruned is not None:  # the model itself, before any cut: no group is to blame
         shape = "x".join(str(size) for size in input_shape)
@@ -285,7 +285,7 @@ def _prunable_groups(model, model_name, input_shape, round_to, min_channels):
         return candidates, excluded
     accepted = []
     for tg in candidates:
-        work = copy.deepcopy(model)
+        work = _copy(model, model_name)
         graph, traced = _trace(work, model, model_name, input_shape)
         by_name = {g.name: g for g in traced}
         trying = [by_name[g.name] for g in [*accepted, tg]]

@@ -48,20 +48,10 @@ def reference_table() -> str:
 
 def embedded_differences(rows) -> list[tuple[str, object]]:
     """``(key, value)`` of each key the embedded default config sets to something other than its default."""
-    from prunetune.search.config import config_to_dict, load_config
+    from prunetune.search.config import flatten_config, load_config
 
-    flat = _flatten(config_to_dict(load_config(None, names=False)))
+    flat = flatten_config(load_config(None, names=False))
     return [(row.key, flat[row.key]) for row in rows if row.key in flat and flat[row.key] != row.default]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def with_reference(readme: str) -> str:

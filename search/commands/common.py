@@ -245,16 +245,9 @@ def build_model_space(model_name: str, info: DatasetInfo, model_args: dict | Non
                       importance: str | None = None) -> SearchSpace:
     """The search space of a freshly built ``model_name`` for the dataset's classes, channels and size;
     the ``importance`` criterion is checked against the model here, before any training."""
-    from prunetune.pruning.dependency import build_space
-    from prunetune.pruning.importance import check_criterion_fits
-    from prunetune.pruning.models import create_model
+    from prunetune.search.prepare import model_space
 
-    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels,
-                         model_args=model_args)
-    space = build_space(model, model_name, input_shape(info))
-    if importance is not None:
-        check_criterion_fits(importance, model, space, model_name=model_name)
-    return space
+    return model_space(model_name, info, model_args=model_args, importance=importance)
 
 
 def default_val_fraction() -> float:

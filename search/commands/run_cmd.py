@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=overrides, sets=args.sets)
     from prunetune.pruning.user_models import check_weights_alone
 
-    asked = [parse_set(item)[1] for item in args.sets if parse_set(item)[0] == "pretrain.epochs"]
+    asked = [value for key, value in map(parse_set, args.sets) if key == "pretrain.epochs"]
     check_weights_alone(cfg.weights, overrides.get("pretrain.epochs", asked[-1] if asked else None))
     return start_search(cfg, cache_dir=cache_dir(args.cache_dir))
 
